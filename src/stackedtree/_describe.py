@@ -1,0 +1,123 @@
+"""describe: a shape summary of a (stacked) tree, as printed in the scan tutorial."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from ._tree import PyTree, dtype_of, is_array, path_str, shape_of
+
+_KIND_PREFIX = {"f": "f", "i": "i", "u": "u", "c": "c"}
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    """jax's short dtype names: f32, bf16, i8, u32, c64, bool."""
+    name = dtype.name
+    if name == "bfloat16":
+        return "bf16"
+    if name == "bool":
+        return "bool"
+    if dtype.kind in _KIND_PREFIX and name.rstrip("0123456789") in {
+        "float", "int", "uint", "complex"
+    }:
+        return f"{_KIND_PREFIX[dtype.kind]}{dtype.itemsize * 8}"
+    return name
+
+
+class _Node(NamedTuple):
+    open: str
+    items: list[tuple[str, Any]]  # (prefix, child node or atom string)
+    close: str
+
+
+def _build(x: Any, dtypes: bool) -> _Node | str:
+    if is_array(x):
+        shape = shape_of(x)
+        if dtypes:
+            return f"{_dtype_name(dtype_of(x))}[{','.join(map(str, shape))}]"
+        return "(" + ", ".join(map(str, shape)) + ")"
+    if x is None:
+        return "None"
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return _Node(
+            f"{type(x).__name__}(",
+            [(f"{f}=", _build(v, dtypes)) for f, v in zip(x._fields, x, strict=True)],
+            ")",
+        )
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        fields = [f for f in dataclasses.fields(x) if hasattr(x, f.name)]
+        return _Node(
+            f"{type(x).__name__}(",
+            [(f"{f.name}=", _build(getattr(x, f.name), dtypes)) for f in fields],
+            ")",
+        )
+    if isinstance(x, Mapping):
+        return _Node("{", [(f"{k!r}: ", _build(v, dtypes)) for k, v in x.items()], "}")
+    if isinstance(x, list):
+        return _Node("[", [("", _build(v, dtypes)) for v in x], "]")
+    if isinstance(x, tuple):
+        return _Node("(", [("", _build(v, dtypes)) for v in x], ")")
+    children, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+    if jax.tree_util.treedef_is_leaf(treedef):
+        return repr(x)
+    # Another registered pytree node: name its children by their keys.
+    items = []
+    for path, child in children:
+        key = path_str(path).lstrip("[").rstrip("]")
+        items.append((f"{key}=", _build(child, dtypes)))
+    return _Node(f"{type(x).__name__}(", items, ")")
+
+
+def _flat(node: _Node | str) -> str:
+    if isinstance(node, str):
+        return node
+    return node.open + ", ".join(p + _flat(c) for p, c in node.items) + node.close
+
+
+def _render(node: _Node | str, indent: int, prefix: str, suffix: str, width: int) -> str:
+    flat = _flat(node)
+    if isinstance(node, str) or indent + len(prefix) + len(flat) + len(suffix) <= width:
+        return " " * indent + prefix + flat
+    if not node.items:
+        return " " * indent + prefix + flat
+    lines = [" " * indent + prefix + node.open]
+    for k, (p, c) in enumerate(node.items):
+        last = k == len(node.items) - 1
+        lines.append(_render(c, indent + 2, p, "" if last else ",", width) + ("" if last else ","))
+    lines.append(" " * indent + node.close)
+    return "\n".join(lines)
+
+
+def describe(tree: PyTree, /, *, dtypes: bool = False, width: int = 88) -> str:
+    """A shape summary of a tree, in the form of the scan tutorial's printout.
+
+    NamedTuples and dataclasses (Equinox modules included) print as `Name(field=...)`,
+    dicts as `{'k': ...}`, lists and tuples as `[...]` and `(...)`; array leaves as their
+    shape, `(32, 4096)`, or `f32[32,4096]` with `dtypes=True`; static leaves by `repr`.
+    There are no trailing commas, so a 1-d shape reads `(4096)`. A node that does not fit
+    in `width` columns puts its children on indented lines.
+
+    Works on stacked trees, per-layer trees (inside a scanned function, on tracers) and
+    trees of `jax.ShapeDtypeStruct`.
+
+    Args:
+        tree: Any pytree.
+        dtypes: Print `dtype[shape]` instead of the shape tuple.
+        width: The line width to fit nodes into.
+
+    Returns:
+        The summary as a string (print it).
+
+    Example:
+        >>> import numpy as np
+        >>> from stackedtree import describe
+        >>> print(describe({"w": np.zeros((32, 4096), np.float32), "act": "relu"}))
+        {'w': (32, 4096), 'act': 'relu'}
+        >>> print(describe({"w": np.zeros((32, 4096), np.float32)}, dtypes=True))
+        {'w': f32[32,4096]}
+    """
+    return _render(_build(tree, dtypes), 0, "", "", width)

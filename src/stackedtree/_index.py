@@ -1,0 +1,313 @@
+"""get_layer, set_layer, slice_layers, concat_layers, group_layers, ungroup_layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._stack import _check_sequence, check_same_layers, leading_lengths, num_layers
+from ._tree import (
+    PyTree,
+    check_index,
+    dtype_of,
+    flatten,
+    fmt_shape,
+    is_array,
+    leaf_kind,
+    map_arrays,
+    path_str,
+    shape_of,
+    static_equal,
+    structure_difference,
+)
+
+
+def _sds(shape: tuple[int, ...], like: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, like.dtype)
+
+
+def get_layer(stacked: PyTree, index: int | jax.Array, /) -> PyTree:
+    """Layer `index` of a stacked tree, with the leading axis removed.
+
+    Args:
+        stacked: A stacked tree (array leaves with a common leading length N).
+        index: An int in `[-N, N)` (negative counts from the end), or a scalar integer
+            array; a traced integer works under `jit` (it is not range-checked there).
+
+    Returns:
+        The per-layer tree. Static leaves are returned unchanged.
+
+    Raises:
+        IndexError: if a concrete `index` is out of range.
+        TypeError: if `index` is not an integer.
+        ValueError: if `stacked` is not a valid stack (see `num_layers`).
+
+    Example:
+        >>> import numpy as np
+        >>> from stackedtree import get_layer
+        >>> get_layer({"w": np.arange(6).reshape(3, 2)}, -1)["w"].tolist()
+        [4, 5]
+    """
+    n = num_layers(stacked)
+    i = check_index(index, n)
+    if isinstance(i, int):
+
+        def take(x: Any) -> Any:
+            if isinstance(x, jax.ShapeDtypeStruct):
+                return _sds(shape_of(x)[1:], x)
+            return x[i]
+
+    else:
+
+        def take(x: Any) -> Any:
+            if isinstance(x, jax.ShapeDtypeStruct):
+                return _sds(shape_of(x)[1:], x)
+            return jax.lax.dynamic_index_in_dim(jnp.asarray(x), i, keepdims=False)
+
+    return map_arrays(take, stacked)
+
+
+def set_layer(stacked: PyTree, index: int | jax.Array, layer: PyTree, /) -> PyTree:
+    """Returns a copy of `stacked` with layer `index` replaced by `layer`.
+
+    Numpy leaves are copied and updated; jax leaves use `x.at[index].set(...)`, which
+    XLA performs in place when the input buffer can be donated.
+
+    Args:
+        stacked: A stacked tree.
+        index: As in `get_layer`.
+        layer: A per-layer tree with the structure, per-layer shapes and dtypes, and
+            static leaves of `stacked`.
+
+    Returns:
+        The updated stacked tree.
+
+    Raises:
+        IndexError: if a concrete `index` is out of range.
+        ValueError: if `layer` does not match a layer of `stacked`; every mismatching leaf
+            is listed.
+
+    Example:
+        >>> import numpy as np
+        >>> from stackedtree import set_layer
+        >>> s = set_layer({"w": np.zeros((3, 2))}, 1, {"w": np.ones(2)})
+        >>> s["w"].tolist()
+        [[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]
+    """
+    n = num_layers(stacked)
+    i = check_index(index, n)
+    flat_s, treedef = flatten(stacked)
+    flat_l, treedef_l = flatten(layer)
+    if treedef != treedef_l:
+        raise ValueError(
+            "`layer` has a different tree structure from a layer of `stacked` "
+            f"{structure_difference(stacked, layer)}."
+        )
+    errors = []
+    for (path, s), (_, v) in zip(flat_s, flat_l, strict=True):
+        if is_array(s):
+            if not is_array(v):
+                errors.append(f"`layer` at {path_str(path)}: expected an array, got "
+                              f"{type(v).__name__}")
+            elif shape_of(v) != shape_of(s)[1:] or dtype_of(v) != dtype_of(s):
+                errors.append(
+                    f"`layer` at {path_str(path)}: {dtype_of(v)}{fmt_shape(shape_of(v))} "
+                    f"!= {dtype_of(s)}{fmt_shape(shape_of(s)[1:])} expected from `stacked`"
+                )
+        elif not static_equal(s, v):
+            errors.append(f"`layer` at {path_str(path)}: static leaf {v!r} != {s!r}")
+    if errors:
+        raise ValueError("\n".join(errors))
+
+    def put(s: Any, v: Any) -> Any:
+        if isinstance(s, jax.ShapeDtypeStruct):
+            return s
+        if leaf_kind(s) == "numpy" and isinstance(i, int) and leaf_kind(v) == "numpy":
+            out = s.copy()
+            out[i] = v
+            return out
+        return jnp.asarray(s).at[i].set(v)
+
+    out = [put(s, v) if is_array(s) else s for (_, s), (_, v) in zip(flat_s, flat_l, strict=True)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def slice_layers(
+    stacked: PyTree, start: int | None = None, stop: int | None = None, step: int | None = None
+) -> PyTree:
+    """Layers `start:stop:step` of a stacked tree, still stacked.
+
+    Python slice semantics on the layer axis (negative bounds, out-of-range bounds clip,
+    negative steps reverse). Numpy leaves come back as views.
+
+    Args:
+        stacked: A stacked tree.
+        start: As in a Python slice.
+        stop: As in a Python slice.
+        step: As in a Python slice; must not be 0.
+
+    Returns:
+        A stacked tree of the selected layers.
+
+    Raises:
+        ValueError: if `step` is 0 or `stacked` is not a valid stack.
+
+    Example:
+        >>> import numpy as np
+        >>> from stackedtree import slice_layers
+        >>> slice_layers({"w": np.arange(5)}, 1, None, 2)["w"].tolist()
+        [1, 3]
+    """
+    if step == 0:
+        raise ValueError("`step` must not be 0.")
+    n = num_layers(stacked)
+    sl = slice(start, stop, step)
+    length = len(range(*sl.indices(n)))
+
+    def take(x: Any) -> Any:
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return _sds((length, *shape_of(x)[1:]), x)
+        return x[sl]
+
+    return map_arrays(take, stacked)
+
+
+def concat_layers(stacks: Sequence[PyTree], /) -> PyTree:
+    """Joins stacked trees along the layer axis.
+
+    Args:
+        stacks: A list or tuple of stacked trees with the same structure, the same
+            per-layer shapes and dtypes and equal static leaves (their N may differ).
+
+    Returns:
+        One stacked tree with `sum(N_k)` layers. Numpy in, numpy out; any jax leaf makes
+        the result jax.
+
+    Raises:
+        TypeError: if `stacks` is not a list or tuple.
+        ValueError: if `stacks` is empty or the stacks disagree (every leaf is listed).
+
+    Example:
+        >>> import numpy as np
+        >>> from stackedtree import concat_layers, num_layers
+        >>> num_layers(concat_layers([{"w": np.zeros((2, 3))}, {"w": np.ones((5, 3))}]))
+        7
+    """
+    stacks = _check_sequence(stacks, "stacks")
+    for k, s in enumerate(stacks):
+        num_layers(s, arg=f"stacks[{k}]")
+    flats, treedef = check_same_layers(stacks, "stacks", lead=1)
+    out = []
+    for j, (_, leaf0) in enumerate(flats[0]):
+        if not is_array(leaf0):
+            out.append(leaf0)
+            continue
+        leaves = [flat[j][1] for flat in flats]
+        kinds = {leaf_kind(x) for x in leaves}
+        if kinds == {"numpy"}:
+            out.append(np.concatenate(leaves))
+        elif kinds == {"abstract"}:
+            total = sum(shape_of(x)[0] for x in leaves)
+            out.append(_sds((total, *shape_of(leaf0)[1:]), leaf0))
+        else:
+            out.append(jnp.concatenate(leaves))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _check_size(size: Any) -> int:
+    if isinstance(size, bool) or not isinstance(size, int | np.integer):
+        raise TypeError(f"`size` must be an int, got {type(size).__name__}.")
+    if size < 1:
+        raise ValueError(f"`size` must be >= 1, got {size}.")
+    return int(size)
+
+
+def group_layers(stacked: PyTree, size: int, /) -> PyTree:
+    """Reshapes the layer axis `(N, ...)` into `(N // size, size, ...)`.
+
+    Useful for layers that alternate in kind (e.g. local then global attention): with
+    `size=2`, scan over pairs and apply the two kinds inside the scanned function.
+
+    Args:
+        stacked: A stacked tree.
+        size: The group size; must divide N.
+
+    Returns:
+        A tree whose array leaves have two leading axes.
+
+    Raises:
+        ValueError: if `size` does not divide N.
+
+    Example:
+        >>> import numpy as np
+        >>> from stackedtree import group_layers
+        >>> group_layers({"w": np.zeros((6, 4))}, 2)["w"].shape
+        (3, 2, 4)
+    """
+    size = _check_size(size)
+    n = num_layers(stacked)
+    if n % size:
+        raise ValueError(
+            f"`size` {size} does not divide the {n} layers of `stacked`; "
+            f"use `slice_layers` to split off the remaining {n % size} first."
+        )
+
+    def reshape(x: Any) -> Any:
+        shape = (n // size, size, *shape_of(x)[1:])
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return _sds(shape, x)
+        return x.reshape(shape)
+
+    return map_arrays(reshape, stacked)
+
+
+def ungroup_layers(grouped: PyTree, /) -> PyTree:
+    """The inverse of `group_layers`: merges the two leading axes into one.
+
+    Args:
+        grouped: A tree whose array leaves share their two leading lengths.
+
+    Returns:
+        The flat stacked tree, array leaves of shape `(G * size, ...)`.
+
+    Raises:
+        ValueError: if a leaf has fewer than two axes or the leading lengths disagree.
+
+    Example:
+        >>> import numpy as np
+        >>> from stackedtree import ungroup_layers
+        >>> ungroup_layers({"w": np.zeros((3, 2, 4))})["w"].shape
+        (6, 4)
+    """
+    lengths, errors = leading_lengths(grouped, "grouped")
+    if not lengths and not errors:
+        raise ValueError("`grouped` has no array leaves, so it has no layer axis.")
+    leaves = [(p, x) for p, x in flatten(grouped)[0] if is_array(x) and np.ndim(x) >= 1]
+    first = None
+    for path, x in leaves:
+        shape = shape_of(x)
+        if len(shape) < 2:
+            errors.append(f"`grouped` at {path_str(path)} has shape {fmt_shape(shape)}: "
+                          "a grouped leaf needs two leading axes")
+            continue
+        if first is None:
+            first = (path, shape[:2])
+        elif shape[:2] != first[1]:
+            errors.append(
+                f"`grouped` at {path_str(path)} has leading axes {fmt_shape(shape[:2])}, "
+                f"but {path_str(first[0])} has {fmt_shape(first[1])}"
+            )
+    if errors:
+        raise ValueError("\n".join(errors))
+
+    def reshape(x: Any) -> Any:
+        g, s, *rest = shape_of(x)
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return _sds((g * s, *rest), x)
+        return x.reshape((g * s, *rest))
+
+    return map_arrays(reshape, grouped)

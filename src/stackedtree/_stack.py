@@ -1,0 +1,342 @@
+"""stack, unstack, num_layers, layer_keys and init_stacked."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._tree import (
+    KeyPath,
+    PyTree,
+    dtype_of,
+    flatten,
+    fmt_shape,
+    is_array,
+    leaf_kind,
+    merge_static,
+    path_str,
+    shape_of,
+    split_static,
+    static_equal,
+    structure_difference,
+)
+
+
+def _check_sequence(layers: Any, arg: str) -> list[Any]:
+    if isinstance(layers, dict) or not isinstance(layers, Sequence) or is_array(layers):
+        raise TypeError(
+            f"`{arg}` must be a list or tuple of per-layer trees, got "
+            f"{type(layers).__name__}."
+        )
+    if len(layers) == 0:
+        raise ValueError(f"`{arg}` is empty: at least one layer is needed.")
+    return list(layers)
+
+
+def check_same_layers(
+    layers: Sequence[PyTree], arg: str, *, lead: int = 0
+) -> tuple[list[list[tuple[KeyPath, Any]]], Any]:
+    """Checks that `layers` agree in structure, array shapes/dtypes and static leaves.
+
+    With `lead=1` the trees are stacks and their leading axes may differ. Returns the
+    flattened leaves of every tree and the common treedef. Raises one `ValueError` or
+    `TypeError` listing every difference from `layers[0]`.
+    """
+    flat0, treedef = flatten(layers[0])
+    flats = [flat0]
+    errors: list[str] = []
+    type_error = False
+    for i, layer in enumerate(layers[1:], start=1):
+        flat, td = flatten(layer)
+        if td != treedef:
+            raise ValueError(
+                f"`{arg}[{i}]` has a different tree structure from `{arg}[0]` "
+                f"{structure_difference(layers[0], layer)}."
+            )
+        flats.append(flat)
+        for (path, a), (_, b) in zip(flat0, flat, strict=True):
+            loc = f"`{arg}[{i}]` differs from `{arg}[0]` at {path_str(path)}"
+            if is_array(a) != is_array(b):
+                kinds = ["array" if is_array(x) else f"static {type(x).__name__}" for x in (a, b)]
+                errors.append(f"{loc}: {kinds[1]} where `{arg}[0]` has {kinds[0]}")
+                type_error = True
+            elif is_array(a):
+                sa, sb = shape_of(a)[lead:], shape_of(b)[lead:]
+                if sa != sb:
+                    what = "per-layer shape" if lead else "shape"
+                    errors.append(f"{loc}: {what} {fmt_shape(sb)} != {fmt_shape(sa)}")
+                if dtype_of(a) != dtype_of(b):
+                    errors.append(f"{loc}: dtype {dtype_of(b)} != {dtype_of(a)}")
+            elif not static_equal(a, b):
+                errors.append(
+                    f"{loc}: static leaf {b!r} != {a!r} (static leaves are shared by "
+                    "all layers and must be equal)"
+                )
+    if errors:
+        msg = "\n".join(errors)
+        raise (TypeError if type_error else ValueError)(msg)
+    return flats, treedef
+
+
+def _stack_leaf(path: KeyPath, leaves: list[Any], arg: str) -> Any:
+    kinds = {leaf_kind(x) for x in leaves}
+    if kinds == {"numpy"}:
+        return np.stack(leaves)
+    if kinds == {"abstract"}:
+        return jax.ShapeDtypeStruct((len(leaves), *shape_of(leaves[0])), leaves[0].dtype)
+    if "abstract" in kinds:
+        raise TypeError(
+            f"`{arg}` mixes jax.ShapeDtypeStruct and concrete arrays at "
+            f"{path_str(path)}; stack either all-abstract or all-concrete layers."
+        )
+    return jnp.stack(leaves)
+
+
+def stack(layers: Sequence[PyTree], /) -> PyTree:
+    """Stacks N per-layer trees into one tree whose array leaves have shape `(N, *shape)`.
+
+    Numpy leaves stay numpy (one host copy, no device transfer), jax leaves become jax
+    arrays (a mixture becomes jax), and `jax.ShapeDtypeStruct` leaves become
+    `ShapeDtypeStruct((N, *shape), dtype)` so whole-model shapes can be planned without
+    allocating. Static (non-array) leaves must be equal across layers and are kept once.
+
+    Args:
+        layers: A list or tuple of N >= 1 trees with the same structure, the same array
+            shapes and dtypes, and equal static leaves.
+
+    Returns:
+        One tree with the structure of a layer, array leaves carrying a leading layer axis.
+
+    Raises:
+        TypeError: if `layers` is not a list or tuple, or a leaf is an array in one layer
+            and static in another.
+        ValueError: if `layers` is empty, or layers differ in structure, shape, dtype or a
+            static leaf. The message names the layer, the leaf path, expected and actual.
+
+    Example:
+        >>> import numpy as np
+        >>> from stackedtree import stack
+        >>> s = stack([{"w": np.zeros((2, 3)), "act": "relu"}] * 4)
+        >>> s["w"].shape, s["act"]
+        ((4, 2, 3), 'relu')
+    """
+    layers = _check_sequence(layers, "layers")
+    flats, treedef = check_same_layers(layers, "layers")
+    out = []
+    for j, (path, leaf0) in enumerate(flats[0]):
+        if is_array(leaf0):
+            out.append(_stack_leaf(path, [flat[j][1] for flat in flats], "layers"))
+        else:
+            out.append(leaf0)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def leading_lengths(tree: PyTree, arg: str) -> tuple[list[tuple[KeyPath, int]], list[str]]:
+    """Leading length of every array leaf, and an error line for every 0-d leaf."""
+    lengths = []
+    errors = []
+    for path, x in flatten(tree)[0]:
+        if not is_array(x):
+            continue
+        shape = shape_of(x)
+        if not shape:
+            errors.append(
+                f"{_at(arg, path)} is a 0-d array: a stacked leaf needs a leading layer axis"
+            )
+        else:
+            lengths.append((path, shape[0]))
+    return lengths, errors
+
+
+def _at(arg: str, path: KeyPath) -> str:
+    return f"`{arg}` at {path_str(path)}" if path else f"`{arg}`"
+
+
+def num_layers(stacked: PyTree, /, *, arg: str = "stacked") -> int:
+    """The common leading length N of the array leaves of a stacked tree.
+
+    Args:
+        stacked: A tree whose array leaves all have the same leading length.
+        arg: The argument name used in error messages.
+
+    Returns:
+        N, the number of layers.
+
+    Raises:
+        ValueError: if there are no array leaves, an array leaf is 0-d, or leading lengths
+            disagree (every disagreeing leaf is listed).
+
+    Example:
+        >>> import numpy as np
+        >>> from stackedtree import num_layers
+        >>> num_layers({"w": np.zeros((6, 2)), "b": np.zeros((6,))})
+        6
+    """
+    lengths, errors = leading_lengths(stacked, arg)
+    if not lengths and not errors:
+        raise ValueError(f"`{arg}` has no array leaves, so it has no layer axis.")
+    if lengths:
+        path0, n = lengths[0]
+        for path, m in lengths[1:]:
+            if m != n:
+                errors.append(
+                    f"{_at(arg, path)} has leading length {m}, but {path_str(path0)} has {n}"
+                )
+    if errors:
+        raise ValueError("\n".join(errors))
+    return lengths[0][1]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack_jax(leaves: list[jax.Array], n: int) -> list[list[jax.Array]]:
+    return [[x[i] for i in range(n)] for x in leaves]
+
+
+def _unstack_leaf(x: Any, n: int) -> list[Any]:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return [jax.ShapeDtypeStruct(shape_of(x)[1:], x.dtype)] * n
+    # Iterating a numpy array yields views along axis 0 in a single C loop.
+    return list(x)
+
+
+def unstack(stacked: PyTree, /) -> list[PyTree]:
+    """The inverse of `stack`: a list of N per-layer trees.
+
+    One operation per leaf rather than N x leaves slices: numpy leaves come back as views
+    of the stacked array, and all concrete jax leaves are split by one compiled call.
+    Static leaves are shared by every returned layer.
+
+    Args:
+        stacked: A stacked tree (array leaves with a common leading length N).
+
+    Returns:
+        A list of N trees with the leading axis removed.
+
+    Raises:
+        ValueError: as `num_layers`.
+
+    Example:
+        >>> import numpy as np
+        >>> from stackedtree import stack, unstack
+        >>> layers = unstack({"w": np.arange(6).reshape(3, 2)})
+        >>> [layer["w"].tolist() for layer in layers]
+        [[0, 1], [2, 3], [4, 5]]
+    """
+    n = num_layers(stacked)
+    flat, treedef = jax.tree_util.tree_flatten(stacked)
+    per_leaf: list[list[Any] | None] = [None] * len(flat)
+    jax_idx = [j for j, x in enumerate(flat) if leaf_kind(x) == "jax"]
+    if jax_idx:
+        if any(isinstance(flat[j], jax.core.Tracer) for j in jax_idx):
+            split = [[flat[j][i] for i in range(n)] for j in jax_idx]
+        else:
+            split = _unstack_jax([flat[j] for j in jax_idx], n)
+        for j, parts in zip(jax_idx, split, strict=True):
+            per_leaf[j] = parts
+    for j, x in enumerate(flat):
+        if per_leaf[j] is None:
+            per_leaf[j] = _unstack_leaf(x, n) if is_array(x) else [x] * n
+    return [
+        jax.tree_util.tree_unflatten(treedef, [parts[i] for parts in per_leaf])  # type: ignore[index]
+        for i in range(n)
+    ]
+
+
+def _check_key(key: Any, arg: str = "key") -> None:
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.ndim != 0:
+            raise TypeError(f"`{arg}` must be a single key, got a key array of shape "
+                            f"{fmt_shape(key.shape)}.")
+        return
+    if isinstance(key, jax.Array | np.ndarray) and key.dtype == np.uint32 and key.ndim == 1:
+        return
+    desc = (
+        f"{type(key).__name__} of shape {fmt_shape(key.shape)} and dtype {key.dtype}"
+        if is_array(key)
+        else type(key).__name__
+    )
+    raise TypeError(
+        f"`{arg}` must be a PRNG key from `jax.random.key` or `jax.random.PRNGKey`, "
+        f"got {desc}."
+    )
+
+
+def layer_keys(key: jax.Array, n: int, /) -> jax.Array:
+    """The per-layer PRNG keys: element `i` equals `jax.random.fold_in(key, i)`.
+
+    Folding in the layer index (rather than splitting) makes layer `i`'s key independent
+    of N and of the scan direction.
+
+    Args:
+        key: A typed key (`jax.random.key`) or a raw uint32 key (`jax.random.PRNGKey`).
+        n: The number of layers, >= 0.
+
+    Returns:
+        A key array of N keys, of the same kind as `key` (typed keys of shape `(n,)`, raw
+        keys of shape `(n, 2)`).
+
+    Raises:
+        TypeError: if `key` is not a key or `n` is not an int.
+        ValueError: if `n` is negative.
+
+    Example:
+        >>> import jax
+        >>> from stackedtree import layer_keys
+        >>> keys = layer_keys(jax.random.key(0), 4)
+        >>> bool((jax.random.key_data(keys[2]) ==
+        ...       jax.random.key_data(jax.random.fold_in(jax.random.key(0), 2))).all())
+        True
+    """
+    _check_key(key)
+    if isinstance(n, bool) or not isinstance(n, int | np.integer):
+        raise TypeError(f"`n` must be an int, got {type(n).__name__}.")
+    if n < 0:
+        raise ValueError(f"`n` must be >= 0, got {n}.")
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(int(n), dtype=jnp.uint32))
+
+
+def init_stacked(init_fn: Callable[[jax.Array], PyTree], key: jax.Array, n: int, /) -> PyTree:
+    """Builds stacked params directly: `stack([init_fn(k) for k in layer_keys(key, n)])`.
+
+    The per-layer initialiser runs once under `jax.vmap`, so no list of N layers is ever
+    materialised. Static leaves returned by `init_fn` are kept as they are.
+
+    Args:
+        init_fn: Maps one PRNG key to one layer's tree.
+        key: A typed or raw PRNG key.
+        n: The number of layers, >= 1.
+
+    Returns:
+        The stacked tree, array leaves of shape `(n, *shape)`.
+
+    Raises:
+        TypeError: if `key` is not a PRNG key or `init_fn` is not callable.
+        ValueError: if `n` < 1.
+
+    Example:
+        >>> import jax
+        >>> from stackedtree import init_stacked
+        >>> params = init_stacked(lambda k: {"w": jax.random.normal(k, (3,)), "act": "gelu"},
+        ...                       jax.random.key(0), 5)
+        >>> params["w"].shape, params["act"]
+        ((5, 3), 'gelu')
+    """
+    if not callable(init_fn):
+        raise TypeError(f"`init_fn` must be callable, got {type(init_fn).__name__}.")
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"`n` must be an int >= 1, got {n!r}.")
+    keys = layer_keys(key, int(n))
+    static_box: list[PyTree] = []
+
+    def arrays_only(k: jax.Array) -> PyTree:
+        arrays, static = split_static(init_fn(k))
+        static_box.append(static)
+        return arrays
+
+    arrays = jax.vmap(arrays_only)(keys)
+    return merge_static(arrays, static_box[0])
