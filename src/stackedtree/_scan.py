@@ -270,5 +270,7 @@ def scan_layers(
 def _short_type(x: Any) -> str:
     if isinstance(x, tuple | list):
         return f"a {type(x).__name__} of length {len(x)}"
+    if is_array(x):
+        return f"an array of shape {fmt_shape(np.shape(x))}"
     return type(x).__name__
 

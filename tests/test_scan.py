@@ -1,0 +1,329 @@
+"""scan_layers against the written-out Python loop, forward and grad, and its errors."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stackedtree import get_layer, layer_keys, scan_layers, stack
+
+N = 10  # not divisible by 3 nor by the sqrt group size
+D = 4
+
+
+class Layer(NamedTuple):
+    w: jax.Array
+    b: jax.Array
+    scale: float  # static: shared by all layers, handed to the layer unchanged
+
+
+def with_static(params: tuple[jax.Array, jax.Array]) -> Layer:
+    """Layer from its array leaves; `jit`/`grad` see only arrays, `scale` stays static."""
+    return Layer(*params, scale=0.5)
+
+
+def make_layers(n: int = N, seed: int = 0) -> Layer:
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return Layer(
+        w=jax.random.normal(k1, (n, D, D)) / jnp.sqrt(D),
+        b=jax.random.normal(k2, (n, D)),
+        scale=0.5,
+    )
+
+
+def block(carry: jax.Array, layer: Layer, x: jax.Array | None = None, *, key=None):
+    assert isinstance(layer.scale, float)  # static leaves arrive unchanged
+    h = jnp.tanh(carry @ layer.w + layer.b[None, :]) * layer.scale + carry
+    if x is not None:
+        h = h + x
+    if key is not None:
+        h = h + 0.1 * jax.random.normal(key, h.shape)
+    return h, jnp.sum(h, axis=-1)
+
+
+def reference_loop(fn, init, layers, xs=None, key=None, reverse=False):
+    """The loop from scan_layers' docstring, written out."""
+    n = layers.w.shape[0]
+    keys = layer_keys(key, n) if key is not None else None
+    carry, ys = init, [None] * n
+    for i in reversed(range(n)) if reverse else range(n):
+        args = (carry, get_layer(layers, i))
+        if xs is not None:
+            args += (get_layer(xs, i),)
+        kwargs = {"key": keys[i]} if key is not None else {}
+        carry, ys[i] = fn(*args, **kwargs)
+    return carry, stack(ys)
+
+
+def loss_from(scan):
+    def loss(params, init):
+        carry, ys = scan(params, init)
+        return jnp.sum(carry**2) + jnp.sum(jnp.sin(ys))
+
+    return loss
+
+
+def assert_close(a: Any, b: Any) -> None:
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-5), a, b)
+
+
+INIT = jnp.linspace(-1.0, 1.0, 2 * D).reshape(2, D)
+XS = jnp.linspace(-0.5, 0.5, N * 2 * D).reshape(N, 2, D)
+
+
+def _policy(prim, *_, **__):  # a policy callable: save matmul outputs only
+    return prim is jax.lax.dot_general_p
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("remat", [False, True, "dots_saveable", _policy])
+@pytest.mark.parametrize("remat_group", [None, 3, "sqrt"])
+def test_equals_loop_remat(reverse, remat, remat_group):
+    params, key = make_layers()[:2], jax.random.key(7)
+
+    def ours(params, init):
+        return scan_layers(block, init, with_static(params), xs=XS, key=key, remat=remat,
+                           remat_group=remat_group, reverse=reverse)
+
+    def loop(params, init):
+        return reference_loop(block, init, with_static(params), xs=XS, key=key,
+                              reverse=reverse)
+
+    assert_close(jax.jit(ours)(params, INIT), loop(params, INIT))
+    g_ours = jax.jit(jax.grad(loss_from(ours), argnums=(0, 1)))(params, INIT)
+    g_loop = jax.grad(loss_from(loop), argnums=(0, 1))(params, INIT)
+    assert_close(g_ours, g_loop)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("unroll", [1, 2, True])
+@pytest.mark.parametrize("with_key", [False, True])
+@pytest.mark.parametrize("with_xs", [False, True])
+def test_equals_loop_unroll_keys_xs(reverse, unroll, with_key, with_xs):
+    params = make_layers()[:2]
+    key = jax.random.key(3) if with_key else None
+    xs = XS if with_xs else None
+
+    def ours(params, init):
+        return scan_layers(block, init, with_static(params), xs=xs, key=key, unroll=unroll,
+                           reverse=reverse)
+
+    def loop(params, init):
+        return reference_loop(block, init, with_static(params), xs=xs, key=key,
+                              reverse=reverse)
+
+    assert_close(jax.jit(ours)(params, INIT), loop(params, INIT))
+    g_ours = jax.jit(jax.grad(loss_from(ours)))(params, INIT)
+    g_loop = jax.grad(loss_from(loop))(params, INIT)
+    assert_close(g_ours, g_loop)
+
+
+def test_raw_uint32_key_equals_typed_key_semantics():
+    layers = make_layers()
+    raw = jax.random.PRNGKey(5)
+    carry, ys = scan_layers(block, INIT, layers, key=raw)
+    ref = reference_loop(block, INIT, layers, key=raw)
+    assert_close((carry, ys), ref)
+    # Each layer really sees key fold_in(key, i): layer i's noise depends on i.
+    seen = []
+
+    def record(c, layer, *, key):
+        seen.append(key)
+        return c, jax.random.key_data(key) if key.dtype != jnp.uint32 else key
+
+    _, got = scan_layers(record, INIT, layers, key=raw)
+    want = np.stack([np.asarray(jax.random.fold_in(raw, i)) for i in range(N)])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_reverse_keeps_keys_and_outputs_aligned():
+    layers = make_layers()
+    key = jax.random.key(11)
+
+    def fn(c, layer, *, key):
+        return c, jax.random.key_data(key)
+
+    _, fwd = scan_layers(fn, INIT, layers, key=key)
+    _, bwd = scan_layers(fn, INIT, layers, key=key, reverse=True)
+    np.testing.assert_array_equal(fwd, bwd)
+    np.testing.assert_array_equal(fwd[4], jax.random.key_data(jax.random.fold_in(key, 4)))
+
+
+def test_key_is_only_passed_when_given():
+    def strict(c, layer):  # accepts no key at all
+        return c, None
+
+    carry, ys = scan_layers(strict, INIT, make_layers())
+    assert ys is None
+    np.testing.assert_array_equal(carry, INIT)
+
+
+def test_order_of_layers():
+    layers = {"v": jnp.arange(N, dtype=jnp.float32)}
+    carry, ys = scan_layers(lambda c, p: (c * 2 + p["v"], c), jnp.float32(0), layers)
+    want, c = [], 0.0
+    for i in range(N):
+        want.append(c)
+        c = c * 2 + i
+    assert float(carry) == c
+    np.testing.assert_array_equal(ys, want)
+    carry_r, ys_r = scan_layers(lambda c, p: (c * 2 + p["v"], c), jnp.float32(0), layers,
+                                reverse=True)
+    c = 0.0
+    want_r = [0.0] * N
+    for i in reversed(range(N)):
+        want_r[i] = c
+        c = c * 2 + i
+    assert float(carry_r) == c
+    np.testing.assert_array_equal(ys_r, want_r)
+
+
+def test_numpy_layers_and_pytree_outputs():
+    layers = with_static(jax.tree.map(np.asarray, make_layers()[:2]))
+    assert isinstance(layers.w, np.ndarray)
+
+    def fn(c, layer):
+        h, y = block(c, layer)
+        return h, {"sum": y, "none": None, "both": (h, y)}
+
+    carry, ys = jax.jit(lambda p: scan_layers(fn, INIT, with_static(p)))(layers[:2])
+    ref_carry, ref_ys = reference_loop(fn, INIT, layers)
+    assert_close((carry, ys), (ref_carry, ref_ys))
+    assert ys["none"] is None
+    assert ys["both"][0].shape == (N, 2, D)
+
+
+def test_remat_group_remainder_and_sizes():
+    layers = make_layers()
+    ref = reference_loop(block, INIT, layers, xs=XS)
+    for g in [1, 2, 3, 4, 7, 9, 10]:
+        got = scan_layers(block, INIT, layers, xs=XS, remat_group=g, remat=True)
+        assert_close(got, ref)
+
+
+def test_remat_inserts_checkpoint():
+    params = make_layers()[:2]
+
+    def jaxpr_text(**kw):
+        f = jax.grad(loss_from(lambda p, i: scan_layers(block, i, with_static(p), **kw)))
+        return str(jax.make_jaxpr(f)(params, INIT))
+
+    assert "checkpoint" not in jaxpr_text() and "remat" not in jaxpr_text()
+    text = jaxpr_text(remat=True)
+    assert "checkpoint" in text or "remat" in text
+    grouped = jaxpr_text(remat_group=3)
+    assert grouped.count("scan[") > jaxpr_text().count("scan[")
+
+
+def test_vmap_over_batch_of_carries():
+    layers = make_layers()
+    inits = jnp.stack([INIT, INIT * 2, -INIT])
+    got = jax.vmap(lambda i: scan_layers(block, i, layers, xs=XS, remat_group="sqrt"))(inits)
+    for b in range(3):
+        assert_close(jax.tree.map(lambda x, b=b: x[b], got),
+                     reference_loop(block, inits[b], layers, xs=XS))
+
+
+def test_vmap_over_stacks_of_params():
+    stacks = jax.tree.map(lambda *x: jnp.stack(x), make_layers(seed=1)[:2],
+                          make_layers(seed=2)[:2])
+    got = jax.vmap(lambda p: scan_layers(block, INIT, with_static(p)))(stacks)
+    assert got[0].shape == (2, 2, D)
+    assert_close(jax.tree.map(lambda x: x[1], got),
+                 reference_loop(block, INIT, make_layers(seed=2)))
+
+
+def test_eval_shape_allocates_nothing():
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_layers()[:2])
+    out = jax.eval_shape(
+        lambda p: scan_layers(block, INIT, with_static(p), key=jax.random.key(0),
+                              remat_group=3),
+        params,
+    )
+    assert out[0].shape == (2, D)
+    assert out[1].shape == (N, 2)
+
+
+def test_carry_may_be_a_python_scalar():
+    carry, ys = scan_layers(lambda c, p: (c + jnp.sum(p["v"]), None), 0.0,
+                            {"v": jnp.ones((N, 3))})
+    assert float(carry) == 3.0 * N
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+def test_fn_must_return_a_pair():
+    with pytest.raises(TypeError, match=r"`fn` must return a pair `\(carry, y\)`.*got an array of shape \(2, 4\)"):
+        scan_layers(lambda c, p: c, INIT, make_layers())
+    with pytest.raises(TypeError, match=r"got a tuple of length 3"):
+        scan_layers(lambda c, p: (c, c, c), INIT, make_layers())
+
+
+def test_carry_shape_change_is_named():
+    with pytest.raises(TypeError, match=r"carry.*differs at \['h'\]: shape \(2, 8\) != \(2, 4\)"):
+        scan_layers(lambda c, p: ({"h": jnp.concatenate([c["h"], c["h"]], 1)}, None),
+                    {"h": INIT}, make_layers())
+
+
+def test_carry_dtype_change_is_named():
+    with pytest.raises(TypeError, match=r"differs at \['h'\]: dtype int32 != float32"):
+        scan_layers(lambda c, p: ({"h": c["h"].astype(jnp.int32)}, None), {"h": INIT},
+                    make_layers())
+
+
+def test_carry_structure_change_is_named():
+    with pytest.raises(TypeError, match=r"different structure from `init` at the root: "
+                                        r"unexpected 'extra'"):
+        scan_layers(lambda c, p: ({"h": c["h"], "extra": c["h"]}, None), {"h": INIT},
+                    make_layers())
+
+
+def test_xs_length_mismatch_names_the_path():
+    with pytest.raises(ValueError, match=r"`xs` at \['cache'\]\[1\] has leading length 9, "
+                                         r"but `layers` has 10 layers"):
+        scan_layers(lambda c, p, x: (c, None), INIT, make_layers(),
+                    xs={"cache": (XS, XS[:9])})
+
+
+def test_unknown_remat_policy_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"'dots_savable' is not a known checkpoint policy; "
+                                         r"valid names are .*'dots_saveable'"):
+        scan_layers(block, INIT, make_layers(), remat="dots_savable")
+    with pytest.raises(TypeError, match=r"`remat` must be a bool"):
+        scan_layers(block, INIT, make_layers(), remat=3)
+
+
+@pytest.mark.parametrize(
+    ("group", "exc", "match"),
+    [
+        (0, ValueError, r"`remat_group` must be between 1 and the 10 layers, got 0"),
+        (11, ValueError, r"between 1 and the 10 layers, got 11"),
+        ("cube", ValueError, r"`remat_group` must be None, a positive int or 'sqrt', got 'cube'"),
+        (2.0, TypeError, r"`remat_group` must be None, a positive int or 'sqrt', got float"),
+        (True, TypeError, r"got bool"),
+    ],
+)
+def test_bad_remat_group(group, exc, match):
+    with pytest.raises(exc, match=match):
+        scan_layers(block, INIT, make_layers(), remat_group=group)
+
+
+@pytest.mark.parametrize("key", [0, jnp.zeros(3), jnp.zeros((2,), jnp.float32), "key"])
+def test_bad_key(key):
+    with pytest.raises(TypeError, match=r"`key` must be a PRNG key"):
+        scan_layers(block, INIT, make_layers(), key=key)
+
+
+def test_bad_layers():
+    with pytest.raises(ValueError, match=r"`layers` at \['b'\] has leading length 3, but "
+                                         r"\['a'\] has 10"):
+        scan_layers(block, INIT, {"a": jnp.zeros((N, 2)), "b": jnp.zeros((3, 2))})
+    with pytest.raises(ValueError, match=r"`layers` has no array leaves"):
+        scan_layers(block, INIT, {"a": 1})
+    with pytest.raises(TypeError, match=r"`fn` must be callable"):
+        scan_layers("block", INIT, make_layers())
