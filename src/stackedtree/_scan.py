@@ -175,8 +175,9 @@ def scan_layers(
             `"dots_saveable"`; or a policy callable.
         remat_group: None, an int `g`, or `"sqrt"` (g near sqrt(N)). Scans over groups of
             `g` consecutive layers, each group rematerialised as a whole, so the backward
-            pass stores about N/g + g carries instead of N. Inside a group, `remat`
-            applies per layer. N need not be divisible by `g`: the remaining layers run as
+            pass stores about N/g + g carries instead of N. Layers inside a group are
+            rematerialised as well, with the `remat` policy when one is given (else
+            saving nothing). N need not be divisible by `g`: the remaining layers run as
             a shorter group. Parameters keep their flat `(N, ...)` layout.
         unroll: As in `jax.lax.scan` (applies to the per-layer scan).
         reverse: As in `jax.lax.scan`: run from the last layer to the first. `ys[i]` is
@@ -232,7 +233,12 @@ def scan_layers(
         _check_carry(init, new_carry)
         return new_carry, y
 
-    layer_body = jax.checkpoint(body, policy=policy, prevent_cse=False) if checkpoint else body
+    # With groups, layers inside a group are checkpointed too: recomputing a group then
+    # keeps g carries rather than every intermediate of g layers.
+    if checkpoint or g is not None:
+        layer_body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    else:
+        layer_body = body
     scanned = (layer_arrays, xs_arrays, keys)
 
     def flat_scan(carry: PyTree, seq: PyTree) -> tuple[PyTree, PyTree]:
