@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from llama_model import (  # noqa: E402
+from llama_model import (
     LLAMA_7B,
     Config,
     DecoderBlock,
@@ -35,7 +35,14 @@ from llama_model import (  # noqa: E402
     rms_norm,
 )
 
-from stackedtree import describe, get_layer, init_stacked, layer_keys, scan_layers, stack  # noqa: E402
+from stackedtree import (
+    describe,
+    get_layer,
+    init_stacked,
+    layer_keys,
+    scan_layers,
+    stack,
+)
 
 SMALL = Config(d_model=64, kv_heads=2, q_per_kv=2, head_dim=16, d_ff=128, num_layers=8,
                vocab=128, dropout=0.1)

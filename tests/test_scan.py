@@ -249,7 +249,7 @@ def test_eval_shape_allocates_nothing():
 
 
 def test_carry_may_be_a_python_scalar():
-    carry, ys = scan_layers(lambda c, p: (c + jnp.sum(p["v"]), None), 0.0,
+    carry, _ys = scan_layers(lambda c, p: (c + jnp.sum(p["v"]), None), 0.0,
                             {"v": jnp.ones((N, 3))})
     assert float(carry) == 3.0 * N
 

@@ -220,7 +220,7 @@ def scan_layers(
 
     def body(carry: PyTree, sliced: tuple[PyTree, PyTree, Any]) -> tuple[PyTree, PyTree]:
         arrays, x, k = sliced
-        args = (carry, merge_static(arrays, layer_static))
+        args: tuple[PyTree, ...] = (carry, merge_static(arrays, layer_static))
         if xs is not None:
             args += (merge_static(x, xs_static),)
         out = fn(*args) if k is None else fn(*args, key=k)
