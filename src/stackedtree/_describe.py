@@ -14,15 +14,20 @@ from ._tree import PyTree, dtype_of, is_array, path_str, shape_of
 _KIND_PREFIX = {"f": "f", "i": "i", "u": "u", "c": "c"}
 
 
-def _dtype_name(dtype: np.dtype) -> str:
+def _dtype_name(dtype: Any) -> str:
     """jax's short dtype names: f32, bf16, i8, u32, c64, bool."""
+    if not isinstance(dtype, np.dtype):  # a jax extended dtype, e.g. key<fry>
+        return str(dtype)
     name = dtype.name
     if name == "bfloat16":
         return "bf16"
     if name == "bool":
         return "bool"
     if dtype.kind in _KIND_PREFIX and name.rstrip("0123456789") in {
-        "float", "int", "uint", "complex"
+        "float",
+        "int",
+        "uint",
+        "complex",
     }:
         return f"{_KIND_PREFIX[dtype.kind]}{dtype.itemsize * 8}"
     return name
@@ -61,7 +66,9 @@ def _build(x: Any, dtypes: bool) -> _Node | str:
         return _Node("[", [("", _build(v, dtypes)) for v in x], "]")
     if isinstance(x, tuple):
         return _Node("(", [("", _build(v, dtypes)) for v in x], ")")
-    children, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+    children, treedef = jax.tree_util.tree_flatten_with_path(
+        x, is_leaf=lambda y: y is not x
+    )
     if jax.tree_util.treedef_is_leaf(treedef):
         return repr(x)
     # Another registered pytree node: name its children by their keys.
@@ -78,7 +85,9 @@ def _flat(node: _Node | str) -> str:
     return node.open + ", ".join(p + _flat(c) for p, c in node.items) + node.close
 
 
-def _render(node: _Node | str, indent: int, prefix: str, suffix: str, width: int) -> str:
+def _render(
+    node: _Node | str, indent: int, prefix: str, suffix: str, width: int
+) -> str:
     flat = _flat(node)
     if isinstance(node, str) or indent + len(prefix) + len(flat) + len(suffix) <= width:
         return " " * indent + prefix + flat
@@ -87,7 +96,10 @@ def _render(node: _Node | str, indent: int, prefix: str, suffix: str, width: int
     lines = [" " * indent + prefix + node.open]
     for k, (p, c) in enumerate(node.items):
         last = k == len(node.items) - 1
-        lines.append(_render(c, indent + 2, p, "" if last else ",", width) + ("" if last else ","))
+        lines.append(
+            _render(c, indent + 2, p, "" if last else ",", width)
+            + ("" if last else ",")
+        )
     lines.append(" " * indent + node.close)
     return "\n".join(lines)
 

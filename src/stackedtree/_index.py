@@ -22,6 +22,7 @@ from ._tree import (
     path_str,
     shape_of,
     static_equal,
+    static_repr,
     structure_difference,
 )
 
@@ -59,7 +60,9 @@ def get_layer(stacked: PyTree, index: int | jax.Array, /) -> PyTree:
         def take(x: Any) -> Any:
             if isinstance(x, jax.ShapeDtypeStruct):
                 return _sds(shape_of(x)[1:], x)
-            return x[i]
+            # `x[i, ...]` rather than `x[i]`: a 1-d numpy leaf stays a 0-d array view
+            # instead of becoming a numpy scalar copy.
+            return x[i, ...]
 
     else:
 
@@ -108,18 +111,25 @@ def set_layer(stacked: PyTree, index: int | jax.Array, layer: PyTree, /) -> PyTr
             f"{structure_difference(stacked, layer)}."
         )
     errors = []
+    target = f"layer {i} of `stacked`" if isinstance(i, int) else "a layer of `stacked`"
     for (path, s), (_, v) in zip(flat_s, flat_l, strict=True):
+        loc = f"`layer` differs from {target} at {path_str(path)}"
         if is_array(s):
             if not is_array(v):
-                errors.append(f"`layer` at {path_str(path)}: expected an array, got "
-                              f"{type(v).__name__}")
-            elif shape_of(v) != shape_of(s)[1:] or dtype_of(v) != dtype_of(s):
                 errors.append(
-                    f"`layer` at {path_str(path)}: {dtype_of(v)}{fmt_shape(shape_of(v))} "
-                    f"!= {dtype_of(s)}{fmt_shape(shape_of(s)[1:])} expected from `stacked`"
+                    f"{loc}: static {type(v).__name__} where an array is expected"
                 )
+                continue
+            if shape_of(v) != shape_of(s)[1:]:
+                errors.append(
+                    f"{loc}: shape {fmt_shape(shape_of(v))} != {fmt_shape(shape_of(s)[1:])}"
+                )
+            if dtype_of(v) != dtype_of(s):
+                errors.append(f"{loc}: dtype {dtype_of(v)} != {dtype_of(s)}")
+        elif is_array(v):
+            errors.append(f"{loc}: array where a static {type(s).__name__} is expected")
         elif not static_equal(s, v):
-            errors.append(f"`layer` at {path_str(path)}: static leaf {v!r} != {s!r}")
+            errors.append(f"{loc}: static leaf {static_repr(v)} != {static_repr(s)}")
     if errors:
         raise ValueError("\n".join(errors))
 
@@ -132,12 +142,18 @@ def set_layer(stacked: PyTree, index: int | jax.Array, layer: PyTree, /) -> PyTr
             return out
         return jnp.asarray(s).at[i].set(v)
 
-    out = [put(s, v) if is_array(s) else s for (_, s), (_, v) in zip(flat_s, flat_l, strict=True)]
+    out = [
+        put(s, v) if is_array(s) else s
+        for (_, s), (_, v) in zip(flat_s, flat_l, strict=True)
+    ]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def slice_layers(
-    stacked: PyTree, start: int | None = None, stop: int | None = None, step: int | None = None
+    stacked: PyTree,
+    start: int | None = None,
+    stop: int | None = None,
+    step: int | None = None,
 ) -> PyTree:
     """Layers `start:stop:step` of a stacked tree, still stacked.
 
@@ -188,7 +204,8 @@ def concat_layers(stacks: Sequence[PyTree], /) -> PyTree:
         the result jax.
 
     Raises:
-        TypeError: if `stacks` is not a list or tuple.
+        TypeError: if `stacks` is not a list or tuple, or mixes abstract and concrete
+            leaves.
         ValueError: if `stacks` is empty or the stacks disagree (every leaf is listed).
 
     Example:
@@ -213,6 +230,12 @@ def concat_layers(stacks: Sequence[PyTree], /) -> PyTree:
         elif kinds == {"abstract"}:
             total = sum(shape_of(x)[0] for x in leaves)
             out.append(_sds((total, *shape_of(leaf0)[1:]), leaf0))
+        elif "abstract" in kinds:
+            raise TypeError(
+                f"`stacks` mixes jax.ShapeDtypeStruct and concrete arrays at "
+                f"{path_str(flats[0][j][0])}; concatenate either all-abstract or "
+                "all-concrete stacks."
+            )
         else:
             out.append(jnp.concatenate(leaves))
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -291,8 +314,10 @@ def ungroup_layers(grouped: PyTree, /) -> PyTree:
     for path, x in leaves:
         shape = shape_of(x)
         if len(shape) < 2:
-            errors.append(f"`grouped` at {path_str(path)} has shape {fmt_shape(shape)}: "
-                          "a grouped leaf needs two leading axes")
+            errors.append(
+                f"`grouped` at {path_str(path)} has shape {fmt_shape(shape)}: "
+                "a grouped leaf needs two leading axes"
+            )
             continue
         if first is None:
             first = (path, shape[:2])

@@ -23,12 +23,17 @@ from ._tree import (
     shape_of,
     split_static,
     static_equal,
+    static_repr,
     structure_difference,
 )
 
 
 def _check_sequence(layers: Any, arg: str) -> list[Any]:
-    if isinstance(layers, dict) or not isinstance(layers, Sequence) or is_array(layers):
+    if (
+        isinstance(layers, dict | str | bytes)
+        or not isinstance(layers, Sequence)
+        or is_array(layers)
+    ):
         raise TypeError(
             f"`{arg}` must be a list or tuple of per-layer trees, got "
             f"{type(layers).__name__}."
@@ -62,7 +67,10 @@ def check_same_layers(
         for (path, a), (_, b) in zip(flat0, flat, strict=True):
             loc = f"`{arg}[{i}]` differs from `{arg}[0]` at {path_str(path)}"
             if is_array(a) != is_array(b):
-                kinds = ["array" if is_array(x) else f"static {type(x).__name__}" for x in (a, b)]
+                kinds = [
+                    "array" if is_array(x) else f"static {type(x).__name__}"
+                    for x in (a, b)
+                ]
                 errors.append(f"{loc}: {kinds[1]} where `{arg}[0]` has {kinds[0]}")
                 type_error = True
             elif is_array(a):
@@ -74,8 +82,8 @@ def check_same_layers(
                     errors.append(f"{loc}: dtype {dtype_of(b)} != {dtype_of(a)}")
             elif not static_equal(a, b):
                 errors.append(
-                    f"{loc}: static leaf {b!r} != {a!r} (static leaves are shared by "
-                    "all layers and must be equal)"
+                    f"{loc}: static leaf {static_repr(b)} != {static_repr(a)} (static "
+                    "leaves are shared by all layers and must be equal)"
                 )
     if errors:
         msg = "\n".join(errors)
@@ -88,7 +96,9 @@ def _stack_leaf(path: KeyPath, leaves: list[Any], arg: str) -> Any:
     if kinds == {"numpy"}:
         return np.stack(leaves)
     if kinds == {"abstract"}:
-        return jax.ShapeDtypeStruct((len(leaves), *shape_of(leaves[0])), leaves[0].dtype)
+        return jax.ShapeDtypeStruct(
+            (len(leaves), *shape_of(leaves[0])), leaves[0].dtype
+        )
     if "abstract" in kinds:
         raise TypeError(
             f"`{arg}` mixes jax.ShapeDtypeStruct and concrete arrays at "
@@ -136,7 +146,9 @@ def stack(layers: Sequence[PyTree], /) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def leading_lengths(tree: PyTree, arg: str) -> tuple[list[tuple[KeyPath, int]], list[str]]:
+def leading_lengths(
+    tree: PyTree, arg: str
+) -> tuple[list[tuple[KeyPath, int]], list[str]]:
     """Leading length of every array leaf, and an error line for every 0-d leaf."""
     lengths = []
     errors = []
@@ -200,6 +212,10 @@ def _unstack_jax(leaves: list[jax.Array], n: int) -> list[list[jax.Array]]:
 def _unstack_leaf(x: Any, n: int) -> list[Any]:
     if isinstance(x, jax.ShapeDtypeStruct):
         return [jax.ShapeDtypeStruct(shape_of(x)[1:], x.dtype)] * n
+    if x.ndim == 1:
+        # Iterating a 1-d numpy array yields numpy scalars (copies); `x[i, ...]` keeps
+        # each layer a 0-d view.
+        return [x[i, ...] for i in range(n)]
     # Iterating a numpy array yields views along axis 0 in a single C loop.
     return list(x)
 
@@ -250,10 +266,16 @@ def unstack(stacked: PyTree, /) -> list[PyTree]:
 def _check_key(key: Any, arg: str = "key") -> None:
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.ndim != 0:
-            raise TypeError(f"`{arg}` must be a single key, got a key array of shape "
-                            f"{fmt_shape(key.shape)}.")
+            raise TypeError(
+                f"`{arg}` must be a single key, got a key array of shape "
+                f"{fmt_shape(key.shape)}."
+            )
         return
-    if isinstance(key, jax.Array | np.ndarray) and key.dtype == np.uint32 and key.ndim == 1:
+    if (
+        isinstance(key, jax.Array | np.ndarray)
+        and key.dtype == np.uint32
+        and key.ndim == 1
+    ):
         return
     desc = (
         f"{type(key).__name__} of shape {fmt_shape(key.shape)} and dtype {key.dtype}"
@@ -297,10 +319,14 @@ def layer_keys(key: jax.Array, n: int, /) -> jax.Array:
         raise TypeError(f"`n` must be an int, got {type(n).__name__}.")
     if n < 0:
         raise ValueError(f"`n` must be >= 0, got {n}.")
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(int(n), dtype=jnp.uint32))
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(
+        jnp.arange(int(n), dtype=jnp.uint32)
+    )
 
 
-def init_stacked(init_fn: Callable[[jax.Array], PyTree], key: jax.Array, n: int, /) -> PyTree:
+def init_stacked(
+    init_fn: Callable[[jax.Array], PyTree], key: jax.Array, n: int, /
+) -> PyTree:
     """Builds stacked params directly: `stack([init_fn(k) for k in layer_keys(key, n)])`.
 
     The per-layer initialiser runs once under `jax.vmap`, so no list of N layers is ever
@@ -315,7 +341,8 @@ def init_stacked(init_fn: Callable[[jax.Array], PyTree], key: jax.Array, n: int,
         The stacked tree, array leaves of shape `(n, *shape)`.
 
     Raises:
-        TypeError: if `key` is not a PRNG key or `init_fn` is not callable.
+        TypeError: if `key` is not a PRNG key, `init_fn` is not callable or `n` is
+            not an int.
         ValueError: if `n` < 1.
 
     Example:
@@ -328,8 +355,10 @@ def init_stacked(init_fn: Callable[[jax.Array], PyTree], key: jax.Array, n: int,
     """
     if not callable(init_fn):
         raise TypeError(f"`init_fn` must be callable, got {type(init_fn).__name__}.")
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-        raise ValueError(f"`n` must be an int >= 1, got {n!r}.")
+    if isinstance(n, bool) or not isinstance(n, int | np.integer):
+        raise TypeError(f"`n` must be an int, got {type(n).__name__}.")
+    if n < 1:
+        raise ValueError(f"`n` must be >= 1, got {n}.")
     keys = layer_keys(key, int(n))
     static_box: list[PyTree] = []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
@@ -35,11 +36,20 @@ def leaf_kind(x: Any) -> str:
 
 
 def shape_of(x: Any) -> tuple[int, ...]:
-    return tuple(x.shape)
+    """The shape of an array leaf as a tuple of ints."""
+    return tuple(int(d) for d in x.shape)
 
 
-def dtype_of(x: Any) -> np.dtype:
-    return np.dtype(x.dtype)
+def dtype_of(x: Any) -> Any:
+    """The dtype of an array leaf, comparable with `==`.
+
+    A numpy dtype, or a jax extended dtype (e.g. a typed PRNG key's `key<fry>`), which
+    numpy cannot represent.
+    """
+    dtype = x.dtype
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+        return dtype
+    return np.dtype(dtype)
 
 
 def path_str(path: KeyPath) -> str:
@@ -87,7 +97,9 @@ def flatten(tree: PyTree) -> tuple[list[tuple[KeyPath, Any]], Any]:
 
 def _children(x: Any) -> tuple[list[tuple[KeyPath, Any]], Any]:
     """One level of flattening: the immediate children of `x` and its node definition."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        x, is_leaf=lambda y: y is not x
+    )
     return leaves, treedef
 
 
@@ -102,8 +114,9 @@ def _node_name(treedef: Any) -> str:
 def structure_difference(a: PyTree, b: PyTree) -> str:
     """Describes where the pytree structures of `a` and `b` first differ.
 
-    Returns a phrase like ``at attention: node Attention != dict`` or
-    ``at mlp: missing keys ['bias']``. Assumes the structures do differ.
+    Returns a phrase like ``at attention: node type Attention != dict`` or
+    ``at ['mlp']: missing 'bias'``, with `a` taken as expected and `b` as actual.
+    Assumes the structures do differ.
     """
 
     def walk(x: Any, y: Any, path: KeyPath) -> str | None:
@@ -113,15 +126,19 @@ def structure_difference(a: PyTree, b: PyTree) -> str:
         if x_is_leaf and y_is_leaf:
             return None
         if x_is_leaf != y_is_leaf:
-            kx = "a leaf" if x_is_leaf else f"a {type(x).__name__} node"
-            ky = "a leaf" if y_is_leaf else f"a {type(y).__name__} node"
-            return f"{loc}: expected {kx}, got {ky}"
+            want = "a leaf" if x_is_leaf else f"a {type(x).__name__} node"
+            got = "a leaf" if y_is_leaf else f"a {type(y).__name__} node"
+            return f"{loc}: expected {want}, got {got}"
         cx, dx = _children(x)
         cy, dy = _children(y)
         if type(x) is not type(y):
             return f"{loc}: node type {type(x).__name__} != {type(y).__name__}"
         kx = [p[-1] for p, _ in cx]
         ky = [p[-1] for p, _ in cy]
+        if kx != ky and all(
+            isinstance(k, jax.tree_util.SequenceKey) for k in [*kx, *ky]
+        ):
+            return f"{loc}: length {len(ky)} != {len(kx)}"
         if kx != ky:
             missing = ", ".join(_key_label(k) for k in kx if k not in ky)
             extra = ", ".join(_key_label(k) for k in ky if k not in kx)
@@ -136,9 +153,23 @@ def structure_difference(a: PyTree, b: PyTree) -> str:
         if dx.node_data() != dy.node_data():
             # Same type and keys: the difference is in static metadata (e.g. an Equinox
             # static field), which lives in the node definition rather than in a leaf.
+            if dataclasses.is_dataclass(x):
+                children = {
+                    k.name for k in kx if isinstance(k, jax.tree_util.GetAttrKey)
+                }
+                for f in dataclasses.fields(x):
+                    if f.name in children:
+                        continue
+                    vx, vy = getattr(x, f.name, None), getattr(y, f.name, None)
+                    if not static_equal(vx, vy):
+                        field = path_str((*path, jax.tree_util.GetAttrKey(f.name)))
+                        return (
+                            f"at {field}: static field {vy!r} != {vx!r} (static fields "
+                            "are part of the tree structure and must be equal)"
+                        )
             _, ax = dx.node_data()
             _, ay = dy.node_data()
-            return f"{loc}: static node data {ax!r} != {ay!r}"
+            return f"{loc}: static node data {ay!r} != {ax!r}"
         for (px, vx), (_, vy) in zip(cx, cy, strict=True):
             found = walk(vx, vy, path + px)
             if found is not None:
@@ -157,6 +188,15 @@ def static_equal(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:
         return False
+
+
+def static_repr(x: Any) -> str:
+    """`repr` of a static leaf, with functions named rather than shown by address."""
+    text = repr(x)
+    name = getattr(x, "__qualname__", None) or getattr(x, "__name__", None)
+    if callable(x) and isinstance(name, str) and " at 0x" in text:
+        return f"<{type(x).__name__} {name}>"
+    return text
 
 
 def split_static(tree: PyTree) -> tuple[PyTree, PyTree]:
@@ -193,7 +233,9 @@ def check_index(index: Any, n: int, arg: str = "index") -> int | jax.Array:
         index = int(index)
     if not isinstance(index, int):
         hint = " Use `slice_layers` for slices." if isinstance(index, slice) else ""
-        raise TypeError(f"`{arg}` must be an integer, got {type(index).__name__}.{hint}")
+        raise TypeError(
+            f"`{arg}` must be an integer, got {type(index).__name__}.{hint}"
+        )
     if not -n <= index < n:
         raise IndexError(f"`{arg}` {index} is out of range for {n} layers.")
     return index % n

@@ -48,14 +48,15 @@ def assert_stacked(
           `tree` at ['b']: leading length 5 != 4
     """
     lengths, errors = leading_lengths(tree, "tree")
+    expected: int | None = num_layers
     if num_layers is None and lengths:
         # Disagreements are reported against the most common length.
         expected = Counter(n for _, n in lengths).most_common(1)[0][0]
-    else:
-        expected = num_layers
     for path, n in lengths:
         if n != expected:
-            errors.append(f"`tree` at {path_str(path)}: leading length {n} != {expected}")
+            errors.append(
+                f"`tree` at {path_str(path)}: leading length {n} != {expected}"
+            )
     if not lengths and not errors:
         errors.append("`tree` has no array leaves")
     if like is not None:
@@ -71,18 +72,26 @@ def assert_stacked(
                 if not is_array(ref):
                     continue
                 if not is_array(t):
-                    errors.append(f"`tree` at {path_str(path)}: expected an array, got "
-                                  f"{type(t).__name__}")
+                    errors.append(
+                        f"`tree` at {path_str(path)}: expected an array, got "
+                        f"{type(t).__name__}"
+                    )
                     continue
                 got, want = shape_of(t)[1:], shape_of(ref)
                 if shape_of(t) and got != want:
-                    errors.append(f"`tree` at {path_str(path)}: per-layer shape "
-                                  f"{fmt_shape(got)} != {fmt_shape(want)} from `like`")
+                    errors.append(
+                        f"`tree` at {path_str(path)}: per-layer shape "
+                        f"{fmt_shape(got)} != {fmt_shape(want)} from `like`"
+                    )
                 if dtype_of(t) != dtype_of(ref):
-                    errors.append(f"`tree` at {path_str(path)}: dtype {dtype_of(t)} != "
-                                  f"{dtype_of(ref)} from `like`")
+                    errors.append(
+                        f"`tree` at {path_str(path)}: dtype {dtype_of(t)} != "
+                        f"{dtype_of(ref)} from `like`"
+                    )
     if errors:
-        head = (f"`tree` is not a stack of {num_layers} layers:" if num_layers is not None
-                else "`tree` is not a well-formed stack:")
+        head = (
+            f"`tree` is not a stack of {num_layers} layers:"
+            if num_layers is not None
+            else "`tree` is not a well-formed stack:"
+        )
         raise AssertionError("\n".join([head, *("  " + e for e in errors)]))
-
