@@ -1,0 +1,445 @@
+"""Stacked checkpoints on disk, and streaming conversion to and from per-layer ones.
+
+A *stacked checkpoint* is a flat checkpoint whose layer tensors are stored once each,
+with a leading layer axis, under their per-layer name with the literal `{i}` kept
+(`model.layers.{i}.mlp.up_proj.weight`, shape `(N, ...)`); every other tensor keeps its
+name. Its metadata records the pattern and N (`stackedtree.pattern`,
+`stackedtree.num_layers`), so unstacking needs no pattern.
+
+Between safetensors files the conversion is a rearrangement of byte ranges: layer `i`
+of a stacked tensor is the `i`-th slice of its data, laid out exactly as the per-layer
+tensor. So it streams: the output header is written first (all shapes are known from
+the source headers), then each range is copied from source to output with
+`os.copy_file_range` (inside the kernel) or in bounded chunks, and peak memory stays
+that of the interpreter whatever the checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+from ._io import (
+    Checkpoint,
+    PathLike,
+    Paths,
+    TensorInfo,
+    atomic_write,
+    load_flat,
+    read_checkpoint,
+    safetensors_header,
+    save_flat,
+)
+from ._names import (
+    detect_pattern,
+    group_names,
+    match_layer,
+    num_stacked_layers,
+    split_pattern,
+    stack_by_name,
+    stacked_name,
+    unstack_by_name,
+)
+
+META_PATTERN = "stackedtree.pattern"
+META_NUM_LAYERS = "stackedtree.num_layers"
+_CHUNK = 16 << 20
+_FALLBACK_ERRNOS = {
+    errno.EXDEV,
+    errno.ENOSYS,
+    errno.EINVAL,
+    errno.EOPNOTSUPP,
+    errno.EPERM,
+}
+
+
+class Conversion(NamedTuple):
+    """What a conversion did.
+
+    Attributes:
+        pattern: the layer pattern.
+        num_layers: N.
+        num_tensors: the number of tensors written.
+        nbytes: the number of tensor bytes written.
+        streamed: whether it streamed byte ranges (safetensors to safetensors)
+            rather than loading the checkpoint into memory (npz).
+    """
+
+    pattern: str
+    num_layers: int
+    num_tensors: int
+    nbytes: int
+    streamed: bool
+
+
+# ------------------------------------------------------------- stacked files in memory
+
+
+def _stacked_metadata(
+    pattern: str, n: int, metadata: Mapping[str, str] | None
+) -> dict[str, str]:
+    return {**(metadata or {}), META_PATTERN: pattern, META_NUM_LAYERS: str(n)}
+
+
+def _check_rest(rest_names: Sequence[str], pattern: str) -> None:
+    before, after = split_pattern(pattern)
+    clash = [n for n in rest_names if match_layer(n, before, after) is not None]
+    if clash:
+        raise ValueError(
+            f"names {', '.join(map(repr, clash[:20]))} are read as layer tensors by "
+            f"pattern {pattern!r} but are not stacked"
+        )
+
+
+def save_stacked(
+    path: PathLike,
+    stacked: Mapping[str, Any],
+    pattern: str,
+    /,
+    rest: Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Saves `stack_by_name`'s result as a stacked checkpoint, atomically.
+
+    The file is what `stackedtree stack` writes: `stacked[key]` is stored under
+    `pattern` with the literal `{i}` kept (`model.layers.{i}.mlp.up_proj.weight`),
+    `rest` under its own names, and the pattern and N in the metadata.
+
+    Args:
+        path: a `.safetensors` or `.npz` path.
+        stacked: maps per-layer keys to arrays of shape `(N, ...)`.
+        pattern: the layer pattern, with one `{i}`.
+        rest: the other tensors.
+        overwrite: replace an existing file.
+        metadata: extra strings to record.
+
+    Raises:
+        ValueError: as in `save_flat`; `stacked` is empty or its tensors disagree on N;
+            a name of `rest` matches `pattern`.
+        FileExistsError: `path` exists and `overwrite` is False.
+        OSError: the file cannot be written.
+    """
+    n = num_stacked_layers(stacked)
+    rest = {} if rest is None else rest
+    _check_rest(list(rest), pattern)
+    flat = {stacked_name(pattern, key): x for key, x in stacked.items()}
+    clash = [name for name in rest if name in flat]
+    if clash:
+        raise ValueError(f"`rest` repeats the stacked names {clash}")
+    flat.update(rest)
+    save_flat(
+        path,
+        flat,
+        overwrite=overwrite,
+        metadata=_stacked_metadata(pattern, n, metadata),
+    )
+
+
+def split_stacked(ckpt: Checkpoint) -> tuple[str, int, dict[str, str], list[str]]:
+    """`(pattern, N, {key: stacked name}, rest names)` of a stacked checkpoint."""
+    where = ", ".join(f"`{f}`" for f in ckpt.files)
+    pattern = ckpt.metadata.get(META_PATTERN)
+    if pattern is None:
+        raise ValueError(
+            f"{where} is not a stacked checkpoint (its metadata has no "
+            f"`{META_PATTERN}`); per-layer checkpoints are stacked with "
+            f"`stackedtree stack`"
+        )
+    before, after = split_pattern(pattern)
+    try:
+        n = int(ckpt.metadata.get(META_NUM_LAYERS, ""))
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise ValueError(
+            f"{where}: metadata `{META_NUM_LAYERS}` must be a positive integer, got "
+            f"{ckpt.metadata.get(META_NUM_LAYERS)!r}"
+        )
+    prefix = before + "{i}" + after
+    keys: dict[str, str] = {}
+    rest: list[str] = []
+    for name, info in ckpt.tensors.items():
+        if name.startswith(prefix):
+            if info.shape[:1] != (n,):
+                raise ValueError(
+                    f"{where}: stacked tensor `{name}` has shape {info.shape}, but the "
+                    f"metadata says {n} layers"
+                )
+            keys[name[len(prefix) :]] = name
+        else:
+            rest.append(name)
+    _check_rest(rest, pattern)
+    return pattern, n, keys, rest
+
+
+def load_stacked(
+    path_or_paths: Paths, /
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+    """Loads a stacked checkpoint, as written by `save_stacked` or `stackedtree stack`.
+
+    Args:
+        path_or_paths: as in `load_flat`.
+
+    Returns:
+        `(stacked, rest, pattern)`, exactly `stack_by_name(flat, pattern)` of the
+        per-layer checkpoint `flat` plus its pattern, so that
+        `unstack_by_name(stacked, pattern, rest)` gives `flat` back.
+
+    Raises:
+        ValueError: the checkpoint is not stacked (no recorded pattern), or its
+            stacked tensors disagree with the recorded number of layers; as in
+            `load_flat`.
+        OSError: a file is missing or unreadable.
+    """
+    ckpt = read_checkpoint(path_or_paths)
+    pattern, _, keys, rest_names = split_stacked(ckpt)
+    flat = load_flat(path_or_paths)
+    return (
+        {key: flat[name] for key, name in keys.items()},
+        {name: flat[name] for name in rest_names},
+        pattern,
+    )
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class _Piece(NamedTuple):
+    file: Path
+    offset: int
+    nbytes: int
+
+
+class _Item(NamedTuple):
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    pieces: list[_Piece]
+
+
+def _whole(t: TensorInfo) -> _Piece:
+    return _Piece(t.file, t.offset, t.nbytes)
+
+
+class _Copier:
+    """Copies byte ranges into `dst`: in the kernel when it can, else in chunks."""
+
+    def __init__(self, dst: int) -> None:
+        self.dst = dst
+        self.fast = hasattr(os, "copy_file_range")
+        self.buf: np.ndarray | None = None
+
+    def copy(self, src: int, offset: int, length: int) -> None:
+        while length > 0:
+            if self.fast:
+                try:
+                    done = os.copy_file_range(
+                        src, self.dst, min(length, 1 << 30), offset
+                    )
+                except OSError as e:
+                    if e.errno not in _FALLBACK_ERRNOS:
+                        raise
+                    self.fast = False
+                    continue
+            else:
+                if self.buf is None:
+                    self.buf = np.empty(_CHUNK, np.uint8)
+                view = self.buf.data[: min(length, _CHUNK)]
+                done = os.preadv(src, [view], offset)
+                written = 0
+                while written < done:
+                    written += os.write(self.dst, view[written:done])
+            if done == 0:
+                raise ValueError("a source file shrank while it was being converted")
+            offset += done
+            length -= done
+
+
+def _stream(
+    items: Sequence[_Item],
+    out: PathLike,
+    metadata: Mapping[str, str],
+    *,
+    overwrite: bool,
+    progress: bool,
+    desc: str,
+) -> int:
+    header = safetensors_header(
+        [(it.name, it.dtype, it.shape) for it in items], metadata
+    )
+    total = sum(p.nbytes for it in items for p in it.pieces)
+    fds: dict[Path, int] = {}
+    try:
+        with (
+            atomic_write(out, overwrite=overwrite) as f,
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=desc,
+                file=sys.stderr,
+                disable=None if progress else True,
+            ) as bar,
+        ):
+            f.write(header)
+            f.flush()
+            copier = _Copier(f.fileno())
+            for it in items:
+                for piece in it.pieces:
+                    if piece.file not in fds:
+                        fds[piece.file] = os.open(piece.file, os.O_RDONLY)
+                    copier.copy(fds[piece.file], piece.offset, piece.nbytes)
+                    bar.update(piece.nbytes)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return total
+
+
+def convert_stack(
+    src: Paths,
+    out: PathLike,
+    /,
+    *,
+    pattern: str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Conversion:
+    """Converts a per-layer checkpoint into a stacked one, streaming tensor by tensor.
+
+    The result loads with `load_stacked` as exactly
+    `stack_by_name(load_flat(src), pattern)`. Between safetensors files nothing is
+    held in memory but a copy buffer; from or to `.npz` the checkpoint is loaded.
+
+    Args:
+        src: the per-layer checkpoint, as in `load_flat`.
+        out: the stacked checkpoint to write (`.safetensors` or `.npz`).
+        pattern: the layer pattern; detected with `detect_pattern` when None.
+        overwrite: replace an existing `out`.
+        progress: show a progress bar on stderr (when it is a terminal).
+
+    Returns:
+        The pattern, N and amounts written.
+
+    Raises:
+        ValueError: the source is already stacked; the pattern is missing and cannot
+            be detected, or does not fit (as in `stack_by_name`); as in `load_flat`.
+        FileExistsError: `out` exists and `overwrite` is False.
+        OSError: a file cannot be read or written. No partial `out` is left.
+    """
+    ckpt = read_checkpoint(src)
+    if META_PATTERN in ckpt.metadata:
+        raise ValueError(
+            f"the checkpoint is already stacked (pattern "
+            f"{ckpt.metadata[META_PATTERN]!r}); use `stackedtree unstack` to undo it"
+        )
+    if pattern is None:
+        pattern = detect_pattern(ckpt.tensors)
+    specs = {name: (t.shape, t.dtype) for name, t in ckpt.tensors.items()}
+    g = group_names(specs, pattern)
+    metadata = _stacked_metadata(pattern, g.num_layers, ckpt.metadata)
+    if not (ckpt.streamable and str(out).lower().endswith(".safetensors")):
+        stacked, rest = stack_by_name(load_flat(src), pattern)
+        save_stacked(
+            out, stacked, pattern, rest, overwrite=overwrite, metadata=metadata
+        )
+        nbytes = sum(t.nbytes for t in ckpt.tensors.values())
+        return Conversion(
+            pattern, g.num_layers, len(stacked) + len(rest), nbytes, False
+        )
+
+    first = {names: j for j, names in enumerate(g.names[0])}
+    rest_names = set(g.rest)
+    items: list[_Item] = []
+    for name, t in ckpt.tensors.items():
+        if name in first:
+            j = first[name]
+            layers = [ckpt.tensors[g.names[i][j]] for i in range(g.num_layers)]
+            items.append(
+                _Item(
+                    stacked_name(pattern, g.keys[j]),
+                    t.dtype,
+                    (g.num_layers, *t.shape),
+                    [_whole(layer) for layer in layers],
+                )
+            )
+        elif name in rest_names:
+            items.append(_Item(name, t.dtype, t.shape, [_whole(t)]))
+    nbytes = _stream(
+        items, out, metadata, overwrite=overwrite, progress=progress, desc="stack"
+    )
+    return Conversion(pattern, g.num_layers, len(items), nbytes, True)
+
+
+def convert_unstack(
+    src: Paths, out: PathLike, /, *, overwrite: bool = False, progress: bool = False
+) -> Conversion:
+    """Converts a stacked checkpoint back to per-layer tensors, streaming.
+
+    The inverse of `convert_stack`: the pattern and N come from the source's
+    metadata, and the result equals the original per-layer checkpoint bit for bit
+    (layer-major order: all of layer 0's tensors, then layer 1's, ...).
+
+    Args:
+        src: the stacked checkpoint, as in `load_flat`.
+        out: the per-layer checkpoint to write (`.safetensors` or `.npz`).
+        overwrite: replace an existing `out`.
+        progress: show a progress bar on stderr (when it is a terminal).
+
+    Returns:
+        The pattern, N and amounts written.
+
+    Raises:
+        ValueError: the source is not a stacked checkpoint, or disagrees with its
+            recorded metadata; as in `load_flat`.
+        FileExistsError: `out` exists and `overwrite` is False.
+        OSError: a file cannot be read or written. No partial `out` is left.
+    """
+    ckpt = read_checkpoint(src)
+    pattern, n, keys, _ = split_stacked(ckpt)
+    metadata = {
+        k: v
+        for k, v in ckpt.metadata.items()
+        if k not in (META_PATTERN, META_NUM_LAYERS)
+    }
+    if not (ckpt.streamable and str(out).lower().endswith(".safetensors")):
+        stacked, rest, _ = load_stacked(src)
+        flat = unstack_by_name(stacked, pattern, rest)
+        save_flat(out, flat, overwrite=overwrite, metadata=metadata)
+        nbytes = sum(t.nbytes for t in ckpt.tensors.values())
+        return Conversion(pattern, n, len(flat), nbytes, False)
+
+    # The layers go where the first stacked tensor was, layer by layer.
+    before, after = split_pattern(pattern)
+    stacked_names = set(keys.values())
+    items: list[_Item] = []
+    emitted = False
+    for name, t in ckpt.tensors.items():
+        if name not in stacked_names:
+            items.append(_Item(name, t.dtype, t.shape, [_whole(t)]))
+        elif not emitted:
+            emitted = True
+            for i in range(n):
+                for key, sname in keys.items():
+                    s = ckpt.tensors[sname]
+                    size = s.nbytes // n
+                    piece = _Piece(s.file, s.offset + i * size, size)
+                    items.append(
+                        _Item(
+                            before + str(i) + after + key, s.dtype, s.shape[1:], [piece]
+                        )
+                    )
+    nbytes = _stream(
+        items, out, metadata, overwrite=overwrite, progress=progress, desc="unstack"
+    )
+    return Conversion(pattern, n, len(items), nbytes, True)

@@ -1,0 +1,133 @@
+"""Hypothesis strategies for random flat checkpoints, and a bit-exact comparison.
+
+A generated checkpoint has N >= 1 layers named by a random pattern, random per-layer
+keys of random shapes and dtypes (bfloat16 and float8 included) filled with random
+bits (NaN payloads and all), and random other tensors the pattern does not match.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import strategies as st
+
+from stackedtree.checkpoint._names import match_layer, split_pattern
+
+DTYPES = [
+    np.dtype(t)
+    for t in (
+        np.bool_,
+        np.uint8,
+        np.int8,
+        np.int16,
+        np.uint16,
+        np.int32,
+        np.uint32,
+        np.int64,
+        np.uint64,
+        np.float16,
+        ml_dtypes.bfloat16,
+        np.float32,
+        np.float64,
+        np.complex64,
+        ml_dtypes.float8_e4m3fn,
+        ml_dtypes.float8_e5m2,
+    )
+]
+
+NAME_CHARS = "abz._/-0159"
+shapes = st.lists(st.integers(0, 3), max_size=3).map(tuple)
+specs = st.tuples(shapes, st.sampled_from(DTYPES))
+
+
+@st.composite
+def patterns(draw: st.DrawFn) -> str:
+    before = draw(st.text(alphabet="ab._/", max_size=6))
+    # A digit right after `{i}` would be read as part of the index.
+    after = draw(st.text(alphabet="ab._/", max_size=3))
+    return before + "{i}" + after
+
+
+class Case(NamedTuple):
+    pattern: str
+    num_layers: int
+    flat: dict[str, np.ndarray]
+
+
+@st.composite
+def cases(draw: st.DrawFn, max_layers: int = 4) -> Case:
+    """A random per-layer checkpoint with its pattern."""
+    pattern = draw(patterns())
+    before, after = split_pattern(pattern)
+    n = draw(st.integers(1, max_layers))
+    key_text = st.text(alphabet=NAME_CHARS, max_size=6)
+    if after == "":
+        key_text = key_text.filter(lambda k: not k[:1].isdigit())
+    keys = draw(st.lists(key_text, min_size=1, max_size=4, unique=True))
+    key_specs = {k: draw(specs) for k in keys}
+    rest_names = draw(
+        st.lists(
+            st.text(alphabet=NAME_CHARS, min_size=1, max_size=10).filter(
+                lambda name: match_layer(name, before, after) is None
+            ),
+            max_size=3,
+            unique=True,
+        )
+    )
+    flat: dict[str, np.ndarray] = {}
+    for name in rest_names:
+        flat[name] = _draw_array(draw, *draw(specs))
+    for i in range(n):
+        for k, (shape, dtype) in key_specs.items():
+            flat[before + str(i) + after + k] = _draw_array(draw, shape, dtype)
+    return Case(pattern, n, flat)
+
+
+def _draw_array(draw: st.DrawFn, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    n = int(np.prod(shape, dtype=np.int64))
+    raw = draw(st.binary(min_size=n * dtype.itemsize, max_size=n * dtype.itemsize))
+    if dtype == np.bool_:
+        raw = bytes(b & 1 for b in raw)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+
+
+def same(a: Any, b: Any) -> bool:
+    """Bit-exact equality of two arrays: type, dtype, shape and bytes."""
+    a_np, b_np = np.asarray(a), np.asarray(b)
+    return (
+        type(a) is type(b)
+        and a_np.dtype == b_np.dtype
+        and a_np.shape == b_np.shape
+        and a_np.tobytes() == b_np.tobytes()
+    )
+
+
+def assert_same_flat(got: Mapping[str, Any], want: Mapping[str, Any]) -> None:
+    assert sorted(got) == sorted(want)
+    bad = [k for k in want if not same(got[k], want[k])]
+    assert not bad, f"tensors differ: {bad}"
+
+
+def unwritable_dir(tmp_path: Any) -> str:
+    """A folder this process cannot create files in, or skip the test."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "readonly"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return str(folder)
+    for folder in ("/sys", "/proc/sys"):
+        try:
+            fd, name = tempfile.mkstemp(dir=folder)
+        except PermissionError:
+            return folder
+        except OSError:
+            continue
+        os.close(fd)
+        os.unlink(name)
+    pytest.skip("no unwritable folder available to root")

@@ -1,0 +1,191 @@
+"""Stacked checkpoints on disk and streaming conversion, against the in-memory ops."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from ckptgen import assert_same_flat, cases
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stackedtree.checkpoint import (
+    _convert,
+    convert_stack,
+    convert_unstack,
+    inspect_checkpoint,
+    load_flat,
+    load_stacked,
+    save_flat,
+    save_stacked,
+    stack_by_name,
+    unstack_by_name,
+)
+from stackedtree.checkpoint._io import read_checkpoint
+
+
+def llama(n: int = 3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    flat = {"model.embed_tokens.weight": rng.standard_normal((16, 8), np.float32)}
+    for i in range(n):
+        flat[f"model.layers.{i}.self_attn.q_proj.weight"] = rng.standard_normal(
+            (8, 8)
+        ).astype(np.float16)
+        flat[f"model.layers.{i}.mlp.up_proj.weight"] = rng.integers(
+            0, 9, (4, 8), np.int32
+        )
+    flat["model.norm.weight"] = np.ones(8, np.float32)
+    return flat
+
+
+@settings(max_examples=20, deadline=None)
+@given(case=cases(max_layers=3), suffix=st.sampled_from([".safetensors", ".npz"]))
+def test_streaming_equals_in_memory_bit_exactly(case: Any, suffix: str) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        src, out, back = (Path(folder) / f"{n}{suffix}" for n in ("src", "out", "back"))
+        save_flat(src, case.flat, metadata={"origin": "test"})
+        done = convert_stack(src, out, pattern=case.pattern)
+        assert done.num_layers == case.num_layers and done.streamed == (
+            suffix != ".npz"
+        )
+        stacked, rest, pattern = load_stacked(out)
+        want_stacked, want_rest = stack_by_name(case.flat, case.pattern)
+        assert pattern == case.pattern
+        assert_same_flat(stacked, want_stacked)
+        assert_same_flat(rest, want_rest)
+        assert read_checkpoint(out).metadata["origin"] == "test"
+
+        convert_unstack(out, back)
+        assert_same_flat(load_flat(back), case.flat)
+        assert_same_flat(load_flat(back), unstack_by_name(stacked, pattern, rest))
+        assert read_checkpoint(back).metadata == {"origin": "test"}
+
+
+def test_stacked_file_layout_and_order(tmp_path: Path) -> None:
+    flat = llama(3)
+    save_flat(tmp_path / "a.safetensors", flat)
+    done = convert_stack(tmp_path / "a.safetensors", tmp_path / "s.safetensors")
+    assert done.pattern == "model.layers.{i}." and done.num_tensors == 4
+    stacked_flat = load_flat(tmp_path / "s.safetensors")
+    assert list(stacked_flat) == [
+        "model.embed_tokens.weight",
+        "model.layers.{i}.self_attn.q_proj.weight",
+        "model.layers.{i}.mlp.up_proj.weight",
+        "model.norm.weight",
+    ]
+    assert read_checkpoint(tmp_path / "s.safetensors").metadata == {
+        "stackedtree.pattern": "model.layers.{i}.",
+        "stackedtree.num_layers": "3",
+    }
+    convert_unstack(tmp_path / "s.safetensors", tmp_path / "u.safetensors")
+    assert list(load_flat(tmp_path / "u.safetensors")) == list(
+        flat
+    )  # layer-major, as HF
+
+
+def test_save_stacked_matches_convert_stack(tmp_path: Path) -> None:
+    flat = llama(2)
+    save_flat(tmp_path / "a.safetensors", flat)
+    convert_stack(tmp_path / "a.safetensors", tmp_path / "s1.safetensors")
+    stacked, rest = stack_by_name(flat, "model.layers.{i}.")
+    save_stacked(tmp_path / "s2.safetensors", stacked, "model.layers.{i}.", rest)
+    assert_same_flat(
+        load_flat(tmp_path / "s1.safetensors"), load_flat(tmp_path / "s2.safetensors")
+    )
+
+
+def test_shards_and_index_as_source(tmp_path: Path) -> None:
+    flat = llama(4)
+    names = list(flat)
+    save_flat(tmp_path / "m-1.safetensors", {n: flat[n] for n in names[:5]})
+    save_flat(tmp_path / "m-2.safetensors", {n: flat[n] for n in names[5:]})
+    weight_map = {n: f"m-{1 + (k >= 5)}.safetensors" for k, n in enumerate(names)}
+    index = tmp_path / "m.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    convert_stack(index, tmp_path / "s.safetensors")
+    stacked, rest, pattern = load_stacked(tmp_path / "s.safetensors")
+    want = stack_by_name(flat, pattern)
+    assert_same_flat(stacked, want[0])
+    assert_same_flat(rest, want[1])
+
+
+def test_chunked_copy_when_the_kernel_cannot(tmp_path: Path, monkeypatch: Any) -> None:
+    def refuse(*args: Any) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    monkeypatch.setattr(_convert, "_CHUNK", 24)  # several chunks per tensor
+    flat = llama(3)
+    save_flat(tmp_path / "a.safetensors", flat)
+    convert_stack(tmp_path / "a.safetensors", tmp_path / "s.safetensors")
+    convert_unstack(tmp_path / "s.safetensors", tmp_path / "u.safetensors")
+    assert_same_flat(load_flat(tmp_path / "u.safetensors"), flat)
+
+
+def test_conversion_errors(tmp_path: Path) -> None:
+    flat = llama(2)
+    save_flat(tmp_path / "a.safetensors", flat)
+    with pytest.raises(
+        ValueError, match=r"is not a stacked checkpoint .* `stackedtree stack`"
+    ):
+        convert_unstack(tmp_path / "a.safetensors", tmp_path / "u.safetensors")
+    convert_stack(tmp_path / "a.safetensors", tmp_path / "s.safetensors")
+    with pytest.raises(
+        ValueError, match=r"already stacked \(pattern 'model\.layers\.\{i\}\.'\)"
+    ):
+        convert_stack(tmp_path / "s.safetensors", tmp_path / "s2.safetensors")
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert_stack(tmp_path / "a.safetensors", tmp_path / "s.safetensors")
+    with pytest.raises(ValueError, match="matches no tensor name"):
+        convert_stack(
+            tmp_path / "a.safetensors", tmp_path / "x.safetensors", pattern="h.{i}."
+        )
+    flat["encoder.3.w"] = flat["encoder.1.w"] = flat["encoder.0.w"] = np.zeros(1)
+    save_flat(tmp_path / "b.safetensors", flat)
+    with pytest.raises(ValueError, match="ambiguous"):
+        convert_stack(tmp_path / "b.safetensors", tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match=r"missing layers 2; found layers 0-1, 3"):
+        convert_stack(
+            tmp_path / "b.safetensors",
+            tmp_path / "x.safetensors",
+            pattern="encoder.{i}.",
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.safetensors",
+        "b.safetensors",
+        "s.safetensors",
+    ]
+
+
+def test_load_stacked_checks_recorded_layers(tmp_path: Path) -> None:
+    save_flat(
+        tmp_path / "s.safetensors",
+        {"h.{i}.w": np.zeros((3, 2))},
+        metadata={"stackedtree.pattern": "h.{i}.", "stackedtree.num_layers": "4"},
+    )
+    with pytest.raises(
+        ValueError, match=r"`h\.\{i\}\.w` has shape \(3, 2\), but the metadata says 4"
+    ):
+        load_stacked(tmp_path / "s.safetensors")
+
+
+def test_inspect_per_layer_and_stacked(tmp_path: Path) -> None:
+    save_flat(tmp_path / "a.safetensors", llama(3), metadata={"format": "pt"})
+    text = inspect_checkpoint(tmp_path / "a.safetensors")
+    assert text.splitlines()[:4] == [
+        "1 file, 8 tensors, 1.3 KiB (1312 bytes)",
+        "layer pattern: 'model.layers.{i}.' (detected), 3 layers of 2 tensors (256 B each)",
+        "layer 0:",
+        "  self_attn.q_proj.weight  f16[8,8]",
+    ]
+    assert "metadata: format='pt'" in text
+    convert_stack(tmp_path / "a.safetensors", tmp_path / "s.safetensors")
+    text = inspect_checkpoint(tmp_path / "s.safetensors")
+    assert "stacked checkpoint: pattern 'model.layers.{i}.', 3 layers" in text
+    assert "  model.layers.{i}.mlp.up_proj.weight       i32[3,4,8]" in text
