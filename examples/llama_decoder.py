@@ -44,8 +44,16 @@ from stackedtree import (
     stack,
 )
 
-SMALL = Config(d_model=64, kv_heads=2, q_per_kv=2, head_dim=16, d_ff=128, num_layers=8,
-               vocab=128, dropout=0.1)
+SMALL = Config(
+    d_model=64,
+    kv_heads=2,
+    q_per_kv=2,
+    head_dim=16,
+    d_ff=128,
+    num_layers=8,
+    vocab=128,
+    dropout=0.1,
+)
 
 
 def init_model(key: jax.Array, cfg: Config) -> dict[str, Any]:
@@ -61,14 +69,23 @@ def init_model(key: jax.Array, cfg: Config) -> dict[str, Any]:
 _printed = False
 
 
-def forward(params: dict[str, Any], tokens: jax.Array, cfg: Config, *,
-            key: jax.Array | None = None, remat: Any = False, loop: bool = False) -> jax.Array:
+def forward(
+    params: dict[str, Any],
+    tokens: jax.Array,
+    cfg: Config,
+    *,
+    key: jax.Array | None = None,
+    remat: Any = False,
+    loop: bool = False,
+) -> jax.Array:
     """Logits for `tokens: (batch, seq)`; `loop=True` runs the written-out Python loop."""
     x = params["embed"][tokens]
 
     def layer(x: jax.Array, input_: DecoderBlock, *, key: jax.Array | None = None):
         global _printed
-        if not _printed:  # runs while tracing: one layer as the scanned function sees it
+        if (
+            not _printed
+        ):  # runs while tracing: one layer as the scanned function sees it
             print("inside the layer function, `input_` is:")
             print(describe(input_), "\n")
             _printed = True
@@ -85,7 +102,9 @@ def forward(params: dict[str, Any], tokens: jax.Array, cfg: Config, *,
     return x @ params["embed"].T
 
 
-def loss_fn(params: dict[str, Any], tokens: jax.Array, cfg: Config, **kw: Any) -> jax.Array:
+def loss_fn(
+    params: dict[str, Any], tokens: jax.Array, cfg: Config, **kw: Any
+) -> jax.Array:
     logits = forward(params, tokens[:, :-1], cfg, **kw)
     logp = jax.nn.log_softmax(logits, axis=-1)
     target = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)
@@ -120,8 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     print(describe(params, dtypes=True), "\n")
 
     # Train with dropout (a key per layer) and per-layer rematerialisation.
-    grad_fn = jax.jit(jax.value_and_grad(
-        lambda p, t, k: loss_fn(p, t, cfg, key=k, remat="dots_saveable")))
+    grad_fn = jax.jit(
+        jax.value_and_grad(
+            lambda p, t, k: loss_fn(p, t, cfg, key=k, remat="dots_saveable")
+        )
+    )
     lr = 0.5
     for step in range(args.steps):
         k_batch, k_drop = jax.random.split(jax.random.fold_in(key, step))
@@ -133,17 +155,24 @@ def main(argv: list[str] | None = None) -> None:
 
     # The scanned model equals the written-out loop, forward and gradient, with keys.
     tokens, k_drop = make_batch(jax.random.key(1), cfg), jax.random.key(2)
-    scan_loss, scan_grads = jax.value_and_grad(loss_fn)(params, tokens, cfg, key=k_drop,
-                                                        remat=True)
-    loop_loss, loop_grads = jax.value_and_grad(loss_fn)(params, tokens, cfg, key=k_drop,
-                                                        loop=True)
-    err = max(float(jnp.max(jnp.abs(a - b)))
-              for a, b in zip(jax.tree.leaves(scan_grads), jax.tree.leaves(loop_grads),
-                              strict=True))
+    scan_loss, scan_grads = jax.value_and_grad(loss_fn)(
+        params, tokens, cfg, key=k_drop, remat=True
+    )
+    loop_loss, loop_grads = jax.value_and_grad(loss_fn)(
+        params, tokens, cfg, key=k_drop, loop=True
+    )
+    err = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(
+            jax.tree.leaves(scan_grads), jax.tree.leaves(loop_grads), strict=True
+        )
+    )
     np.testing.assert_allclose(scan_loss, loop_loss, rtol=1e-5)
     np.testing.assert_allclose(err, 0.0, atol=1e-4)
-    print(f"scan_layers vs Python loop: loss {float(scan_loss):.6f} vs {float(loop_loss):.6f}, "
-          f"max |grad difference| {err:.2e}\n")
+    print(
+        f"scan_layers vs Python loop: loss {float(scan_loss):.6f} vs {float(loop_loss):.6f}, "
+        f"max |grad difference| {err:.2e}\n"
+    )
 
     # Compile time of the gradient step: one block compiled (scan) vs N copies (loop).
     print("compile time of jax.grad (trace + compile), scan_layers vs Python loop:")
@@ -154,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         p = jax.eval_shape(lambda k, c=c: init_model(k, c), key)
         t = jax.ShapeDtypeStruct((8, 33), jnp.int32)
         s_scan = compile_seconds(jax.grad(lambda p, t, c=c: loss_fn(p, t, c)), p, t)
-        s_loop = compile_seconds(jax.grad(lambda p, t, c=c: loss_fn(p, t, c, loop=True)), p, t)
+        s_loop = compile_seconds(
+            jax.grad(lambda p, t, c=c: loss_fn(p, t, c, loop=True)), p, t
+        )
         print(f"| {n} | {s_scan:.2f} | {s_loop:.2f} | {s_loop / s_scan:.1f}x |")
 
 

@@ -27,7 +27,12 @@ class Config(NamedTuple):
 
 
 LLAMA_7B = Config(
-    d_model=4096, kv_heads=32, q_per_kv=1, head_dim=128, d_ff=11008, num_layers=32,
+    d_model=4096,
+    kv_heads=32,
+    q_per_kv=1,
+    head_dim=128,
+    d_ff=11008,
+    num_layers=32,
     vocab=32000,
 )
 """The 32-layer Llama 7B shapes used by the tutorial's printout."""
@@ -59,7 +64,9 @@ def block_shapes(cfg: Config, dtype: jnp.dtype = jnp.bfloat16) -> DecoderBlock:
     return DecoderBlock(
         input_norm=s(d),
         attention=Attention(
-            q_proj=s(d, q, kv, h), k_proj=s(d, kv, h), v_proj=s(d, kv, h),
+            q_proj=s(d, q, kv, h),
+            k_proj=s(d, kv, h),
+            v_proj=s(d, kv, h),
             out_proj=s(q, kv, h, d),
         ),
         post_attn_norm=s(d),
@@ -69,7 +76,9 @@ def block_shapes(cfg: Config, dtype: jnp.dtype = jnp.bfloat16) -> DecoderBlock:
     )
 
 
-def init_block(key: jax.Array, cfg: Config, dtype: jnp.dtype = jnp.float32) -> DecoderBlock:
+def init_block(
+    key: jax.Array, cfg: Config, dtype: jnp.dtype = jnp.float32
+) -> DecoderBlock:
     """Random parameters of one decoder block."""
     shapes = block_shapes(cfg, dtype)
     leaves, treedef = jax.tree.flatten(shapes)
@@ -108,7 +117,9 @@ def attention(p: Attention, x: jax.Array, cfg: Config) -> jax.Array:
     k = jnp.einsum("bsd,dkh->bskh", x, p.k_proj)
     v = jnp.einsum("bsd,dkh->bskh", x, p.v_proj)
     q, k = rope(q, cfg.rope_theta), rope(k, cfg.rope_theta)
-    logits = jnp.einsum("bsqkh,btkh->bqkst", q, k) / jnp.sqrt(cfg.head_dim).astype(x.dtype)
+    logits = jnp.einsum("bsqkh,btkh->bqkst", q, k) / jnp.sqrt(cfg.head_dim).astype(
+        x.dtype
+    )
     seq = x.shape[1]
     mask = jnp.tril(jnp.ones((seq, seq), dtype=bool))
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)

@@ -27,6 +27,8 @@ def test_quickstart_runs_and_prints_what_it_says():
 
 def test_readme_starts_with_the_two_commands():
     text = README.read_text()
-    first_block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1).splitlines()
+    first_block = (
+        re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1).splitlines()
+    )
     assert first_block[0].endswith("python examples/llama_decoder.py")
     assert first_block[1].endswith("python -m pytest")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -68,7 +69,9 @@ def loss_from(scan):
 
 
 def assert_close(a: Any, b: Any) -> None:
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-5), a, b)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-5), a, b
+    )
 
 
 INIT = jnp.linspace(-1.0, 1.0, 2 * D).reshape(2, D)
@@ -79,24 +82,44 @@ def _policy(prim, *_, **__):  # a policy callable: save matmul outputs only
     return prim is jax.lax.dot_general_p
 
 
+@functools.cache
+def reference(reverse: bool, key_seed: int | None, with_xs: bool):
+    """The written-out loop's output and gradient, computed once per configuration."""
+    params = make_layers()[:2]
+    key = jax.random.key(key_seed) if key_seed is not None else None
+    xs = XS if with_xs else None
+
+    def loop(params, init):
+        return reference_loop(
+            block, init, with_static(params), xs=xs, key=key, reverse=reverse
+        )
+
+    grads = jax.grad(loss_from(loop), argnums=(0, 1))(params, INIT)
+    return loop(params, INIT), grads
+
+
+def check_against_loop(reverse, key_seed, with_xs, **options):
+    params = make_layers()[:2]
+    key = jax.random.key(key_seed) if key_seed is not None else None
+    xs = XS if with_xs else None
+
+    def ours(params, init):
+        return scan_layers(
+            block, init, with_static(params), xs=xs, key=key, reverse=reverse, **options
+        )
+
+    want_out, want_grads = reference(reverse, key_seed, with_xs)
+    assert_close(jax.jit(ours)(params, INIT), want_out)
+    assert_close(
+        jax.jit(jax.grad(loss_from(ours), argnums=(0, 1)))(params, INIT), want_grads
+    )
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("remat", [False, True, "dots_saveable", _policy])
 @pytest.mark.parametrize("remat_group", [None, 3, "sqrt"])
 def test_equals_loop_remat(reverse, remat, remat_group):
-    params, key = make_layers()[:2], jax.random.key(7)
-
-    def ours(params, init):
-        return scan_layers(block, init, with_static(params), xs=XS, key=key, remat=remat,
-                           remat_group=remat_group, reverse=reverse)
-
-    def loop(params, init):
-        return reference_loop(block, init, with_static(params), xs=XS, key=key,
-                              reverse=reverse)
-
-    assert_close(jax.jit(ours)(params, INIT), loop(params, INIT))
-    g_ours = jax.jit(jax.grad(loss_from(ours), argnums=(0, 1)))(params, INIT)
-    g_loop = jax.grad(loss_from(loop), argnums=(0, 1))(params, INIT)
-    assert_close(g_ours, g_loop)
+    check_against_loop(reverse, 7, True, remat=remat, remat_group=remat_group)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -104,22 +127,15 @@ def test_equals_loop_remat(reverse, remat, remat_group):
 @pytest.mark.parametrize("with_key", [False, True])
 @pytest.mark.parametrize("with_xs", [False, True])
 def test_equals_loop_unroll_keys_xs(reverse, unroll, with_key, with_xs):
-    params = make_layers()[:2]
-    key = jax.random.key(3) if with_key else None
-    xs = XS if with_xs else None
+    check_against_loop(reverse, 3 if with_key else None, with_xs, unroll=unroll)
 
-    def ours(params, init):
-        return scan_layers(block, init, with_static(params), xs=xs, key=key, unroll=unroll,
-                           reverse=reverse)
 
-    def loop(params, init):
-        return reference_loop(block, init, with_static(params), xs=xs, key=key,
-                              reverse=reverse)
-
-    assert_close(jax.jit(ours)(params, INIT), loop(params, INIT))
-    g_ours = jax.jit(jax.grad(loss_from(ours)))(params, INIT)
-    g_loop = jax.grad(loss_from(loop))(params, INIT)
-    assert_close(g_ours, g_loop)
+@pytest.mark.parametrize("remat_group", [3, "sqrt"])
+@pytest.mark.parametrize(("with_key", "with_xs"), [(False, False), (True, False)])
+def test_equals_loop_groups_keys_xs(remat_group, with_key, with_xs):
+    check_against_loop(
+        True, 3 if with_key else None, with_xs, remat_group=remat_group, remat=True
+    )
 
 
 def test_raw_uint32_key_equals_typed_key_semantics():
@@ -150,7 +166,9 @@ def test_reverse_keeps_keys_and_outputs_aligned():
     _, fwd = scan_layers(fn, INIT, layers, key=key)
     _, bwd = scan_layers(fn, INIT, layers, key=key, reverse=True)
     np.testing.assert_array_equal(fwd, bwd)
-    np.testing.assert_array_equal(fwd[4], jax.random.key_data(jax.random.fold_in(key, 4)))
+    np.testing.assert_array_equal(
+        fwd[4], jax.random.key_data(jax.random.fold_in(key, 4))
+    )
 
 
 def test_key_is_only_passed_when_given():
@@ -171,8 +189,9 @@ def test_order_of_layers():
         c = c * 2 + i
     assert float(carry) == c
     np.testing.assert_array_equal(ys, want)
-    carry_r, ys_r = scan_layers(lambda c, p: (c * 2 + p["v"], c), jnp.float32(0), layers,
-                                reverse=True)
+    carry_r, ys_r = scan_layers(
+        lambda c, p: (c * 2 + p["v"], c), jnp.float32(0), layers, reverse=True
+    )
     c = 0.0
     want_r = [0.0] * N
     for i in reversed(range(N)):
@@ -209,7 +228,9 @@ def test_remat_inserts_checkpoint():
     params = make_layers()[:2]
 
     def jaxpr_text(**kw):
-        f = jax.grad(loss_from(lambda p, i: scan_layers(block, i, with_static(p), **kw)))
+        f = jax.grad(
+            loss_from(lambda p, i: scan_layers(block, i, with_static(p), **kw))
+        )
         return str(jax.make_jaxpr(f)(params, INIT))
 
     assert "checkpoint" not in jaxpr_text() and "remat" not in jaxpr_text()
@@ -222,26 +243,36 @@ def test_remat_inserts_checkpoint():
 def test_vmap_over_batch_of_carries():
     layers = make_layers()
     inits = jnp.stack([INIT, INIT * 2, -INIT])
-    got = jax.vmap(lambda i: scan_layers(block, i, layers, xs=XS, remat_group="sqrt"))(inits)
+    got = jax.vmap(lambda i: scan_layers(block, i, layers, xs=XS, remat_group="sqrt"))(
+        inits
+    )
     for b in range(3):
-        assert_close(jax.tree.map(lambda x, b=b: x[b], got),
-                     reference_loop(block, inits[b], layers, xs=XS))
+        assert_close(
+            jax.tree.map(lambda x, b=b: x[b], got),
+            reference_loop(block, inits[b], layers, xs=XS),
+        )
 
 
 def test_vmap_over_stacks_of_params():
-    stacks = jax.tree.map(lambda *x: jnp.stack(x), make_layers(seed=1)[:2],
-                          make_layers(seed=2)[:2])
+    stacks = jax.tree.map(
+        lambda *x: jnp.stack(x), make_layers(seed=1)[:2], make_layers(seed=2)[:2]
+    )
     got = jax.vmap(lambda p: scan_layers(block, INIT, with_static(p)))(stacks)
     assert got[0].shape == (2, 2, D)
-    assert_close(jax.tree.map(lambda x: x[1], got),
-                 reference_loop(block, INIT, make_layers(seed=2)))
+    assert_close(
+        jax.tree.map(lambda x: x[1], got),
+        reference_loop(block, INIT, make_layers(seed=2)),
+    )
 
 
 def test_eval_shape_allocates_nothing():
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_layers()[:2])
+    params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_layers()[:2]
+    )
     out = jax.eval_shape(
-        lambda p: scan_layers(block, INIT, with_static(p), key=jax.random.key(0),
-                              remat_group=3),
+        lambda p: scan_layers(
+            block, INIT, with_static(p), key=jax.random.key(0), remat_group=3
+        ),
         params,
     )
     assert out[0].shape == (2, D)
@@ -249,8 +280,9 @@ def test_eval_shape_allocates_nothing():
 
 
 def test_carry_may_be_a_python_scalar():
-    carry, _ys = scan_layers(lambda c, p: (c + jnp.sum(p["v"]), None), 0.0,
-                            {"v": jnp.ones((N, 3))})
+    carry, _ys = scan_layers(
+        lambda c, p: (c + jnp.sum(p["v"]), None), 0.0, {"v": jnp.ones((N, 3))}
+    )
     assert float(carry) == 3.0 * N
 
 
@@ -258,41 +290,65 @@ def test_carry_may_be_a_python_scalar():
 
 
 def test_fn_must_return_a_pair():
-    with pytest.raises(TypeError, match=r"`fn` must return a pair `\(carry, y\)`.*got an array of shape \(2, 4\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"`fn` must return a pair `\(carry, y\)`.*got an array of shape \(2, 4\)",
+    ):
         scan_layers(lambda c, p: c, INIT, make_layers())
     with pytest.raises(TypeError, match=r"got a tuple of length 3"):
         scan_layers(lambda c, p: (c, c, c), INIT, make_layers())
 
 
 def test_carry_shape_change_is_named():
-    with pytest.raises(TypeError, match=r"carry.*differs at \['h'\]: shape \(2, 8\) != \(2, 4\)"):
-        scan_layers(lambda c, p: ({"h": jnp.concatenate([c["h"], c["h"]], 1)}, None),
-                    {"h": INIT}, make_layers())
+    with pytest.raises(
+        TypeError, match=r"carry.*differs at \['h'\]: shape \(2, 8\) != \(2, 4\)"
+    ):
+        scan_layers(
+            lambda c, p: ({"h": jnp.concatenate([c["h"], c["h"]], 1)}, None),
+            {"h": INIT},
+            make_layers(),
+        )
 
 
 def test_carry_dtype_change_is_named():
     with pytest.raises(TypeError, match=r"differs at \['h'\]: dtype int32 != float32"):
-        scan_layers(lambda c, p: ({"h": c["h"].astype(jnp.int32)}, None), {"h": INIT},
-                    make_layers())
+        scan_layers(
+            lambda c, p: ({"h": c["h"].astype(jnp.int32)}, None),
+            {"h": INIT},
+            make_layers(),
+        )
 
 
 def test_carry_structure_change_is_named():
-    with pytest.raises(TypeError, match=r"different structure from `init` at the root: "
-                                        r"unexpected 'extra'"):
-        scan_layers(lambda c, p: ({"h": c["h"], "extra": c["h"]}, None), {"h": INIT},
-                    make_layers())
+    with pytest.raises(
+        TypeError,
+        match=r"different structure from `init` at the root: "
+        r"unexpected 'extra'",
+    ):
+        scan_layers(
+            lambda c, p: ({"h": c["h"], "extra": c["h"]}, None),
+            {"h": INIT},
+            make_layers(),
+        )
 
 
 def test_xs_length_mismatch_names_the_path():
-    with pytest.raises(ValueError, match=r"`xs` at \['cache'\]\[1\] has leading length 9, "
-                                         r"but `layers` has 10 layers"):
-        scan_layers(lambda c, p, x: (c, None), INIT, make_layers(),
-                    xs={"cache": (XS, XS[:9])})
+    with pytest.raises(
+        ValueError,
+        match=r"`xs` at \['cache'\]\[1\] has leading length 9, "
+        r"but `layers` has 10 layers",
+    ):
+        scan_layers(
+            lambda c, p, x: (c, None), INIT, make_layers(), xs={"cache": (XS, XS[:9])}
+        )
 
 
 def test_unknown_remat_policy_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"'dots_savable' is not a known checkpoint policy; "
-                                         r"valid names are .*'dots_saveable'"):
+    with pytest.raises(
+        ValueError,
+        match=r"'dots_savable' is not a known checkpoint policy; "
+        r"valid names are .*'dots_saveable'",
+    ):
         scan_layers(block, INIT, make_layers(), remat="dots_savable")
     with pytest.raises(TypeError, match=r"`remat` must be a bool"):
         scan_layers(block, INIT, make_layers(), remat=3)
@@ -303,8 +359,16 @@ def test_unknown_remat_policy_lists_valid_ones():
     [
         (0, ValueError, r"`remat_group` must be between 1 and the 10 layers, got 0"),
         (11, ValueError, r"between 1 and the 10 layers, got 11"),
-        ("cube", ValueError, r"`remat_group` must be None, a positive int or 'sqrt', got 'cube'"),
-        (2.0, TypeError, r"`remat_group` must be None, a positive int or 'sqrt', got float"),
+        (
+            "cube",
+            ValueError,
+            r"`remat_group` must be None, a positive int or 'sqrt', got 'cube'",
+        ),
+        (
+            2.0,
+            TypeError,
+            r"`remat_group` must be None, a positive int or 'sqrt', got float",
+        ),
         (True, TypeError, r"got bool"),
     ],
 )
@@ -320,8 +384,11 @@ def test_bad_key(key):
 
 
 def test_bad_layers():
-    with pytest.raises(ValueError, match=r"`layers` at \['b'\] has leading length 3, but "
-                                         r"\['a'\] has 10"):
+    with pytest.raises(
+        ValueError,
+        match=r"`layers` at \['b'\] has leading length 3, but "
+        r"\['a'\] has 10",
+    ):
         scan_layers(block, INIT, {"a": jnp.zeros((N, 2)), "b": jnp.zeros((3, 2))})
     with pytest.raises(ValueError, match=r"`layers` has no array leaves"):
         scan_layers(block, INIT, {"a": 1})

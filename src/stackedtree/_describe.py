@@ -62,6 +62,10 @@ def _build(x: Any, dtypes: bool) -> _Node | str:
         )
     if isinstance(x, Mapping):
         return _Node("{", [(f"{k!r}: ", _build(v, dtypes)) for k, v in x.items()], "}")
+    if isinstance(x, list | tuple) and x and not any(map(is_array, jax.tree.leaves(x))):
+        # A container of static values (e.g. a static `shape=(8,)` field) prints as
+        # Python prints it, so it cannot be mistaken for an array's shape.
+        return repr(x)
     if isinstance(x, list):
         return _Node("[", [("", _build(v, dtypes)) for v in x], "]")
     if isinstance(x, tuple):
@@ -124,7 +128,7 @@ def describe(tree: PyTree, /, *, dtypes: bool = False, width: int = 88) -> str:
     Returns:
         The summary as a string (print it).
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from stackedtree import describe
         >>> print(describe({"w": np.zeros((32, 4096), np.float32), "act": "relu"}))

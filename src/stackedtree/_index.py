@@ -9,7 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._stack import _check_sequence, check_same_layers, leading_lengths, num_layers
+from ._stack import (
+    _check_sequence,
+    check_same_layers,
+    checked_num_layers,
+    leading_lengths,
+    num_layers,
+)
 from ._tree import (
     PyTree,
     check_index,
@@ -47,7 +53,7 @@ def get_layer(stacked: PyTree, index: int | jax.Array, /) -> PyTree:
         TypeError: if `index` is not an integer.
         ValueError: if `stacked` is not a valid stack (see `num_layers`).
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from stackedtree import get_layer
         >>> get_layer({"w": np.arange(6).reshape(3, 2)}, -1)["w"].tolist()
@@ -94,7 +100,7 @@ def set_layer(stacked: PyTree, index: int | jax.Array, layer: PyTree, /) -> PyTr
         ValueError: if `layer` does not match a layer of `stacked`; every mismatching leaf
             is listed.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from stackedtree import set_layer
         >>> s = set_layer({"w": np.zeros((3, 2))}, 1, {"w": np.ones(2)})
@@ -172,7 +178,7 @@ def slice_layers(
     Raises:
         ValueError: if `step` is 0 or `stacked` is not a valid stack.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from stackedtree import slice_layers
         >>> slice_layers({"w": np.arange(5)}, 1, None, 2)["w"].tolist()
@@ -208,7 +214,7 @@ def concat_layers(stacks: Sequence[PyTree], /) -> PyTree:
             leaves.
         ValueError: if `stacks` is empty or the stacks disagree (every leaf is listed).
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from stackedtree import concat_layers, num_layers
         >>> num_layers(concat_layers([{"w": np.zeros((2, 3))}, {"w": np.ones((5, 3))}]))
@@ -216,7 +222,7 @@ def concat_layers(stacks: Sequence[PyTree], /) -> PyTree:
     """
     stacks = _check_sequence(stacks, "stacks")
     for k, s in enumerate(stacks):
-        num_layers(s, arg=f"stacks[{k}]")
+        checked_num_layers(s, f"stacks[{k}]")
     flats, treedef = check_same_layers(stacks, "stacks", lead=1)
     out = []
     for j, (_, leaf0) in enumerate(flats[0]):
@@ -265,7 +271,7 @@ def group_layers(stacked: PyTree, size: int, /) -> PyTree:
     Raises:
         ValueError: if `size` does not divide N.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from stackedtree import group_layers
         >>> group_layers({"w": np.zeros((6, 4))}, 2)["w"].shape
@@ -300,7 +306,7 @@ def ungroup_layers(grouped: PyTree, /) -> PyTree:
     Raises:
         ValueError: if a leaf has fewer than two axes or the leading lengths disagree.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from stackedtree import ungroup_layers
         >>> ungroup_layers({"w": np.zeros((3, 2, 4))})["w"].shape

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._stack import _check_key, layer_keys, num_layers
+from ._stack import _check_key, checked_num_layers, layer_keys
 from ._tree import (
     PyTree,
     flatten,
@@ -76,7 +76,9 @@ def _resolve_group(remat_group: Any, n: int) -> int | None:
             f"{type(remat_group).__name__}."
         )
     if not 1 <= remat_group <= n:
-        raise ValueError(f"`remat_group` must be between 1 and the {n} layers, got {remat_group}.")
+        raise ValueError(
+            f"`remat_group` must be between 1 and the {n} layers, got {remat_group}."
+        )
     return int(remat_group)
 
 
@@ -88,7 +90,9 @@ def _check_xs(xs: PyTree, n: int) -> None:
         shape = tuple(np.shape(x))
         if not shape or shape[0] != n:
             got = "a 0-d array" if not shape else f"leading length {shape[0]}"
-            errors.append(f"`xs` at {path_str(path)} has {got}, but `layers` has {n} layers")
+            errors.append(
+                f"`xs` at {path_str(path)} has {got}, but `layers` has {n} layers"
+            )
     if errors:
         raise ValueError("\n".join(errors))
 
@@ -117,7 +121,9 @@ def _check_carry(init: PyTree, carry: PyTree) -> None:
             continue
         (sa, da, weak), (sb, db, _) = _aval(a), _aval(b)
         if sa != sb:
-            errors.append(f"at {path_str(path)}: shape {fmt_shape(sb)} != {fmt_shape(sa)}")
+            errors.append(
+                f"at {path_str(path)}: shape {fmt_shape(sb)} != {fmt_shape(sa)}"
+            )
         if da != db and not weak:
             errors.append(f"at {path_str(path)}: dtype {db} != {da}")
     if errors:
@@ -194,7 +200,7 @@ def scan_layers(
         ValueError: if `layers` is not a valid stack, `xs` has a leading length other than
             N, `remat` names an unknown policy, or `remat_group` is out of range.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from stackedtree import scan_layers
         >>> layers = {"w": jnp.array([1.0, 2.0, 3.0])}
@@ -204,7 +210,7 @@ def scan_layers(
     """
     if not callable(fn):
         raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
-    n = num_layers(layers, arg="layers")
+    n = checked_num_layers(layers, "layers")
     checkpoint, policy = _resolve_remat(remat)
     g = _resolve_group(remat_group, n)
     if xs is not None:
@@ -218,7 +224,9 @@ def scan_layers(
     layer_arrays, layer_static = split_static(layers)
     xs_arrays, xs_static = split_static(xs)
 
-    def body(carry: PyTree, sliced: tuple[PyTree, PyTree, Any]) -> tuple[PyTree, PyTree]:
+    def body(
+        carry: PyTree, sliced: tuple[PyTree, PyTree, Any]
+    ) -> tuple[PyTree, PyTree]:
         arrays, x, k = sliced
         args: tuple[PyTree, ...] = (carry, merge_static(arrays, layer_static))
         if xs is not None:
@@ -279,4 +287,3 @@ def _short_type(x: Any) -> str:
     if is_array(x):
         return f"an array of shape {fmt_shape(np.shape(x))}"
     return type(x).__name__
-

@@ -132,7 +132,7 @@ def stack(layers: Sequence[PyTree], /) -> PyTree:
         ValueError: if `layers` is empty, or layers differ in structure, shape, dtype or a
             static leaf. The message names the layer, the leaf path, expected and actual.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from stackedtree import stack
         >>> s = stack([{"w": np.zeros((2, 3)), "act": "relu"}] * 4)
@@ -162,7 +162,10 @@ def leading_lengths(
         shape = shape_of(x)
         if not shape:
             errors.append(
-                f"{_at(arg, path)} is a 0-d array: a stacked leaf needs a leading layer axis"
+                f"{_at(arg, path)} is a 0-d array: a stacked leaf needs a leading layer "
+                "axis (a Python number kept as a static leaf becomes a 0-d array when "
+                "the tree is an argument of `jax.jit`; close over it instead, or use "
+                "`equinox.filter_jit`)"
             )
         else:
             lengths.append((path, shape[0]))
@@ -173,12 +176,11 @@ def _at(arg: str, path: KeyPath) -> str:
     return f"`{arg}` at {path_str(path)}" if path else f"`{arg}`"
 
 
-def num_layers(stacked: PyTree, /, *, arg: str = "stacked") -> int:
+def num_layers(stacked: PyTree, /) -> int:
     """The common leading length N of the array leaves of a stacked tree.
 
     Args:
         stacked: A tree whose array leaves all have the same leading length.
-        arg: The argument name used in error messages.
 
     Returns:
         N, the number of layers.
@@ -187,12 +189,17 @@ def num_layers(stacked: PyTree, /, *, arg: str = "stacked") -> int:
         ValueError: if there are no array leaves, an array leaf is 0-d, or leading lengths
             disagree (every disagreeing leaf is listed).
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from stackedtree import num_layers
         >>> num_layers({"w": np.zeros((6, 2)), "b": np.zeros((6,))})
         6
     """
+    return checked_num_layers(stacked, "stacked")
+
+
+def checked_num_layers(stacked: PyTree, arg: str) -> int:
+    """`num_layers`, with errors naming the argument `arg`."""
     lengths, errors = leading_lengths(stacked, arg)
     if not lengths and not errors:
         raise ValueError(f"`{arg}` has no array leaves, so it has no layer axis.")
@@ -240,7 +247,7 @@ def unstack(stacked: PyTree, /) -> list[PyTree]:
     Raises:
         ValueError: as `num_layers`.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from stackedtree import stack, unstack
         >>> layers = unstack({"w": np.arange(6).reshape(3, 2)})
@@ -299,7 +306,7 @@ def layer_keys(key: jax.Array, n: int, /) -> jax.Array:
         TypeError: if `key` is not a key or `n` is not an int.
         ValueError: if `n` is negative.
 
-    Example:
+    Examples:
         >>> import jax
         >>> from stackedtree import layer_keys
         >>> keys = layer_keys(jax.random.key(0), 4)
@@ -338,7 +345,7 @@ def init_stacked(
             not an int.
         ValueError: if `n` < 1.
 
-    Example:
+    Examples:
         >>> import jax
         >>> from stackedtree import init_stacked
         >>> params = init_stacked(lambda k: {"w": jax.random.normal(k, (3,)), "act": "gelu"},

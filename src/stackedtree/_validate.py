@@ -36,7 +36,7 @@ def assert_stacked(
     Raises:
         AssertionError: listing each offending leaf by path with expected against actual.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from stackedtree import assert_stacked
         >>> assert_stacked({"w": np.zeros((4, 3)), "b": np.zeros((4,))}, 4)
