@@ -1,0 +1,224 @@
+"""Backward-pass temporary memory against depth, with and without remat (issue 5).
+
+The model is activation-heavy: a large carry and small layers (`x + tanh(x @ w1) @ w2`),
+so what the backward pass stores per layer dominates. For each N it compiles the jitted
+gradient and reads XLA's `memory_analysis().temp_size_in_bytes` for
+
+- `no_remat`: `scan_layers` storing every layer's activations;
+- `per_layer`: `scan_layers(..., remat=True)`, N carries stored;
+- `sqrt_group`: `scan_layers(..., remat_group="sqrt")`, about N/g + g carries (each layer
+  inside a group is checkpointed too);
+- `flax_remat_scan`: Flax linen `nn.remat_scan(Block, lengths=(N // g, g))`, the same
+  two-level scheme (groups rematerialised; layers inside a group are not), with the same g.
+
+N runs over perfect squares so that g = sqrt(N) divides N for `nn.remat_scan`. All four
+must give the same loss and gradient; step times of the gradient at one N are measured
+with the variants alternating.
+
+Run `python benchmarks/bench_memory.py [--quick] [--json PATH]`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import _common as C
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+LossFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def flax_remat_scan(n: int, stacked: C.Dense2) -> tuple[Callable[[], LossFn], Any]:
+    """`(make_loss, params)` for `nn.remat_scan` over the heavy layer, same weights."""
+    import flax.linen as nn
+
+    g = C.sqrt_group(n)
+    if n % g:
+        raise ValueError(f"nn.remat_scan needs g={g} to divide N={n}")
+    lengths = (n // g, g)
+    width = stacked.w1.shape[-1]
+
+    def build() -> Any:
+        class Block(nn.Module):
+            @nn.compact
+            def __call__(self, x: jax.Array) -> jax.Array:
+                w1 = self.param(
+                    "w1", nn.initializers.zeros, (width, width), jnp.float32
+                )
+                w2 = self.param(
+                    "w2", nn.initializers.zeros, (width, width), jnp.float32
+                )
+                return C.heavy_layer(x, C.Dense2(w1, w2))
+
+        class Model(nn.Module):
+            @nn.compact
+            def __call__(self, x: jax.Array) -> jax.Array:
+                return nn.remat_scan(Block, lengths=lengths)(name="stack")(x)
+
+        return Model()
+
+    x0 = jnp.zeros((1, width), jnp.float32)
+    template = jax.eval_shape(build().init, jax.random.key(0), x0)["params"]["stack"]
+    params = {"params": {"stack": {}}}
+    for name in ("w1", "w2"):
+        leaf = getattr(stacked, name)
+        shape = tuple(template[name].shape)
+        if (
+            int(np.prod(shape[: len(lengths)])) != n
+            or shape[len(lengths) :] != leaf.shape[1:]
+        ):
+            raise ValueError(f"unexpected nn.remat_scan param shape {shape} for {name}")
+        # Layer i of the flat stack is (i // g, i % g) in remat_scan's nested layout.
+        params["params"]["stack"][name] = leaf.reshape(shape)
+
+    def make() -> LossFn:
+        model = build()
+
+        def loss(params: Any, x: jax.Array) -> jax.Array:
+            return jnp.mean(jnp.square(model.apply(params, x)))
+
+        return loss
+
+    return make, params
+
+
+def variants(n: int, stacked: C.Dense2) -> dict[str, tuple[Callable[[], LossFn], Any]]:
+    return {
+        "no_remat": ((lambda: C.heavy_scan_loss()), stacked),
+        "per_layer": ((lambda: C.heavy_scan_loss(remat=True)), stacked),
+        "sqrt_group": ((lambda: C.heavy_scan_loss(remat_group="sqrt")), stacked),
+        "flax_remat_scan": flax_remat_scan(n, stacked),
+    }
+
+
+def _flat_grad(g: Any, n: int) -> list[np.ndarray]:
+    """Gradient leaves in the flat `(N, ...)` layout, whatever the framework's layout."""
+    # Leaves come in the order w1, w2 for both `Dense2` and Flax's {"w1", "w2"} dict.
+    return [np.asarray(a).reshape((n, *a.shape[-2:])) for a in jax.tree.leaves(g)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = C.parser(__doc__.splitlines()[0]).parse_args(argv)
+    q = args.quick
+    t_start = time.perf_counter()
+    machine = C.machine_info(C.device_label(args))
+    C.log("machine:", C.machine_line(machine))
+    ns = [4, 9] if q else [16, 36, 64, 100]
+    step_n = ns[-1] if q else 64
+    names = ["no_remat", "per_layer", "sqrt_group", "flax_remat_scan"]
+    temp: dict[str, dict[str, int | None]] = {k: {} for k in names}
+    errors: dict[str, str] = {}
+    checks: dict[str, dict[str, bool]] = {}
+    steps: dict[str, Any] = {}
+    for n in ns:
+        stacked, x = C.heavy_setup(n, q)
+        compiled, params_of = {}, {}
+        for name in names:
+            try:
+                make, params = variants(n, stacked)[name]
+                r = C.compile_seconds(
+                    lambda make=make: jax.value_and_grad(make()), params, x
+                )
+                temp[name][str(n)] = C.temp_bytes(r["compiled"])
+                compiled[name], params_of[name] = r["compiled"], params
+            except Exception as e:
+                errors[f"{name}@{n}"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                temp[name][str(n)] = None
+                C.log(f"  N={n} {name}: FAILED {errors[f'{name}@{n}']}")
+        # Same loss and gradient as the plain scan, before anything is timed.
+        ref_loss, ref_grad = compiled["no_remat"](stacked, x)
+        ref = _flat_grad(ref_grad, n)
+        checks[str(n)] = {}
+        for name, c in compiled.items():
+            loss, grad = c(params_of[name], x)
+            same = bool(np.allclose(loss, ref_loss, rtol=1e-5)) and all(
+                np.allclose(a, b, rtol=1e-4, atol=1e-6)
+                for a, b in zip(_flat_grad(grad, n), ref, strict=True)
+            )
+            checks[str(n)][name] = same
+        C.log(
+            f"  N={n:3d} g={C.sqrt_group(n):2d}  backward temp MB: "
+            + "  ".join(f"{k} {_mb(temp[k][str(n)])}" for k in names)
+            + "  | same loss+grad: "
+            + " ".join(f"{k}={v}" for k, v in checks[str(n)].items())
+        )
+        if n == step_n:
+            timed = {k: c for k, c in compiled.items() if checks[str(n)][k]}
+            times = C.interleaved_steps(
+                {
+                    k: (lambda c=c, p=params_of[k], x=x: c(p, x))
+                    for k, c in timed.items()
+                },
+                repeats=3 if q else 7,
+                warmup=1,
+            )
+            steps = {"n": n, **{k: C.summary(v) for k, v in times.items()}}
+            C.log(
+                f"  N={n} step (median): "
+                + "  ".join(f"{k} {np.median(v):.3f}s" for k, v in times.items())
+            )
+
+    ok = not errors and all(all(v.values()) for v in checks.values())
+    last = str(step_n)
+    per_layer = temp["per_layer"].get(last)
+
+    def ratio(name: str) -> float | None:
+        b = temp[name].get(last)
+        return None if b is None or not per_layer else b / per_layer
+
+    def step_ratio(name: str) -> float | None:
+        if name not in steps or "per_layer" not in steps:
+            return None
+        return steps[name]["median_s"] / steps["per_layer"]["median_s"]
+
+    rows, width = (
+        (C.HEAVY_QUICK_ROWS, C.HEAVY_QUICK_WIDTH)
+        if q
+        else (C.HEAVY_ROWS, C.HEAVY_WIDTH)
+    )
+    payload = {
+        "benchmark": "bench_memory",
+        "quick": q,
+        "machine": machine,
+        "model": {
+            "carry": [rows, width],
+            "dtype": "float32",
+            "layer": f"x + tanh(x @ w1) @ w2, w1 and w2 ({width}, {width})",
+            "measured": "jax.value_and_grad of mean(out ** 2) w.r.t. the parameters",
+        },
+        "ns": ns,
+        "group_size": {str(n): C.sqrt_group(n) for n in ns},
+        "temp_bytes": temp,
+        "same_loss_and_grad": checks,
+        "errors": errors,
+        "step": steps,
+        "headline": {
+            "n": step_n,
+            "sqrt_over_per_layer_memory": ratio("sqrt_group"),
+            "flax_remat_scan_over_per_layer_memory": ratio("flax_remat_scan"),
+            "sqrt_over_per_layer_step": step_ratio("sqrt_group"),
+            "flax_remat_scan_over_per_layer_step": step_ratio("flax_remat_scan"),
+            "all_match": ok,
+        },
+        "wall_s": time.perf_counter() - t_start,
+    }
+    C.write_json(args.json, payload)
+    C.log("headline:", payload["headline"])
+    C.log(f"done in {payload['wall_s']:.0f}s")
+    return 0 if ok else 1
+
+
+def _mb(b: int | None) -> str:
+    return "n/a" if b is None else f"{b / 1e6:.1f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

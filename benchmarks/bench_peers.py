@@ -1,0 +1,432 @@
+"""One Llama-style decoder block, scanned over N layers seven ways (issue 5).
+
+The block is `examples/llama_model.py`'s `decoder_block` in every variant, and every
+variant's parameters are filled from the same stacked weights:
+
+- `python_loop`: a Python loop over layers (the graph grows with N);
+- `lax_scan`: the scan tutorial's hand-written `jax.lax.scan(inner, x, params)`;
+- `scan_layers`: `stackedtree.scan_layers`;
+- `haiku_layer_stack`: an `hk.Module` whose parameters come from `hk.get_parameter`,
+  repeated with `hk.layer_stack`;
+- `flax_linen_scan`: a linen Module repeated with `nn.scan(variable_axes={'params': 0},
+  split_rngs={'params': True}, length=N)`;
+- `flax_nnx_scan`: an `nnx.Module` stacked with `nnx.vmap` and run with `nnx.scan`;
+- `equinox_scan`: `eqx.filter_vmap` builds stacked modules, `eqx.partition` splits off the
+  arrays, `jax.lax.scan` runs over them and `eqx.combine` rebuilds each layer.
+
+Before anything is timed, every variant's loss and gradient norm must match the
+hand-written scan (printed and asserted at every N). Then, for each N: trace + lower +
+compile seconds of the forward and of `jax.grad`, and the steady step time of the compiled
+gradient, the variants run alternately.
+
+Run `python benchmarks/bench_peers.py [--quick] [--json PATH]`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import _common as C
+import jax
+import jax.numpy as jnp
+import numpy as np
+from llama_model import Config, DecoderBlock, block_shapes, decoder_block
+
+import stackedtree
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+LossFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def _names(cfg: Config) -> tuple[list[str], list[jax.ShapeDtypeStruct], Any]:
+    """Flat parameter names (`attention_q_proj`), per-layer shapes, and the treedef."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(block_shapes(cfg, jnp.float32))
+    names = ["_".join(str(getattr(k, "name", k)) for k in path) for path, _ in flat]
+    return names, [s for _, s in flat], treedef
+
+
+def _to_named(tree: DecoderBlock) -> dict[str, Any]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "_".join(str(getattr(k, "name", k)) for k in path): leaf for path, leaf in flat
+    }
+
+
+def _from_named(named: dict[str, Any], cfg: Config) -> DecoderBlock:
+    names, _, treedef = _names(cfg)
+    return jax.tree.unflatten(treedef, [named[n] for n in names])
+
+
+# --------------------------------------------------------------------------------------
+# The variants. Each returns `(make_loss, params)`: `make_loss()` builds a fresh loss
+# function `loss(params, x)` (fresh closures, so no trace cache is shared between
+# measurements), `params` is that framework's parameter tree holding the shared weights.
+
+
+def v_python_loop(
+    cfg: Config, stacked: DecoderBlock
+) -> tuple[Callable[[], LossFn], Any]:
+    return (lambda: C.llama_python_loop(cfg)), stacked
+
+
+def v_lax_scan(cfg: Config, stacked: DecoderBlock) -> tuple[Callable[[], LossFn], Any]:
+    return (lambda: C.llama_lax_scan(cfg)), stacked
+
+
+def v_scan_layers(
+    cfg: Config, stacked: DecoderBlock
+) -> tuple[Callable[[], LossFn], Any]:
+    return (lambda: C.llama_scan_layers(cfg)), stacked
+
+
+def v_haiku(cfg: Config, stacked: DecoderBlock) -> tuple[Callable[[], LossFn], Any]:
+    import haiku as hk
+
+    names, shapes, _ = _names(cfg)
+
+    def build() -> Any:
+        class Block(hk.Module):
+            def __call__(self, x: jax.Array) -> jax.Array:
+                named = {
+                    n: hk.get_parameter(n, s.shape, s.dtype, init=jnp.zeros)
+                    for n, s in zip(names, shapes, strict=True)
+                }
+                return decoder_block(_from_named(named, cfg), x, cfg)
+
+        def forward(x: jax.Array) -> jax.Array:
+            return hk.layer_stack(cfg.num_layers)(lambda x: Block(name="block")(x))(x)
+
+        return hk.without_apply_rng(hk.transform(forward))
+
+    model = build()
+    x0 = jnp.zeros((1, 2, cfg.d_model), jnp.float32)
+    template = jax.eval_shape(model.init, jax.random.key(0), x0)
+    named = _to_named(stacked)
+    (module,) = template  # e.g. "layer_stack/~/block": one module, N-stacked params
+    params = {module: {}}
+    for n, sds in template[module].items():
+        if tuple(sds.shape) != named[n].shape:
+            raise ValueError(
+                f"haiku param {module}/{n}: {sds.shape} != {named[n].shape}"
+            )
+        params[module][n] = named[n]
+
+    def make() -> LossFn:
+        apply = build().apply
+
+        def loss(params: Any, x: jax.Array) -> jax.Array:
+            return C.llama_loss_value(apply(params, x))
+
+        return loss
+
+    return make, params
+
+
+def v_flax_linen(
+    cfg: Config, stacked: DecoderBlock
+) -> tuple[Callable[[], LossFn], Any]:
+    import flax.linen as nn
+
+    names, shapes, _ = _names(cfg)
+
+    def build() -> Any:
+        class Block(nn.Module):
+            cfg: Config
+
+            @nn.compact
+            def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
+                named = {
+                    n: self.param(n, nn.initializers.zeros, s.shape, s.dtype)
+                    for n, s in zip(names, shapes, strict=True)
+                }
+                return decoder_block(_from_named(named, self.cfg), x, self.cfg), None
+
+        class Model(nn.Module):
+            cfg: Config
+
+            @nn.compact
+            def __call__(self, x: jax.Array) -> jax.Array:
+                scanned = nn.scan(
+                    Block,
+                    variable_axes={"params": 0},
+                    split_rngs={"params": True},
+                    length=self.cfg.num_layers,
+                )
+                x, _ = scanned(self.cfg, name="layers")(x, None)
+                return x
+
+        return Model(cfg)
+
+    model = build()
+    x0 = jnp.zeros((1, 2, cfg.d_model), jnp.float32)
+    template = jax.eval_shape(model.init, jax.random.key(0), x0)
+    named = _to_named(stacked)
+    layer = template["params"]["layers"]
+    for n, sds in layer.items():
+        if tuple(sds.shape) != named[n].shape:
+            raise ValueError(f"linen param layers/{n}: {sds.shape} != {named[n].shape}")
+    params = {"params": {"layers": {n: named[n] for n in layer}}}
+
+    def make() -> LossFn:
+        m = build()
+
+        def loss(params: Any, x: jax.Array) -> jax.Array:
+            return C.llama_loss_value(m.apply(params, x))
+
+        return loss
+
+    return make, params
+
+
+def v_flax_nnx(cfg: Config, stacked: DecoderBlock) -> tuple[Callable[[], LossFn], Any]:
+    from flax import nnx
+
+    names, _, _ = _names(cfg)
+
+    class Block(nnx.Module):
+        def __init__(self, p: DecoderBlock):
+            for n, leaf in _to_named(p).items():
+                setattr(self, n, nnx.Param(leaf))
+
+        def __call__(self, x: jax.Array) -> jax.Array:
+            named = {n: getattr(self, n)[...] for n in names}
+            return decoder_block(_from_named(named, cfg), x, cfg)
+
+    class Model(nnx.Module):
+        def __init__(self, stacked: DecoderBlock):
+            # The NNX docs' pattern: a vmap-created stack of blocks ...
+            @nnx.vmap(in_axes=0, out_axes=0)
+            def create(p: DecoderBlock) -> Block:
+                return Block(p)
+
+            self.blocks = create(stacked)
+
+        def __call__(self, x: jax.Array) -> jax.Array:
+            # ... run with nnx.scan over the layer axis.
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def forward(x: jax.Array, block: Block) -> jax.Array:
+                return block(x)
+
+            return forward(x, self.blocks)
+
+    graphdef, state = nnx.split(Model(stacked))
+
+    def make() -> LossFn:
+        def loss(state: Any, x: jax.Array) -> jax.Array:
+            return C.llama_loss_value(nnx.merge(graphdef, state)(x))
+
+        return loss
+
+    return make, state
+
+
+def v_equinox(cfg: Config, stacked: DecoderBlock) -> tuple[Callable[[], LossFn], Any]:
+    import equinox as eqx
+
+    class Block(eqx.Module):
+        p: DecoderBlock
+        cfg: Config = eqx.field(static=True)
+
+        def __call__(self, x: jax.Array) -> jax.Array:
+            return decoder_block(self.p, x, self.cfg)
+
+    model = eqx.filter_vmap(lambda p: Block(p, cfg))(stacked)
+
+    def make() -> LossFn:
+        def loss(model: Any, x: jax.Array) -> jax.Array:
+            dynamic, static = eqx.partition(model, eqx.is_array)
+
+            def f(x: jax.Array, dyn: Any) -> tuple[jax.Array, None]:
+                return eqx.combine(dyn, static)(x), None
+
+            x, _ = jax.lax.scan(f, x, dynamic)
+            return C.llama_loss_value(x)
+
+        return loss
+
+    return make, model
+
+
+VARIANTS: dict[
+    str, Callable[[Config, DecoderBlock], tuple[Callable[[], LossFn], Any]]
+] = {
+    "python_loop": v_python_loop,
+    "lax_scan": v_lax_scan,
+    "scan_layers": v_scan_layers,
+    "haiku_layer_stack": v_haiku,
+    "flax_linen_scan": v_flax_linen,
+    "flax_nnx_scan": v_flax_nnx,
+    "equinox_scan": v_equinox,
+}
+REFERENCE = "lax_scan"
+
+
+def tolerance() -> dict[str, float]:
+    """Relative tolerances for the loss and gradient-norm checks.
+
+    The check reuses the timed executables, which run at the backend's default matmul
+    precision: float32 on CPU, TF32 on recent NVIDIA GPUs, where the unrolled loop and
+    the scans round differently (the scans agree with each other bit for bit).
+    """
+    if jax.default_backend() == "cpu":
+        return {"loss_rtol": 1e-5, "grad_norm_rtol": 1e-4}
+    return {"loss_rtol": 1e-3, "grad_norm_rtol": 1e-3}
+
+
+def _grad_norm(g: Any) -> float:
+    return float(
+        np.sqrt(sum(float(jnp.sum(jnp.square(a))) for a in jax.tree.leaves(g)))
+    )
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
+def run_n(n: int, quick: bool, step_repeats: int, rotate: int) -> dict[str, Any]:
+    cfg, stacked, x = C.llama_setup(n, quick)
+    rows: dict[str, dict[str, Any]] = {}
+    compiled_grads: dict[str, tuple[Any, Any]] = {}
+    names = list(VARIANTS)
+    order = names[rotate % len(names) :] + names[: rotate % len(names)]
+    for name in order:
+        row: dict[str, Any] = {}
+        rows[name] = row
+        try:
+            make, params = VARIANTS[name](cfg, stacked)
+            fwd = C.compile_seconds(make, params, x)
+            grad = C.compile_seconds(lambda make=make: jax.grad(make()), params, x)
+            row["forward_compile_s"] = fwd["total_s"]
+            row["forward_lower_s"] = fwd["lower_s"]
+            row["grad_compile_s"] = grad["total_s"]
+            row["grad_lower_s"] = grad["lower_s"]
+            row["loss"] = float(fwd["compiled"](params, x))
+            g = grad["compiled"](params, x)
+            row["grad_norm"] = _grad_norm(g)
+            row["num_grad_leaves"] = len(jax.tree.leaves(g))
+            compiled_grads[name] = (grad["compiled"], params)
+        except Exception as e:
+            row["error"] = _error(e)
+            C.log(f"  N={n} {name}: FAILED {row['error']}")
+            traceback.print_exc()
+    ref = rows[REFERENCE]
+    tol = tolerance()
+    for row in rows.values():
+        if "error" in row or "loss" not in ref:
+            row["matches"] = False
+            continue
+        row["matches"] = bool(
+            np.allclose(row["loss"], ref["loss"], rtol=tol["loss_rtol"])
+            and np.allclose(
+                row["grad_norm"], ref["grad_norm"], rtol=tol["grad_norm_rtol"]
+            )
+        )
+    C.log(f"  N={n}: loss and gradient norm against {REFERENCE}")
+    for name in names:
+        r = rows[name]
+        if "error" in r:
+            C.log(f"    {name:18s} FAILED: {r['error']}")
+        else:
+            C.log(
+                f"    {name:18s} loss {r['loss']:.7f}  |grad| {r['grad_norm']:.7f}  "
+                f"matches {r['matches']}"
+            )
+    # Time only the variants that compute the same thing.
+    timed = {k: v for k, v in compiled_grads.items() if rows[k]["matches"]}
+    steps = C.interleaved_steps(
+        {k: (lambda c=c, p=p: c(p, x)) for k, (c, p) in timed.items()},
+        step_repeats,
+        warmup=1,
+    )
+    for name, ts in steps.items():
+        rows[name]["grad_step"] = C.summary(ts)
+    C.log(
+        f"  N={n}: {'variant':18s} {'fwd compile':>11s} {'grad compile':>12s} {'grad step':>10s}"
+    )
+    for name in names:
+        r = rows[name]
+        if "error" in r:
+            continue
+        step = r.get("grad_step", {}).get("median_s")
+        C.log(
+            f"        {name:18s} {r['forward_compile_s']:10.2f}s {r['grad_compile_s']:11.2f}s "
+            f"{'n/a' if step is None else f'{step * 1e3:8.1f}ms'}"
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = C.parser(__doc__.splitlines()[0]).parse_args(argv)
+    q = args.quick
+    t_start = time.perf_counter()
+    machine = C.machine_info(C.device_label(args))
+    C.log("machine:", C.machine_line(machine))
+    ns = [2, 4] if q else [8, 16, 32, 64]
+    results: dict[str, Any] = {}
+    for i, n in enumerate(ns):
+        repeats = 2 if q else (7 if n <= 16 else 5)
+        results[str(n)] = run_n(n, q, repeats, rotate=i)
+
+    ok = all(r["matches"] for rows in results.values() for r in rows.values())
+    mismatched = sorted(
+        {
+            name
+            for rows in results.values()
+            for name, r in rows.items()
+            if not r["matches"]
+        }
+    )
+    cfg = C.LLAMA_QUICK if q else C.LLAMA_SMALL
+    batch, seq = (
+        (C.LLAMA_QUICK_BATCH, C.LLAMA_QUICK_SEQ) if q else (C.LLAMA_BATCH, C.LLAMA_SEQ)
+    )
+    model = cfg._asdict()
+    model.pop("num_layers")
+    last = str(ns[-1])
+    headline = {
+        "n": ns[-1],
+        "grad_compile_s": {
+            k: r.get("grad_compile_s") for k, r in results[last].items()
+        },
+        "grad_step_median_s": {
+            k: r.get("grad_step", {}).get("median_s") for k, r in results[last].items()
+        },
+        "all_match": ok,
+        "mismatched_or_failed": mismatched,
+    }
+    payload = {
+        "benchmark": "bench_peers",
+        "quick": q,
+        "machine": machine,
+        "model": {
+            "config": model,
+            "batch": batch,
+            "seq": seq,
+            "dtype": "float32",
+            "loss": "mean(decoder(x) ** 2), gradient w.r.t. the parameters",
+        },
+        "variants": list(VARIANTS),
+        "reference": REFERENCE,
+        "tolerance": tolerance(),
+        "ns": ns,
+        "results": results,
+        "headline": headline,
+        "stackedtree_version": getattr(stackedtree, "__version__", None),
+        "wall_s": time.perf_counter() - t_start,
+    }
+    C.write_json(args.json, payload)
+    if not ok:
+        C.log(f"MISMATCH or FAILURE: {', '.join(mismatched)} (reported, not timed)")
+    C.log(f"done in {payload['wall_s']:.0f}s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
