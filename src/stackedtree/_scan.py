@@ -61,6 +61,20 @@ def _resolve_remat(remat: Any) -> tuple[bool, Callable[..., bool] | None]:
     )
 
 
+def sqrt_group_size(n: int) -> int:
+    """The group size `remat_group="sqrt"` picks for N layers.
+
+    The divisor of N nearest sqrt(N) when one lies within a factor of 2 of it (so no
+    remainder group is needed: slicing one off costs a parameter-sized gradient buffer),
+    else round(sqrt(N)).
+    """
+    root = math.sqrt(n)
+    best = min(
+        (d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - root), d)
+    )
+    return best if root / 2 <= best <= 2 * root else max(1, round(root))
+
+
 def _resolve_group(remat_group: Any, n: int) -> int | None:
     if remat_group is None:
         return None
@@ -69,7 +83,7 @@ def _resolve_group(remat_group: Any, n: int) -> int | None:
             raise ValueError(
                 f"`remat_group` must be None, a positive int or 'sqrt', got {remat_group!r}."
             )
-        return max(1, round(math.sqrt(n)))
+        return sqrt_group_size(n)
     if isinstance(remat_group, bool) or not isinstance(remat_group, int | np.integer):
         raise TypeError(
             "`remat_group` must be None, a positive int or 'sqrt', got "
@@ -179,12 +193,14 @@ def scan_layers(
         remat: Rematerialise each layer in the backward pass: False; True (save nothing
             inside a layer); the name of a `jax.checkpoint_policies` policy such as
             `"dots_saveable"`; or a policy callable.
-        remat_group: None, an int `g`, or `"sqrt"` (g near sqrt(N)). Scans over groups of
-            `g` consecutive layers, each group rematerialised as a whole, so the backward
-            pass stores about N/g + g carries instead of N. Layers inside a group are
-            rematerialised as well, with the `remat` policy when one is given (else
-            saving nothing). N need not be divisible by `g`: the remaining layers run as
-            a shorter group. Parameters keep their flat `(N, ...)` layout.
+        remat_group: None, an int `g`, or `"sqrt"` (g near sqrt(N), preferring a divisor
+            of N). Scans over groups of `g` consecutive layers, each group
+            rematerialised as a whole, so the backward pass stores about N/g + g carries
+            instead of N. Layers inside a group are rematerialised as well, with the
+            `remat` policy when one is given (else saving nothing). N need not be
+            divisible by `g`: the remaining layers run as a shorter group, at the cost
+            of one extra parameter-sized gradient buffer. Parameters keep their flat
+            `(N, ...)` layout.
         unroll: As in `jax.lax.scan` (applies to the per-layer scan).
         reverse: As in `jax.lax.scan`: run from the last layer to the first. `ys[i]` is
             still layer `i`'s output and layer `i` still gets key `i`.
