@@ -217,3 +217,11 @@ def test_usage_errors_exit_2(capsys: Any) -> None:
     assert (
         "the following arguments are required: -o/--output" in capsys.readouterr().err
     )
+
+
+def test_command_starts_without_importing_jax():
+    # jax's import would dominate the command's start-up; conversion needs numpy only.
+    code = "import sys, stackedtree.cli; print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

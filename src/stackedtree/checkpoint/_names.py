@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 _MAX_LINES = 20
@@ -238,8 +237,28 @@ def detect_pattern(names: Iterable[str]) -> str:
 # ---------------------------------------------------------------- in-memory stacking
 
 
+def _jax() -> Any:
+    """The jax module if it is loaded, else None.
+
+    The `stackedtree` command converts files with numpy alone and never imports jax (it
+    would dominate its start-up time); when jax is not loaded, no jax array or
+    ShapeDtypeStruct can exist, so the jax cases need no import.
+    """
+    return sys.modules.get("jax")
+
+
+def _is_sds(x: Any) -> bool:
+    jax = _jax()
+    return jax is not None and isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _is_jax_array(x: Any) -> bool:
+    jax = _jax()
+    return jax is not None and isinstance(x, jax.Array)
+
+
 def _spec(name: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:
-    if isinstance(x, np.ndarray | np.generic | jax.Array | jax.ShapeDtypeStruct):
+    if isinstance(x, np.ndarray | np.generic) or _is_jax_array(x) or _is_sds(x):
         return tuple(x.shape), np.dtype(x.dtype)
     raise TypeError(
         f"tensor `{name}` must be a numpy or jax array (or a jax.ShapeDtypeStruct), "
@@ -248,13 +267,14 @@ def _spec(name: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _stack(name: str, xs: Sequence[Any]) -> Any:
-    if all(isinstance(x, jax.ShapeDtypeStruct) for x in xs):
-        return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype)
-    if any(isinstance(x, jax.ShapeDtypeStruct) for x in xs):
+    if all(_is_sds(x) for x in xs):
+        return _jax().ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype)
+    if any(_is_sds(x) for x in xs):
         raise TypeError(
             f"tensor `{name}` mixes jax.ShapeDtypeStruct and arrays across layers"
         )
-    if any(isinstance(x, jax.Array) for x in xs):
+    if any(_is_jax_array(x) for x in xs):
+        jnp = _jax().numpy
         return jnp.stack([jnp.asarray(x) for x in xs])
     return np.stack([np.asarray(x) for x in xs])
 
@@ -369,8 +389,8 @@ def unstack_by_name(
     flat: dict[str, Any] = {}
     for i in range(n):
         for key, x in stacked.items():
-            if isinstance(x, jax.ShapeDtypeStruct):
-                flat[before + str(i) + after + key] = jax.ShapeDtypeStruct(
+            if _is_sds(x):
+                flat[before + str(i) + after + key] = _jax().ShapeDtypeStruct(
                     x.shape[1:], x.dtype
                 )
             else:
@@ -383,6 +403,8 @@ def unstack_by_name(
 
 
 def _entry_str(entry: Any) -> str:
+    import jax
+
     if isinstance(entry, jax.tree_util.GetAttrKey):
         return str(entry.name)
     if isinstance(entry, jax.tree_util.DictKey):
@@ -397,6 +419,8 @@ def _entry_str(entry: Any) -> str:
 def _names_and_leaves(tree: Any, sep: str) -> tuple[list[str], list[Any], Any]:
     if not isinstance(sep, str):
         raise TypeError(f"`sep` must be a str, got {type(sep).__name__}")
+    import jax
+
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     names = [sep.join(_entry_str(e) for e in path) for path, _ in path_leaves]
     dup = [n for n, c in Counter(names).items() if c > 1]
@@ -466,4 +490,4 @@ def unflatten_names(flat: Mapping[str, Any], like: Any, /, sep: str = ".") -> An
         raise ValueError(
             "the names of `flat` do not match the leaves of `like`; " + "; ".join(lines)
         )
-    return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
+    return treedef.unflatten([flat[n] for n in names])
