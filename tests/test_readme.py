@@ -32,3 +32,24 @@ def test_readme_starts_with_the_two_commands():
     )
     assert first_block[0].endswith("python examples/llama_decoder.py")
     assert first_block[1].endswith("python -m pytest")
+
+
+def _between(text: str, tag: str) -> str:
+    return text.split(f"<!-- {tag} -->")[1].split(f"<!-- /{tag} -->")[0].strip()
+
+
+def _headline(path: Path) -> str:
+    text = path.read_text()
+    return text.split("## Headline")[1].split("## Runs")[0].strip()
+
+
+def test_readme_headline_tables_match_the_published_results():
+    text = README.read_text()
+    bench = README.parent / "benchmarks"
+    assert _between(text, "headline:cpu") == _headline(bench / "results.md")
+    gpu_rows = [
+        row
+        for row in _headline(bench / "results_gpu.md").splitlines()
+        if "n/a" not in row
+    ]
+    assert _between(text, "headline:gpu").splitlines() == gpu_rows
