@@ -29,7 +29,7 @@ from ._tree import (
     shape_of,
     static_equal,
     static_repr,
-    structure_difference,
+    zip_matching,
 )
 
 
@@ -109,16 +109,15 @@ def set_layer(stacked: PyTree, index: int | jax.Array, layer: PyTree, /) -> PyTr
     """
     n = num_layers(stacked)
     i = check_index(index, n)
-    flat_s, treedef = flatten(stacked)
-    flat_l, treedef_l = flatten(layer)
-    if treedef != treedef_l:
-        raise ValueError(
-            "`layer` has a different tree structure from a layer of `stacked` "
-            f"{structure_difference(stacked, layer)}."
-        )
+    pairs = zip_matching(
+        stacked,
+        layer,
+        ValueError,
+        "`layer` has a different tree structure from a layer of `stacked`",
+    )
     errors = []
     target = f"layer {i} of `stacked`" if isinstance(i, int) else "a layer of `stacked`"
-    for (path, s), (_, v) in zip(flat_s, flat_l, strict=True):
+    for path, s, v in pairs:
         loc = f"`layer` differs from {target} at {path_str(path)}"
         if is_array(s):
             if not is_array(v):
@@ -148,11 +147,8 @@ def set_layer(stacked: PyTree, index: int | jax.Array, layer: PyTree, /) -> PyTr
             return out
         return jnp.asarray(s).at[i].set(v)
 
-    out = [
-        put(s, v) if is_array(s) else s
-        for (_, s), (_, v) in zip(flat_s, flat_l, strict=True)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, out)
+    out = [put(s, v) if is_array(s) else s for _, s, v in pairs]
+    return jax.tree_util.tree_unflatten(jax.tree.structure(stacked), out)
 
 
 def slice_layers(

@@ -19,7 +19,7 @@ from ._tree import (
     merge_static,
     path_str,
     split_static,
-    structure_difference,
+    zip_matching,
 )
 
 # Policies in `jax.checkpoint_policies` that are policies themselves (the others there are
@@ -119,15 +119,14 @@ def _aval(x: Any) -> tuple[tuple[int, ...], np.dtype, bool]:
 
 
 def _check_carry(init: PyTree, carry: PyTree) -> None:
-    flat_i, treedef_i = flatten(init)
-    flat_c, treedef_c = flatten(carry)
-    if treedef_i != treedef_c:
-        raise TypeError(
-            "`fn` returned a carry with a different structure from `init` "
-            f"{structure_difference(init, carry)}."
-        )
+    pairs = zip_matching(
+        init,
+        carry,
+        TypeError,
+        "`fn` returned a carry with a different structure from `init`",
+    )
     errors = []
-    for (path, a), (_, b) in zip(flat_i, flat_c, strict=True):
+    for path, a, b in pairs:
         if not (is_array(a) or isinstance(a, bool | int | float | complex)):
             continue
         if not (is_array(b) or isinstance(b, bool | int | float | complex)):

@@ -180,6 +180,20 @@ def structure_difference(a: PyTree, b: PyTree) -> str:
     return found if found is not None else "in a way that could not be located"
 
 
+def zip_matching(
+    expected: PyTree, actual: PyTree, error: type[Exception], what: str
+) -> list[tuple[KeyPath, Any, Any]]:
+    """Pairs the leaves of two trees of the same structure as `(path, expected, actual)`.
+
+    Raises `error("{what} {where they differ}.")` when the structures differ.
+    """
+    flat_e, treedef_e = flatten(expected)
+    flat_a, treedef_a = flatten(actual)
+    if treedef_e != treedef_a:
+        raise error(f"{what} {structure_difference(expected, actual)}.")
+    return [(path, e, a) for (path, e), (_, a) in zip(flat_e, flat_a, strict=True)]
+
+
 def static_equal(a: Any, b: Any) -> bool:
     """Static leaves agree when `a == b` is a true boolean (or they are the same object)."""
     if a is b:
