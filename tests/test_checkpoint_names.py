@@ -273,7 +273,24 @@ def test_unflatten_names_lists_missing_and_extra() -> None:
 
 def test_flatten_names_refuses_colliding_names() -> None:
     with pytest.raises(ValueError, match=r"several leaves share the names 'a\.b'"):
-        flatten_names({"a.b": 1, "a": {"b": 2}})
+        flatten_names({"a.b": np.zeros(1), "a": {"b": np.zeros(1)}})
+
+
+class Activated(NamedTuple):
+    w: Any
+    act: str
+
+
+def test_static_leaves_stay_with_the_template(tmp_path: Any) -> None:
+    from stackedtree import stack
+    from stackedtree.checkpoint import load_flat, save_flat
+
+    stacked = stack([Activated(np.ones(2, ml_dtypes.bfloat16), "gelu")] * 3)
+    path = tmp_path / "a.safetensors"
+    save_flat(path, flatten_names(stacked))
+    back = unflatten_names(load_flat(path), stacked)
+    assert back.act == "gelu" and back.w.shape == (3, 2)
+    assert back.w.dtype == stacked.w.dtype and back.w.tobytes() == stacked.w.tobytes()
 
 
 def test_stacked_namedtuple_round_trips_through_names() -> None:

@@ -394,3 +394,38 @@ def test_bad_layers():
         scan_layers(block, INIT, {"a": 1})
     with pytest.raises(TypeError, match=r"`fn` must be callable"):
         scan_layers("block", INIT, make_layers())
+
+
+def test_typed_key_in_carry_and_numpy_float64_init():
+    layers = {"w": jnp.ones((4, 3))}
+
+    def inner(state, layer):  # the scan tutorial's (key, seq) state
+        key, x = state
+        key, sub = jax.random.split(key)
+        return (key, x * layer["w"] + 0.0 * jax.random.normal(sub, x.shape)), None
+
+    (_, x), _ = scan_layers(inner, (jax.random.key(0), jnp.ones(3)), layers)
+    np.testing.assert_array_equal(x, np.ones(3))
+    carry, _ = scan_layers(lambda c, p: (c * p["w"], None), np.ones(3), layers)
+    np.testing.assert_array_equal(carry, np.ones(3))
+
+
+@pytest.mark.parametrize("remat_group", [None, 3])
+def test_static_leaves_of_ys_are_kept_once_like_the_loop(remat_group):
+    def fn(c, layer):
+        return c + layer["w"], {"h": c, "name": "blk", "scale": 2.0}
+
+    layers = {"w": jnp.ones((N, 3))}
+    _, ys = scan_layers(fn, jnp.zeros(3), layers, remat_group=remat_group)
+    assert ys["name"] == "blk" and ys["scale"] == 2.0
+    np.testing.assert_array_equal(ys["h"], np.arange(N)[:, None] * np.ones((1, 3)))
+
+
+def test_empty_stack_with_sqrt_groups():
+    carry, _ys = scan_layers(
+        lambda c, p: (c + p["w"], None),
+        jnp.zeros(3),
+        {"w": jnp.ones((0, 3))},
+        remat_group="sqrt",
+    )
+    np.testing.assert_array_equal(carry, np.zeros(3))

@@ -415,3 +415,13 @@ def test_init_stacked_bad_input() -> None:
 def test_public_names_are_exported() -> None:
     for name in ["stack", "unstack", "num_layers", "layer_keys", "init_stacked"]:
         assert getattr(stackedtree, name).__doc__
+
+
+def test_optional_field_none_in_one_layer_is_located() -> None:
+    layers = [{"w": np.ones(2), "b": np.ones(2)}, {"w": np.ones(2), "b": None}]
+    with pytest.raises(
+        ValueError,
+        match=r"`layers\[1\]` has a different tree structure from `layers\[0\]` "
+        r"at \['b'\]: expected an array, got None",
+    ):
+        stack(layers)

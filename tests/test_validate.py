@@ -123,3 +123,17 @@ def test_still_raises_under_python_O() -> None:
         [sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True
     )
     assert "raised `tree` is not a stack of 4 layers" in out.stdout
+
+
+def test_like_checks_static_leaves_too() -> None:
+    like = {"w": jax.ShapeDtypeStruct((3,), jnp.float32), "act": "relu"}
+    assert_stacked({"w": jnp.zeros((4, 3)), "act": "relu"}, 4, like=like)
+    with pytest.raises(
+        AssertionError, match=r"\['act'\]: static leaf 'gelu' != 'relu'"
+    ):
+        assert_stacked({"w": jnp.zeros((4, 3)), "act": "gelu"}, 4, like=like)
+    with pytest.raises(
+        AssertionError,
+        match=r"\['act'\]: an array where `like` has the static leaf 'relu'",
+    ):
+        assert_stacked({"w": jnp.zeros((4, 3)), "act": jnp.zeros(4)}, 4, like=like)

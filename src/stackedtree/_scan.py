@@ -13,6 +13,7 @@ import numpy as np
 from ._stack import _check_key, checked_num_layers, layer_keys
 from ._tree import (
     PyTree,
+    dtype_of,
     flatten,
     fmt_shape,
     is_array,
@@ -83,7 +84,7 @@ def _resolve_group(remat_group: Any, n: int) -> int | None:
             raise ValueError(
                 f"`remat_group` must be None, a positive int or 'sqrt', got {remat_group!r}."
             )
-        return sqrt_group_size(n)
+        return sqrt_group_size(n) if n else None
     if isinstance(remat_group, bool) or not isinstance(remat_group, int | np.integer):
         raise TypeError(
             "`remat_group` must be None, a positive int or 'sqrt', got "
@@ -111,11 +112,15 @@ def _check_xs(xs: PyTree, n: int) -> None:
         raise ValueError("\n".join(errors))
 
 
-def _aval(x: Any) -> tuple[tuple[int, ...], np.dtype, bool]:
+def _aval(x: Any) -> tuple[tuple[int, ...], Any, bool]:
+    """Shape, dtype as `lax.scan` sees it (float64 -> float32 without x64), weak type."""
     if isinstance(x, bool | int | float | complex):
         return (), jnp.result_type(x), True
     weak = bool(getattr(getattr(x, "aval", None), "weak_type", False))
-    return tuple(np.shape(x)), np.dtype(x.dtype), weak
+    dtype = dtype_of(x)
+    if isinstance(dtype, np.dtype):
+        dtype = jax.dtypes.canonicalize_dtype(dtype)
+    return tuple(np.shape(x)), dtype, weak
 
 
 def _check_carry(init: PyTree, carry: PyTree) -> None:
@@ -238,6 +243,7 @@ def scan_layers(
 
     layer_arrays, layer_static = split_static(layers)
     xs_arrays, xs_static = split_static(xs)
+    y_static_box: list[PyTree] = []
 
     def body(
         carry: PyTree, sliced: tuple[PyTree, PyTree, Any]
@@ -254,7 +260,10 @@ def scan_layers(
             )
         new_carry, y = out
         _check_carry(init, new_carry)
-        return new_carry, y
+        # As in the reference loop's `stack`, static leaves of `y` are kept once.
+        y_arrays, y_static = split_static(y)
+        y_static_box.append(y_static)
+        return new_carry, y_arrays
 
     # With groups, layers inside a group are checkpointed too: recomputing a group then
     # keeps g carries rather than every intermediate of g layers.
@@ -268,7 +277,8 @@ def scan_layers(
         return jax.lax.scan(layer_body, carry, seq, unroll=unroll, reverse=reverse)
 
     if g is None:
-        return flat_scan(init, scanned)
+        carry, ys = flat_scan(init, scanned)
+        return carry, merge_static(ys, y_static_box[0])
 
     # Two-level scan: an outer scan over groups of g layers, each group a checkpointed
     # inner scan, so the backward pass keeps one carry per group plus one group's worth.
@@ -285,15 +295,16 @@ def scan_layers(
         return grouped_scan(carry, tail)
 
     if main == n:
-        return run_groups(init)
-    if reverse:
+        carry, ys = run_groups(init)
+    elif reverse:
         carry, ys_tail = run_tail(init)
         carry, ys_head = run_groups(carry)
+        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys_head, ys_tail)
     else:
         carry, ys_head = run_groups(init)
         carry, ys_tail = run_tail(carry)
-    ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys_head, ys_tail)
-    return carry, ys
+        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys_head, ys_tail)
+    return carry, merge_static(ys, y_static_box[0])
 
 
 def _short_type(x: Any) -> str:

@@ -123,6 +123,18 @@ def structure_difference(a: PyTree, b: PyTree) -> str:
         x_is_leaf = jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x))
         y_is_leaf = jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(y))
         loc = f"at {path_str(path)}" if path else "at the root"
+        if (x is None) != (y is None):
+            # None is an empty node, not a leaf: an optional field (`bias=None`) set in
+            # one tree and not in the other.
+            want, got = (
+                "None"
+                if v is None
+                else "an array"
+                if is_array(v)
+                else f"a {type(v).__name__}"
+                for v in (x, y)
+            )
+            return f"{loc}: expected {want}, got {got}"
         if x_is_leaf and y_is_leaf:
             return None
         if x_is_leaf != y_is_leaf:

@@ -13,6 +13,7 @@ from ._tree import (
     is_array,
     path_str,
     shape_of,
+    static_equal,
     structure_difference,
 )
 
@@ -70,6 +71,16 @@ def assert_stacked(
         else:
             for (path, t), (_, ref) in zip(flat_t, flat_l, strict=True):
                 if not is_array(ref):
+                    if is_array(t):
+                        errors.append(
+                            f"`tree` at {path_str(path)}: an array where `like` has "
+                            f"the static leaf {ref!r}"
+                        )
+                    elif not static_equal(t, ref):
+                        errors.append(
+                            f"`tree` at {path_str(path)}: static leaf {t!r} != {ref!r} "
+                            "from `like`"
+                        )
                     continue
                 if not is_array(t):
                     errors.append(

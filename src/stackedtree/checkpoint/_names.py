@@ -432,12 +432,18 @@ def _names_and_leaves(tree: Any, sep: str) -> tuple[list[str], list[Any], Any]:
     return names, [leaf for _, leaf in path_leaves], treedef
 
 
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, np.ndarray | np.generic) or _is_jax_array(x) or _is_sds(x)
+
+
 def flatten_names(tree: Any, /, sep: str = ".") -> dict[str, Any]:
-    """Flattens a pytree to `{name: leaf}`, naming leaves by their key paths.
+    """Flattens a pytree's array leaves to `{name: array}`, named by their key paths.
 
     Attribute names (NamedTuples, dataclasses, Equinox modules), dict keys and
     sequence indices are joined with `sep`, so a stacked `DecoderBlock` gives names
-    such as `attention.q_proj` that can be saved with `save_flat`.
+    such as `attention.q_proj` that can be saved with `save_flat`. Static (non-array)
+    leaves, such as an activation name, are left out: they belong to the code, and
+    `unflatten_names` takes them back from its template.
 
     Args:
         tree: any pytree.
@@ -450,11 +456,13 @@ def flatten_names(tree: Any, /, sep: str = ".") -> dict[str, Any]:
         ValueError: two leaves get the same name.
 
     Examples:
-        >>> flatten_names({"attention": {"q_proj": 1, "k_proj": 2}, "norm": [3]})
-        {'attention.k_proj': 2, 'attention.q_proj': 1, 'norm.0': 3}
+        >>> import numpy as np
+        >>> tree = {"attention": {"q_proj": np.zeros(2), "act": "gelu"}, "norm": [np.ones(1)]}
+        >>> {name: x.shape for name, x in flatten_names(tree).items()}
+        {'attention.q_proj': (2,), 'norm.0': (1,)}
     """
     names, leaves, _ = _names_and_leaves(tree, sep)
-    return dict(zip(names, leaves, strict=True))
+    return {n: x for n, x in zip(names, leaves, strict=True) if _is_tensor(x)}
 
 
 def unflatten_names(flat: Mapping[str, Any], like: Any, /, sep: str = ".") -> Any:
@@ -462,8 +470,9 @@ def unflatten_names(flat: Mapping[str, Any], like: Any, /, sep: str = ".") -> An
 
     Args:
         flat: maps names to leaves, as returned by `flatten_names` or `load_flat`.
-        like: a pytree of the wanted structure; its leaves are ignored (arrays,
-            `jax.ShapeDtypeStruct`s, anything).
+        like: a pytree of the wanted structure. Its array leaves (arrays or
+            `jax.ShapeDtypeStruct`s) are replaced from `flat`; its static leaves are
+            kept unless `flat` names them.
         sep: the separator used by `flatten_names`.
 
     Returns:
@@ -474,11 +483,17 @@ def unflatten_names(flat: Mapping[str, Any], like: Any, /, sep: str = ".") -> An
             that `like` does not have (both listed).
 
     Examples:
-        >>> unflatten_names({"a": 1, "b.0": 2}, {"a": 0, "b": [0]})
-        {'a': 1, 'b': [2]}
+        >>> import numpy as np
+        >>> back = unflatten_names({"w": np.ones(2)}, {"w": np.zeros(2), "act": "gelu"})
+        >>> back["w"].tolist(), back["act"]
+        ([1.0, 1.0], 'gelu')
     """
-    names, _, treedef = _names_and_leaves(like, sep)
-    missing = [n for n in names if n not in flat]
+    names, template, treedef = _names_and_leaves(like, sep)
+    missing = [
+        n
+        for n, x in zip(names, template, strict=True)
+        if n not in flat and _is_tensor(x)
+    ]
     wanted = set(names)
     extra = [n for n in flat if n not in wanted]
     if missing or extra:
@@ -490,4 +505,6 @@ def unflatten_names(flat: Mapping[str, Any], like: Any, /, sep: str = ".") -> An
         raise ValueError(
             "the names of `flat` do not match the leaves of `like`; " + "; ".join(lines)
         )
-    return treedef.unflatten([flat[n] for n in names])
+    return treedef.unflatten(
+        [flat.get(n, x) for n, x in zip(names, template, strict=True)]
+    )
