@@ -42,6 +42,16 @@ import stackedtree  # noqa: E402
 # Command line and output
 
 
+def start(
+    doc: str, argv: list[str] | None
+) -> tuple[argparse.Namespace, dict[str, Any], float]:
+    """Parses a script's arguments and logs the machine: `(args, machine, start time)`."""
+    args = parser(doc.splitlines()[0]).parse_args(argv)
+    machine = machine_info(device_label(args))
+    log("machine:", machine_line(machine))
+    return args, machine, time.perf_counter()
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     """The options every benchmark script shares."""
     p = argparse.ArgumentParser(description=description)

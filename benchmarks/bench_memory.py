@@ -106,11 +106,8 @@ def _flat_grad(g: Any, n: int) -> list[np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = C.parser(__doc__.splitlines()[0]).parse_args(argv)
+    args, machine, t_start = C.start(__doc__, argv)
     q = args.quick
-    t_start = time.perf_counter()
-    machine = C.machine_info(C.device_label(args))
-    C.log("machine:", C.machine_line(machine))
     ns = [4, 9] if q else [16, 36, 64, 100]
     step_n = ns[-1] if q else 64
     names = ["no_remat", "per_layer", "sqrt_group", "flax_remat_scan"]

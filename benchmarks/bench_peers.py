@@ -363,11 +363,8 @@ def run_n(n: int, quick: bool, step_repeats: int, rotate: int) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = C.parser(__doc__.splitlines()[0]).parse_args(argv)
+    args, machine, t_start = C.start(__doc__, argv)
     q = args.quick
-    t_start = time.perf_counter()
-    machine = C.machine_info(C.device_label(args))
-    C.log("machine:", C.machine_line(machine))
     ns = [2, 4] if q else [8, 16, 32, 64]
     results: dict[str, Any] = {}
     for i, n in enumerate(ns):

@@ -261,11 +261,8 @@ def _fmt(x: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = C.parser(__doc__.splitlines()[0]).parse_args(argv)
+    args, machine, t_start = C.start(__doc__, argv)
     q = args.quick
-    t_start = time.perf_counter()
-    machine = C.machine_info(C.device_label(args))
-    C.log("machine:", C.machine_line(machine))
 
     C.log("checking the loop, lax.scan and scan_layers agree (loss and gradient)")
     check = check_llama_equal(2 if q else 4, q)
