@@ -24,6 +24,7 @@ from ._tree import (
     static_equal,
     static_repr,
     structure_difference,
+    where,
 )
 
 
@@ -162,7 +163,7 @@ def leading_lengths(
         shape = shape_of(x)
         if not shape:
             errors.append(
-                f"{_at(arg, path)} is a 0-d array: a stacked leaf needs a leading layer "
+                f"{where(arg, path)} is a 0-d array: a stacked leaf needs a leading layer "
                 "axis (a Python number kept as a static leaf becomes a 0-d array when "
                 "the tree is an argument of `jax.jit`; close over it instead, or use "
                 "`equinox.filter_jit`)"
@@ -170,10 +171,6 @@ def leading_lengths(
         else:
             lengths.append((path, shape[0]))
     return lengths, errors
-
-
-def _at(arg: str, path: KeyPath) -> str:
-    return f"`{arg}` at {path_str(path)}" if path else f"`{arg}`"
 
 
 def num_layers(stacked: PyTree, /) -> int:
@@ -208,7 +205,7 @@ def checked_num_layers(stacked: PyTree, arg: str) -> int:
         for path, m in lengths[1:]:
             if m != n:
                 errors.append(
-                    f"{_at(arg, path)} has leading length {m}, but {path_str(path0)} has {n}"
+                    f"{where(arg, path)} has leading length {m}, but {path_str(path0)} has {n}"
                 )
     if errors:
         raise ValueError("\n".join(errors))

@@ -103,14 +103,6 @@ def _children(x: Any) -> tuple[list[tuple[KeyPath, Any]], Any]:
     return leaves, treedef
 
 
-def _node_name(treedef: Any) -> str:
-    data = treedef.node_data()
-    if data is None:
-        return "leaf"
-    typ, _ = data
-    return getattr(typ, "__name__", repr(typ))
-
-
 def structure_difference(a: PyTree, b: PyTree) -> str:
     """Describes where the pytree structures of `a` and `b` first differ.
 
