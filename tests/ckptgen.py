@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from stackedtree.checkpoint._names import match_layer, split_pattern
+from stackedtree.checkpoint._pattern import LayerPattern
 
 DTYPES = [
     np.dtype(t)
@@ -64,17 +64,17 @@ class Case(NamedTuple):
 def cases(draw: st.DrawFn, max_layers: int = 4) -> Case:
     """A random per-layer checkpoint with its pattern."""
     pattern = draw(patterns())
-    before, after = split_pattern(pattern)
+    lp = LayerPattern.parse(pattern)
     n = draw(st.integers(1, max_layers))
     key_text = st.text(alphabet=NAME_CHARS, max_size=6)
-    if after == "":
+    if lp.after == "":
         key_text = key_text.filter(lambda k: not k[:1].isdigit())
     keys = draw(st.lists(key_text, min_size=1, max_size=4, unique=True))
     key_specs = {k: draw(specs) for k in keys}
     rest_names = draw(
         st.lists(
             st.text(alphabet=NAME_CHARS, min_size=1, max_size=10).filter(
-                lambda name: match_layer(name, before, after) is None
+                lambda name: lp.match(name) is None
             ),
             max_size=3,
             unique=True,
@@ -85,7 +85,7 @@ def cases(draw: st.DrawFn, max_layers: int = 4) -> Case:
         flat[name] = _draw_array(draw, *draw(specs))
     for i in range(n):
         for k, (shape, dtype) in key_specs.items():
-            flat[before + str(i) + after + k] = _draw_array(draw, shape, dtype)
+            flat[lp.layer_name(i, k)] = _draw_array(draw, shape, dtype)
     return Case(pattern, n, flat)
 
 

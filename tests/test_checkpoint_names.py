@@ -157,9 +157,12 @@ def test_unstack_by_name_gives_views_and_puts_rest_last() -> None:
 def test_unstack_by_name_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="`stacked` holds no tensors"):
         unstack_by_name({}, P)
-    with pytest.raises(ValueError, match=r"`stacked\['w'\]` is 0-d"):
+    with pytest.raises(ValueError, match=r"`stacked\['w'\]` is a 0-d array"):
         unstack_by_name({"w": np.float32(1)}, P)
-    with pytest.raises(ValueError, match=r"most have 3, but 'b' has 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"`stacked\['b'\]` has leading length 2, but `stacked\['a'\]` has 3",
+    ):
         unstack_by_name({"a": np.zeros(3), "c": np.zeros(3), "b": np.zeros(2)}, P)
     with pytest.raises(
         ValueError, match=r"reads as layer tensors: 'model\.layers\.0\.x'"

@@ -188,13 +188,17 @@ def test_public_name_in_api_reference(module: str, name: str) -> None:
 
 
 def _doctest_modules() -> list[str]:
-    core = ["_stack", "_index", "_validate", "_describe", "_scan"]
-    names = [f"stackedtree.{m}" for m in core]
-    checkpoint = _checkpoint_module()
-    names.append(checkpoint.__name__)
-    for info in pkgutil.iter_modules(checkpoint.__path__, checkpoint.__name__ + "."):
-        names.append(info.name)
+    names = []
+    for package in (stackedtree, _checkpoint_module()):
+        names.append(package.__name__)
+        for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+            if not info.ispkg and not info.name.endswith("__main__"):
+                names.append(info.name)
     return names
+
+
+# Modules whose public functions must show at least one runnable example.
+WITH_EXAMPLES = {"_stack", "_index", "_validate", "_describe", "_scan", "_tree"}
 
 
 @pytest.mark.parametrize("module", _doctest_modules())
@@ -204,11 +208,36 @@ def test_docstring_examples(module: str) -> None:
         mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
     )
     assert result.failed == 0, f"{result.failed} doctest(s) failed in {module}"
-    if module.removeprefix("stackedtree.") in {
-        "_stack",
-        "_index",
-        "_validate",
-        "_describe",
-        "_scan",
-    }:
+    if module.removeprefix("stackedtree.") in WITH_EXAMPLES:
         assert result.attempted > 0, f"{module} has no examples"
+
+
+def update_outputs(page: str) -> None:
+    """Rewrites the Output blocks of `page` with what its blocks print now."""
+    text = (DOCS / page).read_text()
+    lines = text.splitlines()
+    name = "docs_update"
+    module = types.ModuleType(name)
+    sys.modules[name] = module
+    replacements = []
+    for block, expected in page_blocks(page):
+        stdout = io.StringIO()
+        code = compile("\n" * block.line + block.code, f"docs/{page}", "exec")
+        with contextlib.redirect_stdout(stdout):
+            exec(code, module.__dict__)
+        if expected is not None:
+            indent = FENCE.match(lines[expected.line - 1])["indent"]  # type: ignore[index]
+            printed = stdout.getvalue().rstrip().splitlines()
+            got = [indent + line if line else "" for line in printed]
+            end = expected.line + expected.code.count("\n")
+            replacements.append((expected.line, end, got))
+    for start, stop, got in reversed(replacements):
+        lines[start:stop] = got
+    (DOCS / page).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    # `python tests/test_docs.py guide/scan.md ...` rewrites those pages' Output blocks.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    for arg in sys.argv[1:]:
+        update_outputs(arg)

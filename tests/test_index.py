@@ -269,7 +269,7 @@ def test_set_layer_lists_every_mismatch() -> None:
 def test_set_layer_structure_mismatch() -> None:
     with pytest.raises(
         ValueError,
-        match=r"`layer` has a different tree structure from a layer of `stacked` "
+        match=r"`layer` has a different tree structure from layer 0 of `stacked` "
         r"at \['b'\]: expected a leaf, got a dict node",
     ):
         set_layer(

@@ -323,7 +323,7 @@ def test_carry_structure_change_is_named():
     with pytest.raises(
         TypeError,
         match=r"different structure from `init` at the root: "
-        r"unexpected 'extra'",
+        r"unexpected \['extra'\]",
     ):
         scan_layers(
             lambda c, p: ({"h": c["h"], "extra": c["h"]}, None),

@@ -242,7 +242,7 @@ def test_stack_missing_key() -> None:
     with pytest.raises(
         ValueError,
         match=r"`layers\[1\]` has a different tree structure from `layers\[0\]` "
-        r"at \['mlp'\]: missing 'bias'",
+        r"at \['mlp'\]: missing \['bias'\]",
     ):
         stack([{"mlp": {"w": 1.0, "bias": 2.0}}, {"mlp": {"w": 1.0}}])
 
@@ -283,7 +283,7 @@ def test_stack_static_differs() -> None:
 def test_stack_array_where_static_is_type_error() -> None:
     with pytest.raises(
         TypeError,
-        match=r"`layers\[1\]` differs .* at \['s'\]: array where `layers\[0\]` has static int",
+        match=r"`layers\[1\]` differs .* at \['s'\]: array where the static leaf 1 is expected",
     ):
         stack([{"s": 1}, {"s": np.zeros(2)}])
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,24 +47,69 @@ def test_passes_on_a_good_stack() -> None:
     assert_stacked(stack([LIKE] * 3), 3, like=LIKE)
 
 
+PREFIX = "[Chex] Assertion assert_stacked failed: "
+
+
 def test_wrong_num_layers() -> None:
     with pytest.raises(
-        AssertionError, match=r"`tree` at \['norm'\]: leading length 4 != 5"
+        AssertionError,
+        match=r"`tree` at \['norm'\] has leading length 4, expected 5",
     ):
         assert_stacked(good(), 5)
 
 
 def test_lists_every_offending_leaf() -> None:
-    tree = good()
+    tree = good(5)
     tree["norm"] = np.ones((3, 8), np.float32)
-    tree["attention"] = Attention(np.zeros((4, 8, 2), np.float32), np.float32(0))
+    tree["extra"] = [np.ones((2,)), np.ones((5,)), np.ones((7, 1))]
+    tree["attention"] = Attention(np.zeros((5, 8, 2), np.float32), np.float32(0))
     with pytest.raises(AssertionError) as info:
         assert_stacked(tree)
     msg = str(info.value)
-    assert msg.startswith("`tree` is not a well-formed stack:")
-    assert "`tree` at ['attention'].k_proj is a 0-d array" in msg
-    # Disagreements are reported against the most common length.
-    assert "`tree` at ['norm']: leading length 3 != 4" in msg
+    assert msg.startswith(PREFIX + "`tree` is not a well-formed stack:\n")
+    lines = msg.splitlines()[1:]
+    assert lines[0] == (
+        "  `tree` at ['attention'].k_proj is a 0-d array: a stacked leaf needs a "
+        "leading layer axis (a Python number kept as a static leaf becomes a 0-d "
+        "array when the tree is an argument of `jax.jit`; close over it instead, or "
+        "use `equinox.filter_jit`)"
+    )
+    # Disagreements are reported against the most common length, each leaf once.
+    assert lines[1:] == [
+        "  `tree` at ['extra'][0] has leading length 2, but ['attention'].q_proj has 5",
+        "  `tree` at ['extra'][2] has leading length 7, but ['attention'].q_proj has 5",
+        "  `tree` at ['norm'] has leading length 3, but ['attention'].q_proj has 5",
+    ]
+
+
+def test_long_lists_are_cut_with_a_count() -> None:
+    tree = {f"w{k:02d}": np.zeros((3, 2)) for k in range(25)}
+    with pytest.raises(AssertionError) as info:
+        assert_stacked(tree, 4)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 1 + 20 + 1
+    assert lines[1] == "  `tree` at ['w00'] has leading length 3, expected 4"
+    assert lines[-1] == "  ... and 5 more"
+
+
+def test_is_switched_by_chex() -> None:
+    bad = {"w": np.zeros((3, 2))}
+    chex.disable_asserts()
+    try:
+        chex.assert_shape(bad["w"], (4, 2))  # chex's own assertions are off
+        assert_stacked(bad, 4)  # and so is this one
+    finally:
+        chex.enable_asserts()
+    with pytest.raises(AssertionError, match="expected 4"):
+        assert_stacked(bad, 4)
+
+
+def test_static_leaves_are_compared_by_value() -> None:
+    # Equal but distinct objects: a comparison by identity would reject them.
+    like = {"w": np.zeros(2), "act": "".join(["re", "lu"]), "dims": [8, 2]}
+    tree = {"w": np.zeros((3, 2)), "act": "".join(["r", "elu"]), "dims": [8, 2]}
+    assert like["act"] is not tree["act"]
+    assert_stacked(tree, 3, like=like)
 
 
 def test_like_lists_shape_and_dtype_differences() -> None:
@@ -75,16 +121,19 @@ def test_like_lists_shape_and_dtype_differences() -> None:
         assert_stacked(tree, 4, like=LIKE)
     msg = str(info.value)
     assert (
-        "`tree` at ['attention'].q_proj: per-layer shape (8, 3) != (8, 2) from `like`"
-        in msg
+        "`tree` differs from `like` at ['attention'].q_proj: per-layer shape (8, 3) "
+        "!= (8, 2)" in msg
     )
-    assert "`tree` at ['attention'].k_proj: dtype float16 != float32 from `like`" in msg
+    assert (
+        "`tree` differs from `like` at ['attention'].k_proj: dtype float16 != " in msg
+    )
 
 
 def test_like_structure_difference() -> None:
     with pytest.raises(
         AssertionError,
-        match=r"`tree` has a different structure from `like` at the root: missing 'extra'",
+        match=r"`tree` has a different structure from `like` at the root: "
+        r"missing \['extra'\]",
     ):
         assert_stacked(good(), like={**LIKE, "extra": np.zeros(1)})
 
@@ -104,7 +153,7 @@ def test_works_inside_jit() -> None:
     assert f(tree) == 32
     bad = {**tree, "norm": jnp.ones((5, 8), jnp.float32)}
     with pytest.raises(
-        AssertionError, match=r"`tree` at \['norm'\]: leading length 5 != 4"
+        AssertionError, match=r"`tree` at \['norm'\] has leading length 5, expected 4"
     ):
         f(bad)
 
@@ -122,7 +171,10 @@ def test_still_raises_under_python_O() -> None:
     out = subprocess.run(
         [sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True
     )
-    assert "raised `tree` is not a stack of 4 layers" in out.stdout
+    assert (
+        "raised " + PREFIX + "`tree` at ['w'] has leading length 3, expected 4."
+        in out.stdout
+    )
 
 
 def test_like_checks_static_leaves_too() -> None:
@@ -134,6 +186,6 @@ def test_like_checks_static_leaves_too() -> None:
         assert_stacked({"w": jnp.zeros((4, 3)), "act": "gelu"}, 4, like=like)
     with pytest.raises(
         AssertionError,
-        match=r"\['act'\]: an array where `like` has the static leaf 'relu'",
+        match=r"\['act'\]: array where the static leaf 'relu' is expected",
     ):
         assert_stacked({"w": jnp.zeros((4, 3)), "act": jnp.zeros(4)}, 4, like=like)

@@ -1,11 +1,12 @@
 """stackedtree: stack per-layer pytrees and scan over them with `jax.lax.scan`.
 
-The names below load on first use, so the `stackedtree` command (which converts
-checkpoints with numpy alone) starts without importing jax.
+The names below load on first use (see `_lazy.py`), so the `stackedtree` command, which
+converts checkpoints with numpy alone, starts without importing jax.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_names
 
 if TYPE_CHECKING:
     from ._describe import describe as describe
@@ -45,15 +46,4 @@ _SOURCES = {
 }
 
 __all__ = sorted(_SOURCES)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _SOURCES:
-        raise AttributeError(f"module 'stackedtree' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_SOURCES[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_names(__name__, _SOURCES, globals())

@@ -7,30 +7,9 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 
-from ._tree import PyTree, dtype_of, is_array, path_str, shape_of
-
-_KIND_PREFIX = {"f": "f", "i": "i", "u": "u", "c": "c"}
-
-
-def _dtype_name(dtype: Any) -> str:
-    """jax's short dtype names: f32, bf16, i8, u32, c64, bool."""
-    if not isinstance(dtype, np.dtype):  # a jax extended dtype, e.g. key<fry>
-        return str(dtype)
-    name = dtype.name
-    if name == "bfloat16":
-        return "bf16"
-    if name == "bool":
-        return "bool"
-    if dtype.kind in _KIND_PREFIX and name.rstrip("0123456789") in {
-        "float",
-        "int",
-        "uint",
-        "complex",
-    }:
-        return f"{_KIND_PREFIX[dtype.kind]}{dtype.itemsize * 8}"
-    return name
+from ._leaf import dtype_of, is_array, shape_of, short_dtype
+from ._tree import PyTree
 
 
 class _Node(NamedTuple):
@@ -43,7 +22,7 @@ def _build(x: Any, dtypes: bool) -> _Node | str:
     if is_array(x):
         shape = shape_of(x)
         if dtypes:
-            return f"{_dtype_name(dtype_of(x))}[{','.join(map(str, shape))}]"
+            return f"{short_dtype(dtype_of(x))}[{','.join(map(str, shape))}]"
         return "(" + ", ".join(map(str, shape)) + ")"
     if x is None:
         return "None"
@@ -78,7 +57,7 @@ def _build(x: Any, dtypes: bool) -> _Node | str:
     # Another registered pytree node: name its children by their keys.
     items = []
     for path, child in children:
-        key = path_str(path).lstrip("[").rstrip("]")
+        key = jax.tree_util.keystr(path, simple=True)
         items.append((f"{key}=", _build(child, dtypes)))
     return _Node(f"{type(x).__name__}(", items, ")")
 

@@ -9,27 +9,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._stack import (
-    _check_sequence,
-    check_same_layers,
-    checked_num_layers,
-    leading_lengths,
-    num_layers,
-)
+from ._check import count_layers, fail, leading_shapes, num_layers_of, tree_problems
+from ._leaf import leaf_kind, shape_of
+from ._stack import check_same_layers, check_sequence, num_layers
 from ._tree import (
     PyTree,
+    abstract_layer,
     check_index,
-    dtype_of,
     flatten,
-    fmt_shape,
     is_array,
-    leaf_kind,
     map_arrays,
     path_str,
-    shape_of,
-    static_equal,
-    static_repr,
-    zip_matching,
 )
 
 
@@ -97,6 +87,8 @@ def set_layer(stacked: PyTree, index: int | jax.Array, layer: PyTree, /) -> PyTr
 
     Raises:
         IndexError: if a concrete `index` is out of range.
+        TypeError: if a leaf of `layer` is an array where `stacked` has a static leaf, or
+            the reverse.
         ValueError: if `layer` does not match a layer of `stacked`; every mismatching leaf
             is listed.
 
@@ -109,34 +101,24 @@ def set_layer(stacked: PyTree, index: int | jax.Array, layer: PyTree, /) -> PyTr
     """
     n = num_layers(stacked)
     i = check_index(index, n)
-    pairs = zip_matching(
-        stacked,
-        layer,
-        ValueError,
-        "`layer` has a different tree structure from a layer of `stacked`",
-    )
-    errors = []
     target = f"layer {i} of `stacked`" if isinstance(i, int) else "a layer of `stacked`"
-    for path, s, v in pairs:
-        loc = f"`layer` differs from {target} at {path_str(path)}"
-        if is_array(s):
-            if not is_array(v):
-                errors.append(
-                    f"{loc}: static {type(v).__name__} where an array is expected"
-                )
-                continue
-            if shape_of(v) != shape_of(s)[1:]:
-                errors.append(
-                    f"{loc}: shape {fmt_shape(shape_of(v))} != {fmt_shape(shape_of(s)[1:])}"
-                )
-            if dtype_of(v) != dtype_of(s):
-                errors.append(f"{loc}: dtype {dtype_of(v)} != {dtype_of(s)}")
-        elif is_array(v):
-            errors.append(f"{loc}: array where a static {type(s).__name__} is expected")
-        elif not static_equal(s, v):
-            errors.append(f"{loc}: static leaf {static_repr(v)} != {static_repr(s)}")
-    if errors:
-        raise ValueError("\n".join(errors))
+    problems, type_error = [], False
+    for path, phrase, is_type in tree_problems(abstract_layer(stacked), layer):
+        if path is None:
+            problems.append(
+                f"`layer` has a different tree structure from {target} {phrase}"
+            )
+        else:
+            problems.append(
+                f"`layer` differs from {target} at {path_str(path)}: {phrase}"
+            )
+        type_error |= is_type
+    if problems:
+        fail(
+            problems,
+            error=TypeError if type_error else ValueError,
+            title="`layer` cannot be set",
+        )
 
     def put(s: Any, v: Any) -> Any:
         if isinstance(s, jax.ShapeDtypeStruct):
@@ -147,8 +129,12 @@ def set_layer(stacked: PyTree, index: int | jax.Array, layer: PyTree, /) -> PyTr
             return out
         return jnp.asarray(s).at[i].set(v)
 
-    out = [put(s, v) if is_array(s) else s for _, s, v in pairs]
-    return jax.tree_util.tree_unflatten(jax.tree.structure(stacked), out)
+    flat, treedef = flatten(stacked)
+    values = jax.tree.leaves(layer)
+    out = [
+        put(s, v) if is_array(s) else s for (_, s), v in zip(flat, values, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def slice_layers(
@@ -216,9 +202,9 @@ def concat_layers(stacks: Sequence[PyTree], /) -> PyTree:
         >>> num_layers(concat_layers([{"w": np.zeros((2, 3))}, {"w": np.ones((5, 3))}]))
         7
     """
-    stacks = _check_sequence(stacks, "stacks")
+    stacks = check_sequence(stacks, "stacks")
     for k, s in enumerate(stacks):
-        checked_num_layers(s, f"stacks[{k}]")
+        num_layers_of(s, f"stacks[{k}]")
     flats, treedef = check_same_layers(stacks, "stacks", lead=1)
     out = []
     for j, (_, leaf0) in enumerate(flats[0]):
@@ -308,28 +294,11 @@ def ungroup_layers(grouped: PyTree, /) -> PyTree:
         >>> ungroup_layers({"w": np.zeros((3, 2, 4))})["w"].shape
         (6, 4)
     """
-    lengths, errors = leading_lengths(grouped, "grouped")
-    if not lengths and not errors:
+    leading, problems = count_layers(leading_shapes(grouped, "grouped"), axes=2)
+    if problems:
+        fail(problems, title="`grouped` is not a grouped stack")
+    if leading is None:
         raise ValueError("`grouped` has no array leaves, so it has no layer axis.")
-    leaves = [(p, x) for p, x in flatten(grouped)[0] if is_array(x) and np.ndim(x) >= 1]
-    first = None
-    for path, x in leaves:
-        shape = shape_of(x)
-        if len(shape) < 2:
-            errors.append(
-                f"`grouped` at {path_str(path)} has shape {fmt_shape(shape)}: "
-                "a grouped leaf needs two leading axes"
-            )
-            continue
-        if first is None:
-            first = (path, shape[:2])
-        elif shape[:2] != first[1]:
-            errors.append(
-                f"`grouped` at {path_str(path)} has leading axes {fmt_shape(shape[:2])}, "
-                f"but {path_str(first[0])} has {fmt_shape(first[1])}"
-            )
-    if errors:
-        raise ValueError("\n".join(errors))
 
     def reshape(x: Any) -> Any:
         g, s, *rest = shape_of(x)

@@ -1,7 +1,12 @@
-"""scan_layers: jax.lax.scan over a stack of layers, with keys and rematerialisation."""
+"""scan_layers: jax.lax.scan over a stack of layers, with keys and rematerialisation.
+
+`scan_layers` is a dispatcher: it resolves its options, builds the layer step
+(`layer_step`, shared with `scan_pattern`), then runs a flat or a grouped scan.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -10,18 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._stack import _check_key, checked_num_layers, layer_keys
-from ._tree import (
-    PyTree,
-    dtype_of,
-    flatten,
-    fmt_shape,
-    is_array,
-    merge_static,
-    path_str,
-    split_static,
-    zip_matching,
-)
+from ._check import count_layers, fail, leading_shapes, num_layers_of, tree_problems
+from ._leaf import dtype_of, fmt_shape, is_array
+from ._stack import check_key, layer_keys
+from ._tree import PyTree, arrays_only, merge_static, path_str, split_static
 
 # Policies in `jax.checkpoint_policies` that are policies themselves (the others there are
 # factories taking names, which users pass as callables).
@@ -41,7 +38,7 @@ def _valid_policy_names() -> list[str]:
     return [n for n in _POLICY_NAMES if hasattr(jax.checkpoint_policies, n)]
 
 
-def _resolve_remat(remat: Any) -> tuple[bool, Callable[..., bool] | None]:
+def resolve_remat(remat: Any) -> tuple[bool, Callable[..., bool] | None]:
     """`remat` -> (whether to checkpoint, the policy or None for 'save nothing')."""
     if isinstance(remat, bool | np.bool_):
         return bool(remat), None
@@ -97,62 +94,145 @@ def _resolve_group(remat_group: Any, n: int) -> int | None:
     return int(remat_group)
 
 
-def _check_xs(xs: PyTree, n: int) -> None:
-    errors = []
-    for path, x in flatten(xs)[0]:
-        if not is_array(x):
-            continue
-        shape = tuple(np.shape(x))
-        if not shape or shape[0] != n:
-            got = "a 0-d array" if not shape else f"leading length {shape[0]}"
-            errors.append(
-                f"`xs` at {path_str(path)} has {got}, but `layers` has {n} layers"
-            )
-    if errors:
-        raise ValueError("\n".join(errors))
+def check_xs(xs: PyTree, n: int, arg: str = "xs") -> None:
+    """Every array leaf of `xs` has leading length `n`, else a `ValueError`."""
+    _, problems = count_layers(
+        leading_shapes(xs, arg), expected=n, because=f"but `layers` has {n} layers"
+    )
+    if problems:
+        fail(problems, title=f"`{arg}` must hold one entry per layer")
 
 
-def _aval(x: Any) -> tuple[tuple[int, ...], Any, bool]:
-    """Shape, dtype as `lax.scan` sees it (float64 -> float32 without x64), weak type."""
+def _aval(x: Any) -> Any:
+    """A carry leaf as `lax.scan` sees it: canonical dtype (float64 -> float32 without
+    x64), Python scalars weakly typed. Other leaves are returned as they are."""
     if isinstance(x, bool | int | float | complex):
-        return (), jnp.result_type(x), True
+        return jax.ShapeDtypeStruct((), jnp.result_type(x), weak_type=True)
+    if not is_array(x):
+        return x
     weak = bool(getattr(getattr(x, "aval", None), "weak_type", False))
     dtype = dtype_of(x)
     if isinstance(dtype, np.dtype):
         dtype = jax.dtypes.canonicalize_dtype(dtype)
-    return tuple(np.shape(x)), dtype, weak
+    return jax.ShapeDtypeStruct(tuple(np.shape(x)), dtype, weak_type=weak)
 
 
-def _check_carry(init: PyTree, carry: PyTree) -> None:
-    pairs = zip_matching(
-        init,
-        carry,
-        TypeError,
-        "`fn` returned a carry with a different structure from `init`",
-    )
-    errors = []
-    for path, a, b in pairs:
-        if not (is_array(a) or isinstance(a, bool | int | float | complex)):
-            continue
-        if not (is_array(b) or isinstance(b, bool | int | float | complex)):
-            errors.append(f"at {path_str(path)}: {type(b).__name__} is not an array")
-            continue
-        (sa, da, weak), (sb, db, _) = _aval(a), _aval(b)
-        if sa != sb:
-            errors.append(
-                f"at {path_str(path)}: shape {fmt_shape(sb)} != {fmt_shape(sa)}"
-            )
-        if da != db and not weak:
-            errors.append(f"at {path_str(path)}: dtype {db} != {da}")
-    if errors:
+def check_carry(init: PyTree, carry: PyTree, fn: str = "fn") -> None:
+    """The carry `fn` returned matches `init` in structure, shapes and dtypes."""
+    problems, structure = [], False
+    for path, phrase, _ in tree_problems(
+        jax.tree.map(_aval, init), jax.tree.map(_aval, carry), weak_dtypes=True
+    ):
+        structure |= path is None
+        at = "" if path is None else f" at {path_str(path)}:"
+        problems.append(f"the carry differs{at} {phrase}")
+    if structure:
         raise TypeError(
-            "`fn` must return a carry with the shapes and dtypes of `init` (it is fed "
-            "back to the next layer); it differs " + "; ".join(errors) + "."
+            f"`{fn}` returned a carry with a different structure from `init` "
+            + problems[0].removeprefix("the carry differs ")
+            + "."
+        )
+    if problems:
+        fail(
+            problems,
+            f"`{fn}` must return a carry with the shapes and dtypes of `init` (it is fed "
+            "back to the next layer)",
+            TypeError,
         )
 
 
-def _group(tree: PyTree, g: int) -> PyTree:
-    return jax.tree.map(lambda x: x.reshape((x.shape[0] // g, g, *x.shape[1:])), tree)
+def _short_type(x: Any) -> str:
+    if isinstance(x, tuple | list):
+        return f"a {type(x).__name__} of length {len(x)}"
+    if is_array(x):
+        return f"an array of shape {fmt_shape(np.shape(x))}"
+    return type(x).__name__
+
+
+def layer_step(
+    fn: Callable[..., tuple[PyTree, PyTree]],
+    init: PyTree,
+    layer_static: PyTree,
+    xs_static: PyTree,
+    *,
+    has_xs: bool,
+    checkpoint: bool,
+    policy: Callable[..., bool] | None,
+) -> tuple[Callable[[PyTree, tuple[PyTree, PyTree, Any]], tuple[PyTree, PyTree]], list]:
+    """The body of a scan over layers, and the box of `y`'s static leaves.
+
+    The body takes `(carry, (layer_arrays, x_arrays, key))`, merges the static leaves
+    back, calls `fn` as the reference loop does (`key=` only with a key), checks the
+    pair it returns and its carry, and returns the array leaves of `y`; the static
+    leaves of `y` are kept once (as the reference loop's `stack` keeps them).
+    """
+
+    y_arrays, y_static = arrays_only(lambda y: y)
+
+    def call(
+        carry: PyTree, sliced: tuple[PyTree, PyTree, Any]
+    ) -> tuple[PyTree, PyTree]:
+        arrays, x, k = sliced
+        args: tuple[PyTree, ...] = (carry, merge_static(arrays, layer_static))
+        if has_xs:
+            args += (merge_static(x, xs_static),)
+        out = fn(*args) if k is None else fn(*args, key=k)
+        if not isinstance(out, tuple | list) or len(out) != 2:
+            raise TypeError(
+                "`fn` must return a pair `(carry, y)` like a `jax.lax.scan` body "
+                f"(use `(carry, None)` for no output), got {_short_type(out)}."
+            )
+        check_carry(init, out[0])
+        return out[0], out[1]
+
+    def body(
+        carry: PyTree, sliced: tuple[PyTree, PyTree, Any]
+    ) -> tuple[PyTree, PyTree]:
+        new_carry, y = call(carry, sliced)
+        return new_carry, y_arrays(y)
+
+    if checkpoint:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    return body, y_static
+
+
+def _grouped_scan(
+    step: Callable[..., tuple[PyTree, PyTree]],
+    init: PyTree,
+    seq: PyTree,
+    n: int,
+    g: int,
+    *,
+    unroll: int | bool,
+    reverse: bool,
+) -> tuple[PyTree, PyTree]:
+    """A two-level scan: groups of `g` layers, each rematerialised as a whole.
+
+    The backward pass keeps one carry per group plus one group's worth. The layers
+    past the last whole group run as one shorter group, before the others when
+    `reverse`.
+    """
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def group(carry: PyTree, part: PyTree) -> tuple[PyTree, PyTree]:
+        return jax.lax.scan(step, carry, part, unroll=unroll, reverse=reverse)
+
+    def groups(carry: PyTree, part: PyTree) -> tuple[PyTree, PyTree]:
+        grouped = jax.tree.map(lambda x: x.reshape((-1, g, *x.shape[1:])), part)
+        carry, ys = jax.lax.scan(group, carry, grouped, reverse=reverse)
+        return carry, jax.tree.map(lambda y: y.reshape((-1, *y.shape[2:])), ys)
+
+    main = n // g * g
+    runs = [(groups, 0, main), (group, main, n)] if main < n else [(groups, 0, n)]
+    carry, outs = init, {}
+    for run, start, stop in reversed(runs) if reverse else runs:
+        part = jax.tree.map(lambda x, sl=slice(start, stop): x[sl], seq)
+        carry, outs[start] = run(carry, part)
+    if len(outs) == 1:
+        return carry, outs[0]
+    return carry, jax.tree.map(
+        lambda a, b: jnp.concatenate([a, b]), outs[0], outs[main]
+    )
 
 
 def scan_layers(
@@ -230,86 +310,30 @@ def scan_layers(
     """
     if not callable(fn):
         raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
-    n = checked_num_layers(layers, "layers")
-    checkpoint, policy = _resolve_remat(remat)
+    n = num_layers_of(layers, "layers")
+    checkpoint, policy = resolve_remat(remat)
     g = _resolve_group(remat_group, n)
     if xs is not None:
-        _check_xs(xs, n)
+        check_xs(xs, n)
     if key is not None:
-        _check_key(key)
-        keys = layer_keys(key, n)
-    else:
-        keys = None
-
+        check_key(key)
     layer_arrays, layer_static = split_static(layers)
     xs_arrays, xs_static = split_static(xs)
-    y_static_box: list[PyTree] = []
-
-    def body(
-        carry: PyTree, sliced: tuple[PyTree, PyTree, Any]
-    ) -> tuple[PyTree, PyTree]:
-        arrays, x, k = sliced
-        args: tuple[PyTree, ...] = (carry, merge_static(arrays, layer_static))
-        if xs is not None:
-            args += (merge_static(x, xs_static),)
-        out = fn(*args) if k is None else fn(*args, key=k)
-        if not isinstance(out, tuple | list) or len(out) != 2:
-            raise TypeError(
-                "`fn` must return a pair `(carry, y)` like a `jax.lax.scan` body "
-                f"(use `(carry, None)` for no output), got {_short_type(out)}."
-            )
-        new_carry, y = out
-        _check_carry(init, new_carry)
-        # As in the reference loop's `stack`, static leaves of `y` are kept once.
-        y_arrays, y_static = split_static(y)
-        y_static_box.append(y_static)
-        return new_carry, y_arrays
-
+    keys = None if key is None else layer_keys(key, n)
     # With groups, layers inside a group are checkpointed too: recomputing a group then
     # keeps g carries rather than every intermediate of g layers.
-    if checkpoint or g is not None:
-        layer_body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    else:
-        layer_body = body
-    scanned = (layer_arrays, xs_arrays, keys)
-
-    def flat_scan(carry: PyTree, seq: PyTree) -> tuple[PyTree, PyTree]:
-        return jax.lax.scan(layer_body, carry, seq, unroll=unroll, reverse=reverse)
-
+    step, y_static = layer_step(
+        fn,
+        init,
+        layer_static,
+        xs_static,
+        has_xs=xs is not None,
+        checkpoint=checkpoint or g is not None,
+        policy=policy,
+    )
+    seq = (layer_arrays, xs_arrays, keys)
     if g is None:
-        carry, ys = flat_scan(init, scanned)
-        return carry, merge_static(ys, y_static_box[0])
-
-    # Two-level scan: an outer scan over groups of g layers, each group a checkpointed
-    # inner scan, so the backward pass keeps one carry per group plus one group's worth.
-    grouped_scan = jax.checkpoint(flat_scan, prevent_cse=False)
-    main = (n // g) * g
-    head = jax.tree.map(lambda x: x[:main], scanned)
-    tail = jax.tree.map(lambda x: x[main:], scanned)
-
-    def run_groups(carry: PyTree) -> tuple[PyTree, PyTree]:
-        carry, ys = jax.lax.scan(grouped_scan, carry, _group(head, g), reverse=reverse)
-        return carry, jax.tree.map(lambda y: y.reshape((main, *y.shape[2:])), ys)
-
-    def run_tail(carry: PyTree) -> tuple[PyTree, PyTree]:
-        return grouped_scan(carry, tail)
-
-    if main == n:
-        carry, ys = run_groups(init)
-    elif reverse:
-        carry, ys_tail = run_tail(init)
-        carry, ys_head = run_groups(carry)
-        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys_head, ys_tail)
+        carry, ys = jax.lax.scan(step, init, seq, unroll=unroll, reverse=reverse)
     else:
-        carry, ys_head = run_groups(init)
-        carry, ys_tail = run_tail(carry)
-        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys_head, ys_tail)
-    return carry, merge_static(ys, y_static_box[0])
-
-
-def _short_type(x: Any) -> str:
-    if isinstance(x, tuple | list):
-        return f"a {type(x).__name__} of length {len(x)}"
-    if is_array(x):
-        return f"an array of shape {fmt_shape(np.shape(x))}"
-    return type(x).__name__
+        carry, ys = _grouped_scan(step, init, seq, n, g, unroll=unroll, reverse=reverse)
+    return carry, merge_static(ys, y_static[0])

@@ -9,26 +9,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._check import fail, num_layers_of, tree_problems
+from ._leaf import fmt_shape, is_array, shape_of, stack_leaves
 from ._tree import (
     KeyPath,
     PyTree,
-    dtype_of,
+    abstract_layer,
+    arrays_only,
     flatten,
-    fmt_shape,
-    is_array,
-    leaf_kind,
     merge_static,
     path_str,
-    shape_of,
-    split_static,
-    static_equal,
-    static_repr,
-    structure_difference,
-    where,
 )
 
 
-def _check_sequence(layers: Any, arg: str) -> list[Any]:
+def check_sequence(layers: Any, arg: str) -> list[Any]:
+    """`layers` as a non-empty list, or a `TypeError`/`ValueError` naming `arg`."""
     if (
         isinstance(layers, dict | str | bytes)
         or not isinstance(layers, Sequence)
@@ -49,67 +44,30 @@ def check_same_layers(
     """Checks that `layers` agree in structure, array shapes/dtypes and static leaves.
 
     With `lead=1` the trees are stacks and their leading axes may differ. Returns the
-    flattened leaves of every tree and the common treedef. Raises one `ValueError` or
-    `TypeError` listing every difference from `layers[0]`.
+    flattened leaves of every tree and the common treedef. Raises one `ValueError`
+    (a `TypeError` when a leaf is an array in one tree and static in another) listing
+    every difference from `layers[0]`.
     """
-    flat0, treedef = flatten(layers[0])
-    flats = [flat0]
-    errors: list[str] = []
-    type_error = False
+    want = abstract_layer(layers[0]) if lead else layers[0]
+    problems, type_error = [], False
     for i, layer in enumerate(layers[1:], start=1):
-        flat, td = flatten(layer)
-        if td != treedef:
-            raise ValueError(
-                f"`{arg}[{i}]` has a different tree structure from `{arg}[0]` "
-                f"{structure_difference(layers[0], layer)}."
-            )
-        flats.append(flat)
-        for (path, a), (_, b) in zip(flat0, flat, strict=True):
-            loc = f"`{arg}[{i}]` differs from `{arg}[0]` at {path_str(path)}"
-            if is_array(a) != is_array(b):
-                kinds = [
-                    "array" if is_array(x) else f"static {type(x).__name__}"
-                    for x in (a, b)
-                ]
-                errors.append(f"{loc}: {kinds[1]} where `{arg}[0]` has {kinds[0]}")
-                type_error = True
-            elif is_array(a):
-                sa, sb = shape_of(a)[lead:], shape_of(b)[lead:]
-                if sa != sb:
-                    what = "per-layer shape" if lead else "shape"
-                    errors.append(f"{loc}: {what} {fmt_shape(sb)} != {fmt_shape(sa)}")
-                if dtype_of(a) != dtype_of(b):
-                    errors.append(f"{loc}: dtype {dtype_of(b)} != {dtype_of(a)}")
-            elif not static_equal(a, b):
-                errors.append(
-                    f"{loc}: static leaf {static_repr(b)} != {static_repr(a)} (static "
-                    "leaves are shared by all layers and must be equal)"
+        for path, phrase, is_type in tree_problems(want, layer, lead=lead):
+            if path is None:
+                problems.append(
+                    f"`{arg}[{i}]` has a different tree structure from `{arg}[0]` "
+                    + phrase
                 )
-    if errors:
-        msg = "\n".join(errors)
-        raise (TypeError if type_error else ValueError)(msg)
-    return flats, treedef
-
-
-def _stack_leaf(path: KeyPath, leaves: list[Any], arg: str) -> Any:
-    kinds = {leaf_kind(x) for x in leaves}
-    if kinds == {"numpy"}:
-        # Filling a preallocated buffer layer by layer is one copy of the bytes; np.stack
-        # goes through concatenate's more general (and measurably slower) path.
-        out = np.empty((len(leaves), *shape_of(leaves[0])), dtype=leaves[0].dtype)
-        for i, leaf in enumerate(leaves):
-            out[i] = leaf
-        return out
-    if kinds == {"abstract"}:
-        return jax.ShapeDtypeStruct(
-            (len(leaves), *shape_of(leaves[0])), leaves[0].dtype
-        )
-    if "abstract" in kinds:
-        raise TypeError(
-            f"`{arg}` mixes jax.ShapeDtypeStruct and concrete arrays at "
-            f"{path_str(path)}; stack either all-abstract or all-concrete layers."
-        )
-    return jnp.stack(leaves)
+            else:
+                problems.append(
+                    f"`{arg}[{i}]` differs from `{arg}[0]` at {path_str(path)}: {phrase}"
+                )
+            type_error |= is_type
+    if problems:
+        what = "concatenated" if lead else "stacked"
+        error = TypeError if type_error else ValueError
+        fail(problems, error=error, title=f"`{arg}` cannot be {what}")
+    flats = [flatten(layer)[0] for layer in layers]
+    return flats, flatten(layers[0])[1]
 
 
 def stack(layers: Sequence[PyTree], /) -> PyTree:
@@ -140,37 +98,16 @@ def stack(layers: Sequence[PyTree], /) -> PyTree:
         >>> s["w"].shape, s["act"]
         ((4, 2, 3), 'relu')
     """
-    layers = _check_sequence(layers, "layers")
+    layers = check_sequence(layers, "layers")
     flats, treedef = check_same_layers(layers, "layers")
     out = []
     for j, (path, leaf0) in enumerate(flats[0]):
         if is_array(leaf0):
-            out.append(_stack_leaf(path, [flat[j][1] for flat in flats], "layers"))
+            leaves = [flat[j][1] for flat in flats]
+            out.append(stack_leaves(leaves, "layers", path_str(path)))
         else:
             out.append(leaf0)
     return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def leading_lengths(
-    tree: PyTree, arg: str
-) -> tuple[list[tuple[KeyPath, int]], list[str]]:
-    """Leading length of every array leaf, and an error line for every 0-d leaf."""
-    lengths = []
-    errors = []
-    for path, x in flatten(tree)[0]:
-        if not is_array(x):
-            continue
-        shape = shape_of(x)
-        if not shape:
-            errors.append(
-                f"{where(arg, path)} is a 0-d array: a stacked leaf needs a leading layer "
-                "axis (a Python number kept as a static leaf becomes a 0-d array when "
-                "the tree is an argument of `jax.jit`; close over it instead, or use "
-                "`equinox.filter_jit`)"
-            )
-        else:
-            lengths.append((path, shape[0]))
-    return lengths, errors
 
 
 def num_layers(stacked: PyTree, /) -> int:
@@ -184,7 +121,7 @@ def num_layers(stacked: PyTree, /) -> int:
 
     Raises:
         ValueError: if there are no array leaves, an array leaf is 0-d, or leading lengths
-            disagree (every disagreeing leaf is listed).
+            disagree (every disagreeing leaf is listed, against the most common length).
 
     Examples:
         >>> import numpy as np
@@ -192,24 +129,7 @@ def num_layers(stacked: PyTree, /) -> int:
         >>> num_layers({"w": np.zeros((6, 2)), "b": np.zeros((6,))})
         6
     """
-    return checked_num_layers(stacked, "stacked")
-
-
-def checked_num_layers(stacked: PyTree, arg: str) -> int:
-    """`num_layers`, with errors naming the argument `arg`."""
-    lengths, errors = leading_lengths(stacked, arg)
-    if not lengths and not errors:
-        raise ValueError(f"`{arg}` has no array leaves, so it has no layer axis.")
-    if lengths:
-        path0, n = lengths[0]
-        for path, m in lengths[1:]:
-            if m != n:
-                errors.append(
-                    f"{where(arg, path)} has leading length {m}, but {path_str(path0)} has {n}"
-                )
-    if errors:
-        raise ValueError("\n".join(errors))
-    return lengths[0][1]
+    return num_layers_of(stacked, "stacked")
 
 
 def _unstack_leaf(x: Any, n: int) -> list[Any]:
@@ -260,7 +180,8 @@ def unstack(stacked: PyTree, /) -> list[PyTree]:
     ]
 
 
-def _check_key(key: Any, arg: str = "key") -> None:
+def check_key(key: Any, arg: str = "key") -> None:
+    """A single typed or raw PRNG key, or a `TypeError` naming `arg`."""
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.ndim != 0:
             raise TypeError(
@@ -311,7 +232,7 @@ def layer_keys(key: jax.Array, n: int, /) -> jax.Array:
         ...       jax.random.key_data(jax.random.fold_in(jax.random.key(0), 2))).all())
         True
     """
-    _check_key(key)
+    check_key(key)
     if isinstance(n, bool) or not isinstance(n, int | np.integer):
         raise TypeError(f"`n` must be an int, got {type(n).__name__}.")
     if n < 0:
@@ -356,13 +277,6 @@ def init_stacked(
         raise TypeError(f"`n` must be an int, got {type(n).__name__}.")
     if n < 1:
         raise ValueError(f"`n` must be >= 1, got {n}.")
-    keys = layer_keys(key, int(n))
-    static_box: list[PyTree] = []
-
-    def arrays_only(k: jax.Array) -> PyTree:
-        arrays, static = split_static(init_fn(k))
-        static_box.append(static)
-        return arrays
-
-    arrays = jax.vmap(arrays_only)(keys)
-    return merge_static(arrays, static_box[0])
+    init_arrays, static = arrays_only(init_fn)
+    arrays = jax.vmap(init_arrays)(layer_keys(key, int(n)))
+    return merge_static(arrays, static[0])

@@ -1,13 +1,20 @@
-"""Leaf classification, path formatting and structure checks shared by the package."""
+"""Pytrees: path formatting, structure differences, array/static splitting, indices.
+
+What an *array leaf* is lives in `_leaf.py` (which imports no jax); how two trees or a
+stack are checked lives in `_check.py`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
 import jax
 import numpy as np
+
+from ._leaf import dtype_of, fmt_shape, is_array, shape_of, static_equal
 
 PyTree: TypeAlias = Any
 """Any JAX pytree: a NamedTuple, dataclass, dict, list, Equinox module, ..."""
@@ -15,79 +22,18 @@ PyTree: TypeAlias = Any
 KeyPath: TypeAlias = tuple[Any, ...]
 
 
-def is_array(x: Any) -> bool:
-    """Whether `x` is an *array leaf*: stacked, sliced and scanned.
-
-    Array leaves are `jax.Array` (tracers included), `numpy.ndarray`, numpy scalars and
-    `jax.ShapeDtypeStruct`. Every other leaf is *static*.
-    """
-    return isinstance(x, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct)
-
-
-def leaf_kind(x: Any) -> str:
-    """`"numpy"`, `"jax"`, `"abstract"` for array leaves, `"static"` otherwise."""
-    if isinstance(x, np.ndarray | np.generic):
-        return "numpy"
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return "abstract"
-    if isinstance(x, jax.Array):
-        return "jax"
-    return "static"
-
-
-def shape_of(x: Any) -> tuple[int, ...]:
-    """The shape of an array leaf as a tuple of ints."""
-    return tuple(int(d) for d in x.shape)
-
-
-def dtype_of(x: Any) -> Any:
-    """The dtype of an array leaf, comparable with `==`.
-
-    A numpy dtype, or a jax extended dtype (e.g. a typed PRNG key's `key<fry>`), which
-    numpy cannot represent.
-    """
-    dtype = x.dtype
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
-        return dtype
-    return np.dtype(dtype)
-
-
 def path_str(path: KeyPath) -> str:
-    """Formats a key path the way users write it: `attention.q_proj`, `['params']['w']`."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(f".{k.name}")
-        elif isinstance(k, jax.tree_util.DictKey):
-            parts.append(f"[{k.key!r}]")
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(f"[{k.idx}]")
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(f"[{k.key}]")
-        else:
-            parts.append(f"[{k!r}]")
-    s = "".join(parts)
-    return s[1:] if s.startswith(".") else (s or "<root>")
+    """A key path as users write it: `attention.q_proj`, `['params']['w']`, `[3]`.
+
+    `jax.tree_util.keystr` without the leading dot of an attribute; `<root>` for the
+    empty path. The one path formatter of the package.
+    """
+    return jax.tree_util.keystr(tuple(path)).removeprefix(".") or "<root>"
 
 
 def where(arg: str, path: KeyPath) -> str:
     """`` `layers` at attention.q_proj ``, or just `` `layers` `` for the root."""
     return f"`{arg}` at {path_str(path)}" if path else f"`{arg}`"
-
-
-def fmt_shape(shape: Sequence[int]) -> str:
-    """A shape as Python prints a tuple: `(8, 2)`, `(9,)`, `()`."""
-    return repr(tuple(int(d) for d in shape))
-
-
-def _key_label(k: Any) -> str:
-    if isinstance(k, jax.tree_util.DictKey):
-        return repr(k.key)
-    if isinstance(k, jax.tree_util.GetAttrKey):
-        return k.name
-    if isinstance(k, jax.tree_util.SequenceKey):
-        return str(k.idx)
-    return path_str((k,))
 
 
 def flatten(tree: PyTree) -> tuple[list[tuple[KeyPath, Any]], Any]:
@@ -144,8 +90,8 @@ def structure_difference(a: PyTree, b: PyTree) -> str:
         ):
             return f"{loc}: length {len(ky)} != {len(kx)}"
         if kx != ky:
-            missing = ", ".join(_key_label(k) for k in kx if k not in ky)
-            extra = ", ".join(_key_label(k) for k in ky if k not in kx)
+            missing = ", ".join(path_str((k,)) for k in kx if k not in ky)
+            extra = ", ".join(path_str((k,)) for k in ky if k not in kx)
             bits = []
             if missing:
                 bits.append(f"missing {missing}")
@@ -184,39 +130,6 @@ def structure_difference(a: PyTree, b: PyTree) -> str:
     return found if found is not None else "in a way that could not be located"
 
 
-def zip_matching(
-    expected: PyTree, actual: PyTree, error: type[Exception], what: str
-) -> list[tuple[KeyPath, Any, Any]]:
-    """Pairs the leaves of two trees of the same structure as `(path, expected, actual)`.
-
-    Raises `error("{what} {where they differ}.")` when the structures differ.
-    """
-    flat_e, treedef_e = flatten(expected)
-    flat_a, treedef_a = flatten(actual)
-    if treedef_e != treedef_a:
-        raise error(f"{what} {structure_difference(expected, actual)}.")
-    return [(path, e, a) for (path, e), (_, a) in zip(flat_e, flat_a, strict=True)]
-
-
-def static_equal(a: Any, b: Any) -> bool:
-    """Static leaves agree when `a == b` is a true boolean (or they are the same object)."""
-    if a is b:
-        return True
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
-
-
-def static_repr(x: Any) -> str:
-    """`repr` of a static leaf, with functions named rather than shown by address."""
-    text = repr(x)
-    name = getattr(x, "__qualname__", None) or getattr(x, "__name__", None)
-    if callable(x) and isinstance(name, str) and " at 0x" in text:
-        return f"<{type(x).__name__} {name}>"
-    return text
-
-
 def split_static(tree: PyTree) -> tuple[PyTree, PyTree]:
     """Splits `tree` into (arrays, static), each with `None` where the other has a leaf."""
     arrays = jax.tree.map(lambda x: x if is_array(x) else None, tree)
@@ -229,6 +142,33 @@ def merge_static(arrays: PyTree, static: PyTree) -> PyTree:
     return jax.tree.map(
         lambda a, s: s if a is None else a, arrays, static, is_leaf=lambda x: x is None
     )
+
+
+def abstract_layer(stacked: PyTree) -> PyTree:
+    """One layer of `stacked` as `jax.ShapeDtypeStruct`s, for comparing layers with it.
+
+    Array leaves lose their leading axis; static leaves are kept.
+    """
+    return map_arrays(
+        lambda x: jax.ShapeDtypeStruct(shape_of(x)[1:], dtype_of(x)), stacked
+    )
+
+
+def arrays_only(f: Callable[..., PyTree]) -> tuple[Callable[..., PyTree], list[PyTree]]:
+    """Wraps `f` to return only the array leaves of its result, for a traced function.
+
+    `jax.vmap` and `jax.lax.scan` can only return arrays, so the static leaves of what
+    `f` returns (a layer's activation name, say) are put aside in the returned list,
+    once per trace, to be merged back with `merge_static(arrays, box[0])`.
+    """
+    box: list[PyTree] = []
+
+    def wrapped(*args: Any, **kwargs: Any) -> PyTree:
+        arrays, static = split_static(f(*args, **kwargs))
+        box.append(static)
+        return arrays
+
+    return wrapped, box
 
 
 def map_arrays(f: Callable[[Any], Any], tree: PyTree) -> PyTree:
@@ -257,3 +197,97 @@ def check_index(index: Any, n: int, arg: str = "index") -> int | jax.Array:
     if not -n <= index < n:
         raise IndexError(f"`{arg}` {index} is out of range for {n} layers.")
     return index % n
+
+
+# ------------------------------------------------------------ pytrees <-> flat names
+
+
+def _names_and_leaves(tree: Any, sep: str) -> tuple[list[str], list[Any], Any]:
+    if not isinstance(sep, str):
+        raise TypeError(f"`sep` must be a str, got {type(sep).__name__}.")
+    path_leaves, treedef = flatten(tree)
+    names = [
+        jax.tree_util.keystr(path, simple=True, separator=sep)
+        for path, _ in path_leaves
+    ]
+    dup = [n for n, c in Counter(names).items() if c > 1]
+    if dup:
+        raise ValueError(
+            f"several leaves share the names {', '.join(map(repr, dup))} (a key "
+            f"contains {sep!r}, or keys like 1 and '1' coincide); pick another `sep`."
+        )
+    return names, [leaf for _, leaf in path_leaves], treedef
+
+
+def flatten_names(tree: Any, /, sep: str = ".") -> dict[str, Any]:
+    """Flattens a pytree's array leaves to `{name: array}`, named by their key paths.
+
+    Attribute names (NamedTuples, dataclasses, Equinox modules), dict keys and
+    sequence indices are joined with `sep`, so a stacked `DecoderBlock` gives names
+    such as `attention.q_proj` that can be saved with `save_flat`. Static (non-array)
+    leaves, such as an activation name, are left out: they belong to the code, and
+    `unflatten_names` takes them back from its template.
+
+    Args:
+        tree: any pytree.
+        sep: the separator between path entries.
+
+    Returns:
+        The leaves by name, in `jax.tree_util` flattening order.
+
+    Raises:
+        ValueError: two leaves get the same name.
+
+    Examples:
+        >>> import numpy as np
+        >>> tree = {"attention": {"q_proj": np.zeros(2), "act": "gelu"}, "norm": [np.ones(1)]}
+        >>> {name: x.shape for name, x in flatten_names(tree).items()}
+        {'attention.q_proj': (2,), 'norm.0': (1,)}
+    """
+    names, leaves, _ = _names_and_leaves(tree, sep)
+    return {n: x for n, x in zip(names, leaves, strict=True) if is_array(x)}
+
+
+def unflatten_names(flat: Mapping[str, Any], like: Any, /, sep: str = ".") -> Any:
+    """Rebuilds a pytree with the structure of `like` from `flatten_names` names.
+
+    Args:
+        flat: maps names to leaves, as returned by `flatten_names` or `load_flat`.
+        like: a pytree of the wanted structure. Its array leaves (arrays or
+            `jax.ShapeDtypeStruct`s) are replaced from `flat`; its static leaves are
+            kept unless `flat` names them.
+        sep: the separator used by `flatten_names`.
+
+    Returns:
+        A pytree of the structure of `like` whose leaves come from `flat`.
+
+    Raises:
+        ValueError: names of `like` are missing from `flat`, or `flat` holds names
+            that `like` does not have (both listed).
+
+    Examples:
+        >>> import numpy as np
+        >>> back = unflatten_names({"w": np.ones(2)}, {"w": np.zeros(2), "act": "gelu"})
+        >>> back["w"].tolist(), back["act"]
+        ([1.0, 1.0], 'gelu')
+    """
+    names, template, treedef = _names_and_leaves(like, sep)
+    missing = [
+        n for n, x in zip(names, template, strict=True) if n not in flat and is_array(x)
+    ]
+    wanted = set(names)
+    extra = [n for n in flat if n not in wanted]
+    if missing or extra:
+        lines = []
+        if missing:
+            lines.append(f"missing from `flat`: {', '.join(map(repr, missing))}")
+        if extra:
+            lines.append(f"not in `like`: {', '.join(map(repr, extra))}")
+        raise ValueError(
+            "the names of `flat` do not match the leaves of `like`; "
+            + "; ".join(lines)
+            + "."
+        )
+    return treedef.unflatten(
+        [flat.get(n, x) for n, x in zip(names, template, strict=True)]
+    )

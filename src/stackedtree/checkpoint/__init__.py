@@ -3,35 +3,44 @@
 Name-level stacking (`stack_by_name`), pytree naming (`flatten_names`), atomic
 safetensors/npz input and output (`load_flat`, `save_flat`), stacked checkpoints on
 disk (`save_stacked`, `load_stacked`) and streaming conversion (`convert_stack`,
-`convert_unstack`), which the `stackedtree` command runs.
+`convert_unstack`), which the `stackedtree` command runs. Names load on first use, so
+the command never imports jax.
 """
 
-from ._convert import Conversion as Conversion
-from ._convert import convert_stack as convert_stack
-from ._convert import convert_unstack as convert_unstack
-from ._convert import load_stacked as load_stacked
-from ._convert import save_stacked as save_stacked
-from ._inspect import inspect_checkpoint as inspect_checkpoint
-from ._io import load_flat as load_flat
-from ._io import save_flat as save_flat
-from ._names import detect_pattern as detect_pattern
-from ._names import flatten_names as flatten_names
-from ._names import stack_by_name as stack_by_name
-from ._names import unflatten_names as unflatten_names
-from ._names import unstack_by_name as unstack_by_name
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "Conversion",
-    "convert_stack",
-    "convert_unstack",
-    "detect_pattern",
-    "flatten_names",
-    "inspect_checkpoint",
-    "load_flat",
-    "load_stacked",
-    "save_flat",
-    "save_stacked",
-    "stack_by_name",
-    "unflatten_names",
-    "unstack_by_name",
-]
+from .._lazy import lazy_names
+
+if TYPE_CHECKING:
+    from .._tree import flatten_names as flatten_names
+    from .._tree import unflatten_names as unflatten_names
+    from ._convert import Conversion as Conversion
+    from ._convert import convert_stack as convert_stack
+    from ._convert import convert_unstack as convert_unstack
+    from ._inspect import inspect_checkpoint as inspect_checkpoint
+    from ._io import load_flat as load_flat
+    from ._io import save_flat as save_flat
+    from ._names import stack_by_name as stack_by_name
+    from ._names import unstack_by_name as unstack_by_name
+    from ._pattern import detect_pattern as detect_pattern
+    from ._stacked import load_stacked as load_stacked
+    from ._stacked import save_stacked as save_stacked
+
+_SOURCES = {
+    "Conversion": "._convert",
+    "convert_stack": "._convert",
+    "convert_unstack": "._convert",
+    "detect_pattern": "._pattern",
+    "flatten_names": ".._tree",
+    "inspect_checkpoint": "._inspect",
+    "load_flat": "._io",
+    "load_stacked": "._stacked",
+    "save_flat": "._io",
+    "save_stacked": "._stacked",
+    "stack_by_name": "._names",
+    "unflatten_names": ".._tree",
+    "unstack_by_name": "._names",
+}
+
+__all__ = sorted(_SOURCES)
+__getattr__, __dir__ = lazy_names(__name__, _SOURCES, globals())

@@ -1,10 +1,4 @@
-"""Stacked checkpoints on disk, and streaming conversion to and from per-layer ones.
-
-A *stacked checkpoint* is a flat checkpoint whose layer tensors are stored once each,
-with a leading layer axis, under their per-layer name with the literal `{i}` kept
-(`model.layers.{i}.mlp.up_proj.weight`, shape `(N, ...)`); every other tensor keeps its
-name. Its metadata records the pattern and N (`stackedtree.pattern`,
-`stackedtree.num_layers`), so unstacking needs no pattern.
+"""Streaming conversion between per-layer and stacked checkpoints.
 
 Between safetensors files the conversion is a rearrangement of byte ranges: layer `i`
 of a stacked tensor is the `i`-th slice of its data, laid out exactly as the per-layer
@@ -21,13 +15,12 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
 from ._io import (
-    Checkpoint,
     PathLike,
     Paths,
     TensorInfo,
@@ -37,19 +30,17 @@ from ._io import (
     safetensors_header,
     save_flat,
 )
-from ._names import (
-    detect_pattern,
-    group_names,
-    match_layer,
-    num_stacked_layers,
-    split_pattern,
-    stack_by_name,
-    stacked_name,
-    unstack_by_name,
+from ._names import group_names, stack_by_name, unstack_by_name
+from ._pattern import LayerPattern
+from ._stacked import (
+    META_NUM_LAYERS,
+    META_PATTERN,
+    load_stacked,
+    save_stacked,
+    split_stacked,
+    stacked_metadata,
 )
 
-META_PATTERN = "stackedtree.pattern"
-META_NUM_LAYERS = "stackedtree.num_layers"
 _CHUNK = 16 << 20
 _FALLBACK_ERRNOS = {
     errno.EXDEV,
@@ -77,137 +68,6 @@ class Conversion(NamedTuple):
     num_tensors: int
     nbytes: int
     streamed: bool
-
-
-# ------------------------------------------------------------- stacked files in memory
-
-
-def _stacked_metadata(
-    pattern: str, n: int, metadata: Mapping[str, str] | None
-) -> dict[str, str]:
-    return {**(metadata or {}), META_PATTERN: pattern, META_NUM_LAYERS: str(n)}
-
-
-def _check_rest(rest_names: Sequence[str], pattern: str) -> None:
-    before, after = split_pattern(pattern)
-    clash = [n for n in rest_names if match_layer(n, before, after) is not None]
-    if clash:
-        raise ValueError(
-            f"names {', '.join(map(repr, clash[:20]))} are read as layer tensors by "
-            f"pattern {pattern!r} but are not stacked"
-        )
-
-
-def save_stacked(
-    path: PathLike,
-    stacked: Mapping[str, Any],
-    pattern: str,
-    /,
-    rest: Mapping[str, Any] | None = None,
-    *,
-    overwrite: bool = False,
-    metadata: Mapping[str, str] | None = None,
-) -> None:
-    """Saves `stack_by_name`'s result as a stacked checkpoint, atomically.
-
-    The file is what `stackedtree stack` writes: `stacked[key]` is stored under
-    `pattern` with the literal `{i}` kept (`model.layers.{i}.mlp.up_proj.weight`),
-    `rest` under its own names, and the pattern and N in the metadata.
-
-    Args:
-        path: a `.safetensors` or `.npz` path.
-        stacked: maps per-layer keys to arrays of shape `(N, ...)`.
-        pattern: the layer pattern, with one `{i}`.
-        rest: the other tensors.
-        overwrite: replace an existing file.
-        metadata: extra strings to record.
-
-    Raises:
-        ValueError: as in `save_flat`; `stacked` is empty or its tensors disagree on N;
-            a name of `rest` matches `pattern`.
-        FileExistsError: `path` exists and `overwrite` is False.
-        OSError: the file cannot be written.
-    """
-    n = num_stacked_layers(stacked)
-    rest = {} if rest is None else rest
-    _check_rest(list(rest), pattern)
-    flat = {stacked_name(pattern, key): x for key, x in stacked.items()}
-    clash = [name for name in rest if name in flat]
-    if clash:
-        raise ValueError(f"`rest` repeats the stacked names {clash}")
-    flat.update(rest)
-    save_flat(
-        path,
-        flat,
-        overwrite=overwrite,
-        metadata=_stacked_metadata(pattern, n, metadata),
-    )
-
-
-def split_stacked(ckpt: Checkpoint) -> tuple[str, int, dict[str, str], list[str]]:
-    """`(pattern, N, {key: stacked name}, rest names)` of a stacked checkpoint."""
-    where = ", ".join(f"`{f}`" for f in ckpt.files)
-    pattern = ckpt.metadata.get(META_PATTERN)
-    if pattern is None:
-        raise ValueError(
-            f"{where} is not a stacked checkpoint (its metadata has no "
-            f"`{META_PATTERN}`); per-layer checkpoints are stacked with "
-            f"`stackedtree stack`"
-        )
-    before, after = split_pattern(pattern)
-    try:
-        n = int(ckpt.metadata.get(META_NUM_LAYERS, ""))
-    except ValueError:
-        n = -1
-    if n < 1:
-        raise ValueError(
-            f"{where}: metadata `{META_NUM_LAYERS}` must be a positive integer, got "
-            f"{ckpt.metadata.get(META_NUM_LAYERS)!r}"
-        )
-    prefix = before + "{i}" + after
-    keys: dict[str, str] = {}
-    rest: list[str] = []
-    for name, info in ckpt.tensors.items():
-        if name.startswith(prefix):
-            if info.shape[:1] != (n,):
-                raise ValueError(
-                    f"{where}: stacked tensor `{name}` has shape {info.shape}, but the "
-                    f"metadata says {n} layers"
-                )
-            keys[name[len(prefix) :]] = name
-        else:
-            rest.append(name)
-    _check_rest(rest, pattern)
-    return pattern, n, keys, rest
-
-
-def load_stacked(
-    path_or_paths: Paths, /
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
-    """Loads a stacked checkpoint, as written by `save_stacked` or `stackedtree stack`.
-
-    Args:
-        path_or_paths: as in `load_flat`.
-
-    Returns:
-        `(stacked, rest, pattern)`, exactly `stack_by_name(flat, pattern)` of the
-        per-layer checkpoint `flat` plus its pattern, so that
-        `unstack_by_name(stacked, pattern, rest)` gives `flat` back.
-
-    Raises:
-        ValueError: the checkpoint is not stacked (no recorded pattern), or its
-            stacked tensors disagree with the recorded number of layers; as in
-            `load_flat`.
-        OSError: a file is missing or unreadable.
-    """
-    ckpt = read_checkpoint(path_or_paths)
-    pattern, _, keys, rest_names = split_stacked(ckpt)
-    flat = load_flat(path_or_paths)
-    return (
-        {key: flat[name] for key, name in keys.items()},
-        {name: flat[name] for name in rest_names},
-        pattern,
-    )
 
 
 # --------------------------------------------------------------------------- streaming
@@ -344,10 +204,10 @@ def convert_stack(
             f"{ckpt.metadata[META_PATTERN]!r}); use `stackedtree unstack` to undo it"
         )
     if pattern is None:
-        pattern = detect_pattern(ckpt.tensors)
+        pattern = str(LayerPattern.detect(ckpt.tensors))
     specs = {name: (t.shape, t.dtype) for name, t in ckpt.tensors.items()}
     g = group_names(specs, pattern)
-    metadata = _stacked_metadata(pattern, g.num_layers, ckpt.metadata)
+    metadata = stacked_metadata(pattern, g.num_layers, ckpt.metadata)
     if not (ckpt.streamable and str(out).lower().endswith(".safetensors")):
         stacked, rest = stack_by_name(load_flat(src), pattern)
         save_stacked(
@@ -367,7 +227,7 @@ def convert_stack(
             layers = [ckpt.tensors[g.names[i][j]] for i in range(g.num_layers)]
             items.append(
                 _Item(
-                    stacked_name(pattern, g.keys[j]),
+                    LayerPattern.parse(pattern).stacked_name(g.keys[j]),
                     t.dtype,
                     (g.num_layers, *t.shape),
                     [_whole(layer) for layer in layers],
@@ -420,7 +280,7 @@ def convert_unstack(
         return Conversion(pattern, n, len(flat), nbytes, False)
 
     # The layers go where the first stacked tensor was, layer by layer.
-    before, after = split_pattern(pattern)
+    lp = LayerPattern.parse(pattern)
     stacked_names = set(keys.values())
     items: list[_Item] = []
     emitted = False
@@ -435,9 +295,7 @@ def convert_unstack(
                     size = s.nbytes // n
                     piece = _Piece(s.file, s.offset + i * size, size)
                     items.append(
-                        _Item(
-                            before + str(i) + after + key, s.dtype, s.shape[1:], [piece]
-                        )
+                        _Item(lp.layer_name(i, key), s.dtype, s.shape[1:], [piece])
                     )
     nbytes = _stream(
         items, out, metadata, overwrite=overwrite, progress=progress, desc="unstack"

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import re
-
-import numpy as np
-
-from ._convert import META_PATTERN, split_stacked
+from .._leaf import short_dtype
 from ._io import Checkpoint, Paths, TensorInfo, read_checkpoint
-from ._names import detect_pattern, group_names
+from ._names import group_names
+from ._pattern import detect_pattern
+from ._stacked import META_PATTERN, split_stacked
 
 _MAX_LISTED = 40
-_SHORT = {"bfloat16": "bf16", "bool": "bool", "complex64": "c64", "complex128": "c128"}
-
-
-def short_dtype(dtype: np.dtype) -> str:
-    """`f32`, `bf16`, `i8`, `u16`, `f8_e4m3fn`: the names `describe(dtypes=True)` uses."""
-    name = np.dtype(dtype).name
-    if name in _SHORT:
-        return _SHORT[name]
-    m = re.fullmatch(r"(u?)(int|float|complex)(\d+)(_\w+)?", name)
-    if m is None:
-        return name
-    kind = {"int": "i", "float": "f", "complex": "c"}[m[2]]
-    return ("u" if m[1] else kind) + m[3] + (m[4] or "")
 
 
 def human_bytes(n: int) -> str:
@@ -83,7 +68,7 @@ def inspect_checkpoint(paths: Paths, /, *, pattern: str | None = None) -> str:
                 pattern = detect_pattern(ckpt.tensors)
                 how = "detected"
             except ValueError as e:
-                lines.append(f"layer pattern: none ({e})")
+                lines.append(f"layer pattern: none ({str(e).rstrip('.')})")
                 lines.append("tensors:")
                 lines += _table(list(ckpt.tensors.items()))
                 return "\n".join(lines)

@@ -1,10 +1,13 @@
 """Reading and writing flat checkpoints: safetensors (files, shards, index) and npz.
 
-The safetensors format is read and written here rather than through the `safetensors`
-package, whose numpy framework cannot handle bfloat16: an 8-byte little-endian header
-length, a JSON header (`{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {}}`)
-and the tensors' raw little-endian bytes. Doing it here also lets the streaming
-conversion in `_convert.py` copy byte ranges without ever holding a whole tensor.
+The safetensors format is simple enough to read and write here: an 8-byte little-endian
+header length, a JSON header (`{name: {"dtype", "shape", "data_offsets"}, "__metadata__":
+{}}`) and the tensors' raw little-endian bytes. Doing it ourselves, rather than through
+the `safetensors` package, gives what conversion and sharded loading need and that
+package's API does not: each tensor's byte range in the file, so that
+`_convert.py` copies ranges without ever holding a tensor, and reads land in
+preallocated buffers with positioned reads. Files stay compatible both ways with the
+`safetensors` package (tested).
 """
 
 from __future__ import annotations
@@ -315,6 +318,12 @@ def _object_error(path: Path, name: str) -> ValueError:
 
 def _read_member(path: Path, zf: zipfile.ZipFile, member: str, name: str) -> np.ndarray:
     with zf.open(member) as f:
+        # Refuse pickles here, from the member's own header, whatever checks ran
+        # before: an object array can only be loaded by running its pickle.
+        spec = _read_npy_header(f)  # type: ignore[arg-type]
+        if spec is not None and spec[1].hasobject:
+            raise _object_error(path, name)
+        f.seek(0)
         try:
             return np.lib.format.read_array(f, allow_pickle=False)
         except ValueError as e:

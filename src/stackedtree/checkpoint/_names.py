@@ -1,88 +1,17 @@
-"""Layer patterns: per-layer tensor names <-> stacked tensors, and pytrees <-> names."""
+"""Name-level stacking: the per-layer tensors of a flat checkpoint <-> stacked tensors."""
 
 from __future__ import annotations
 
-import re
-import sys
 from collections import Counter
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-_MAX_LINES = 20
-_DIGITS = re.compile(r"[0-9]+")
-_CANONICAL_INT = re.compile(r"0|[1-9][0-9]*")
-
-
-# --------------------------------------------------------------------------- patterns
-
-
-def split_pattern(pattern: str) -> tuple[str, str]:
-    """The parts of `pattern` before and after its one `{i}`.
-
-    Raises:
-        TypeError: `pattern` is not a string.
-        ValueError: `pattern` does not hold exactly one `{i}`.
-    """
-    if not isinstance(pattern, str):
-        raise TypeError(f"`pattern` must be a str, got {type(pattern).__name__}")
-    count = pattern.count("{i}")
-    if count != 1:
-        raise ValueError(
-            f"`pattern` must contain exactly one `{{i}}` where the layer index goes, "
-            f"got {pattern!r} with {count}; for example 'model.layers.{{i}}.'"
-        )
-    before, after = pattern.split("{i}")
-    return before, after
-
-
-def match_layer(name: str, before: str, after: str) -> tuple[int, str] | None:
-    """`(i, key)` when `name == before + str(i) + after + key`, else None.
-
-    The index is the longest run of digits after `before` and must be written in
-    canonical decimal: `layers.01.` and `layers.1x.` belong to no layer, and
-    `layers.10.` is layer 10, never layer 1.
-    """
-    if not name.startswith(before):
-        return None
-    digits = _DIGITS.match(name, len(before))
-    if digits is None or not _CANONICAL_INT.fullmatch(digits.group()):
-        return None
-    tail = name[digits.end() :]
-    if not tail.startswith(after):
-        return None
-    return int(digits.group()), tail[len(after) :]
-
-
-def stacked_name(pattern: str, key: str) -> str:
-    """The name of the stacked tensor `key` in a stacked checkpoint.
-
-    It is the per-layer name with the literal `{i}` left in, so it cannot collide with
-    a per-layer name: `stacked_name("model.layers.{i}.", "mlp.up_proj.weight")` is
-    `"model.layers.{i}.mlp.up_proj.weight"`.
-    """
-    before, after = split_pattern(pattern)
-    return before + "{i}" + after + key
-
-
-def _ranges(indices: Iterable[int]) -> str:
-    """`[0, 1, 2, 5, 7, 8]` -> `"0-2, 5, 7-8"`."""
-    runs: list[list[int]] = []
-    for i in sorted(set(indices)):
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-
-
-def _raise_all(header: str, lines: Sequence[str]) -> None:
-    shown = list(lines[:_MAX_LINES])
-    if len(lines) > _MAX_LINES:
-        shown.append(f"... and {len(lines) - _MAX_LINES} more")
-    raise ValueError(header + "\n  " + "\n  ".join(shown))
+from .._check import count_layers, fail
+from .._leaf import is_array, leaf_kind, stack_leaves
+from ._pattern import LayerPattern, ranges
 
 
 def _fmt_spec(spec: tuple[tuple[int, ...], Hashable]) -> str:
@@ -126,13 +55,13 @@ def group_names(
             a layer lacks keys other layers have or has keys they lack; a tensor's
             shape or dtype differs from the same key's in the other layers.
     """
-    before, after = split_pattern(pattern)
+    lp = LayerPattern.parse(pattern)
     layers: dict[int, dict[str, str]] = {}
     rest: list[str] = []
     for name in specs:
         if not isinstance(name, str):
-            raise TypeError(f"tensor names must be str, got {name!r}")
-        m = match_layer(name, before, after)
+            raise TypeError(f"tensor names must be str, got {name!r}.")
+        m = lp.match(name)
         if m is None:
             rest.append(name)
         else:
@@ -141,14 +70,14 @@ def group_names(
         sample = ", ".join(f"`{n}`" for n in list(specs)[:3]) or "no names at all"
         raise ValueError(
             f"pattern {pattern!r} matches no tensor name; the names look like "
-            f"{sample}. Check the pattern (the layer index goes where `{{i}}` is)"
+            f"{sample}. Check the pattern (the layer index goes where `{{i}}` is)."
         )
     n = max(layers) + 1
     missing = sorted(set(range(n)) - set(layers))
     if missing:
         raise ValueError(
-            f"pattern {pattern!r}: missing layers {_ranges(missing)}; found layers "
-            f"{_ranges(layers)}, but the layers must be exactly 0..N-1"
+            f"pattern {pattern!r}: missing layers {ranges(missing)}; found layers "
+            f"{ranges(layers)}, but the layers must be exactly 0..N-1."
         )
 
     # A key is expected when most layers have it, so one odd layer is the one blamed.
@@ -164,9 +93,7 @@ def group_names(
         if extra:
             errors.append(f"layer {i} has extra keys {', '.join(map(repr, extra))}")
     if errors:
-        _raise_all(
-            f"pattern {pattern!r}: the {n} layers do not hold the same keys:", errors
-        )
+        fail(errors, f"pattern {pattern!r}: the {n} layers do not hold the same keys")
 
     keys = tuple(k for k in layers[0] if k in expected)
     for key in keys:
@@ -180,103 +107,55 @@ def group_names(
                     f"{_fmt_spec(common)} like `{layers[ref][key]}`"
                 )
     if errors:
-        _raise_all(
-            f"pattern {pattern!r}: tensors differ in shape or dtype across layers:",
+        fail(
             errors,
+            f"pattern {pattern!r}: tensors differ in shape or dtype across layers",
         )
     names = tuple(tuple(layers[i][k] for k in keys) for i in range(n))
     return Grouping(pattern, n, keys, names, tuple(rest))
 
 
-def detect_pattern(names: Iterable[str]) -> str:
-    """Finds the layer pattern of a per-layer checkpoint from its tensor names.
-
-    Every name whose dotted components include an integer gives a candidate
-    `<components before it>.{i}.` from its *first* integer component (so experts
-    nested inside layers never compete with the layers). The pattern is the one
-    candidate seen with at least two layer indices.
-
-    Args:
-        names: the tensor names.
-
-    Returns:
-        The pattern, such as `"model.layers.{i}."`.
-
-    Raises:
-        ValueError: no candidate, or several (listed, with their layer counts).
-
-    Examples:
-        >>> detect_pattern(["embed.weight", "h.0.attn.weight", "h.1.attn.weight"])
-        'h.{i}.'
-    """
-    found: dict[str, set[int]] = {}
-    for name in names:
-        parts = name.split(".")
-        for j, part in enumerate(parts[:-1]):
-            if _CANONICAL_INT.fullmatch(part):
-                prefix = "".join(p + "." for p in parts[:j])
-                found.setdefault(prefix + "{i}.", set()).add(int(part))
-                break
-    candidates = {p: idx for p, idx in found.items() if len(idx) >= 2}
-    if len(candidates) == 1:
-        return next(iter(candidates))
-    if not candidates:
-        raise ValueError(
-            "found no layer pattern (no name prefix is followed by two or more "
-            "layer indices); give one explicitly, e.g. --pattern 'model.layers.{i}.'"
-        )
-    listed = "; ".join(
-        f"{p!r} ({len(idx)} layers: {_ranges(idx)})" for p, idx in candidates.items()
-    )
-    raise ValueError(
-        f"the layer pattern is ambiguous, candidates are {listed}; choose one with "
-        f"--pattern (or the `pattern` argument)"
-    )
-
-
-# ---------------------------------------------------------------- in-memory stacking
-
-
-def _jax() -> Any:
-    """The jax module if it is loaded, else None.
-
-    The `stackedtree` command converts files with numpy alone and never imports jax (it
-    would dominate its start-up time); when jax is not loaded, no jax array or
-    ShapeDtypeStruct can exist, so the jax cases need no import.
-    """
-    return sys.modules.get("jax")
-
-
-def _is_sds(x: Any) -> bool:
-    jax = _jax()
-    return jax is not None and isinstance(x, jax.ShapeDtypeStruct)
-
-
-def _is_jax_array(x: Any) -> bool:
-    jax = _jax()
-    return jax is not None and isinstance(x, jax.Array)
-
-
 def _spec(name: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:
-    if isinstance(x, np.ndarray | np.generic) or _is_jax_array(x) or _is_sds(x):
+    if is_array(x):
         return tuple(x.shape), np.dtype(x.dtype)
     raise TypeError(
         f"tensor `{name}` must be a numpy or jax array (or a jax.ShapeDtypeStruct), "
-        f"got {type(x).__name__}"
+        f"got {type(x).__name__}."
     )
 
 
-def _stack(name: str, xs: Sequence[Any]) -> Any:
-    if all(_is_sds(x) for x in xs):
-        return _jax().ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype)
-    if any(_is_sds(x) for x in xs):
-        raise TypeError(
-            f"tensor `{name}` mixes jax.ShapeDtypeStruct and arrays across layers"
+def layer_of(x: Any, i: int) -> Any:
+    """Layer `i` of a stacked tensor: a numpy view, a jax slice or a ShapeDtypeStruct."""
+    if leaf_kind(x) == "abstract":
+        return type(x)(x.shape[1:], x.dtype)
+    return x[i, ...]
+
+
+def check_rest(pattern: LayerPattern, rest: Mapping[str, Any] | Sequence[str]) -> None:
+    """No name of `rest` is one that `pattern` reads as a layer's tensor."""
+    clash = pattern.claimed(rest)
+    if clash:
+        fail(
+            [repr(name) for name in clash],
+            f"`rest` holds names that belong in `stacked`: pattern {str(pattern)!r} "
+            "reads as layer tensors",
         )
-    if any(_is_jax_array(x) for x in xs):
-        jnp = _jax().numpy
-        return jnp.stack([jnp.asarray(x) for x in xs])
-    return np.stack([np.asarray(x) for x in xs])
+
+
+def num_stacked_layers(stacked: Mapping[str, Any], arg: str = "stacked") -> int:
+    """The common leading length of stacked tensors (the layer-count rule of `_check`).
+
+    Raises:
+        ValueError: `stacked` is empty, holds a 0-d tensor, or the lengths disagree.
+    """
+    if not stacked:
+        raise ValueError(f"`{arg}` holds no tensors, so it has no layers.")
+    shapes = [(f"`{arg}[{key!r}]`", _spec(key, x)[0]) for key, x in stacked.items()]
+    reference, problems = count_layers(shapes, hint="")
+    if problems:
+        fail(problems, title=f"`{arg}` is not a stack of layers")
+    assert reference is not None  # every tensor has a leading axis, so one was found
+    return reference[0]
 
 
 def stack_by_name(
@@ -313,40 +192,18 @@ def stack_by_name(
         ((2, 2), ['emb'])
     """
     if not isinstance(flat, Mapping):
-        raise TypeError(f"`flat` must be a mapping of names to arrays, got {flat!r}")
+        raise TypeError(
+            f"`flat` must be a mapping of names to arrays, got {type(flat).__name__}."
+        )
     specs = {name: _spec(name, x) for name, x in flat.items()}
     g = group_names(specs, pattern)
     stacked = {
-        key: _stack(key, [flat[g.names[i][j]] for i in range(g.num_layers)])
+        key: stack_leaves(
+            [flat[g.names[i][j]] for i in range(g.num_layers)], "flat", f"`{key}`"
+        )
         for j, key in enumerate(g.keys)
     }
     return stacked, {name: flat[name] for name in g.rest}
-
-
-def num_stacked_layers(stacked: Mapping[str, Any], argname: str = "stacked") -> int:
-    """The common leading length of the stacked tensors.
-
-    Raises:
-        ValueError: `stacked` is empty, holds a 0-d tensor, or the lengths disagree.
-    """
-    if not stacked:
-        raise ValueError(f"`{argname}` holds no tensors, so it has no layers")
-    lengths = {}
-    for key, x in stacked.items():
-        shape, _ = _spec(key, x)
-        if not shape:
-            raise ValueError(
-                f"`{argname}[{key!r}]` is 0-d; a stacked tensor needs a layer axis"
-            )
-        lengths[key] = shape[0]
-    n = Counter(lengths.values()).most_common(1)[0][0]
-    bad = [f"{k!r} has {m}" for k, m in lengths.items() if m != n]
-    if bad:
-        raise ValueError(
-            f"`{argname}` tensors disagree on the number of layers: most have {n}, "
-            f"but {', '.join(bad)}"
-        )
-    return n
 
 
 def unstack_by_name(
@@ -377,134 +234,13 @@ def unstack_by_name(
         >>> list(flat)
         ['h.0.w', 'h.1.w', 'emb']
     """
-    before, after = split_pattern(pattern)
+    lp = LayerPattern.parse(pattern)
     n = num_stacked_layers(stacked)
     rest = {} if rest is None else rest
-    clash = [name for name in rest if match_layer(name, before, after) is not None]
-    if clash:
-        raise ValueError(
-            f"`rest` holds names that pattern {pattern!r} reads as layer tensors: "
-            f"{', '.join(map(repr, clash[:_MAX_LINES]))}; they belong in `stacked`"
-        )
+    check_rest(lp, rest)
     flat: dict[str, Any] = {}
     for i in range(n):
         for key, x in stacked.items():
-            if _is_sds(x):
-                flat[before + str(i) + after + key] = _jax().ShapeDtypeStruct(
-                    x.shape[1:], x.dtype
-                )
-            else:
-                flat[before + str(i) + after + key] = x[i, ...]
+            flat[lp.layer_name(i, key)] = layer_of(x, i)
     flat.update(rest)
     return flat
-
-
-# ------------------------------------------------------------------ pytrees <-> names
-
-
-def _entry_str(entry: Any) -> str:
-    import jax
-
-    if isinstance(entry, jax.tree_util.GetAttrKey):
-        return str(entry.name)
-    if isinstance(entry, jax.tree_util.DictKey):
-        return str(entry.key)
-    if isinstance(entry, jax.tree_util.SequenceKey):
-        return str(entry.idx)
-    if isinstance(entry, jax.tree_util.FlattenedIndexKey):
-        return str(entry.key)
-    return str(entry)
-
-
-def _names_and_leaves(tree: Any, sep: str) -> tuple[list[str], list[Any], Any]:
-    if not isinstance(sep, str):
-        raise TypeError(f"`sep` must be a str, got {type(sep).__name__}")
-    import jax
-
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    names = [sep.join(_entry_str(e) for e in path) for path, _ in path_leaves]
-    dup = [n for n, c in Counter(names).items() if c > 1]
-    if dup:
-        raise ValueError(
-            f"several leaves share the names {', '.join(map(repr, dup))} (a key "
-            f"contains {sep!r}, or keys like 1 and '1' coincide); pick another `sep`"
-        )
-    return names, [leaf for _, leaf in path_leaves], treedef
-
-
-def _is_tensor(x: Any) -> bool:
-    return isinstance(x, np.ndarray | np.generic) or _is_jax_array(x) or _is_sds(x)
-
-
-def flatten_names(tree: Any, /, sep: str = ".") -> dict[str, Any]:
-    """Flattens a pytree's array leaves to `{name: array}`, named by their key paths.
-
-    Attribute names (NamedTuples, dataclasses, Equinox modules), dict keys and
-    sequence indices are joined with `sep`, so a stacked `DecoderBlock` gives names
-    such as `attention.q_proj` that can be saved with `save_flat`. Static (non-array)
-    leaves, such as an activation name, are left out: they belong to the code, and
-    `unflatten_names` takes them back from its template.
-
-    Args:
-        tree: any pytree.
-        sep: the separator between path entries.
-
-    Returns:
-        The leaves by name, in `jax.tree_util` flattening order.
-
-    Raises:
-        ValueError: two leaves get the same name.
-
-    Examples:
-        >>> import numpy as np
-        >>> tree = {"attention": {"q_proj": np.zeros(2), "act": "gelu"}, "norm": [np.ones(1)]}
-        >>> {name: x.shape for name, x in flatten_names(tree).items()}
-        {'attention.q_proj': (2,), 'norm.0': (1,)}
-    """
-    names, leaves, _ = _names_and_leaves(tree, sep)
-    return {n: x for n, x in zip(names, leaves, strict=True) if _is_tensor(x)}
-
-
-def unflatten_names(flat: Mapping[str, Any], like: Any, /, sep: str = ".") -> Any:
-    """Rebuilds a pytree with the structure of `like` from `flatten_names` names.
-
-    Args:
-        flat: maps names to leaves, as returned by `flatten_names` or `load_flat`.
-        like: a pytree of the wanted structure. Its array leaves (arrays or
-            `jax.ShapeDtypeStruct`s) are replaced from `flat`; its static leaves are
-            kept unless `flat` names them.
-        sep: the separator used by `flatten_names`.
-
-    Returns:
-        A pytree of the structure of `like` whose leaves come from `flat`.
-
-    Raises:
-        ValueError: names of `like` are missing from `flat`, or `flat` holds names
-            that `like` does not have (both listed).
-
-    Examples:
-        >>> import numpy as np
-        >>> back = unflatten_names({"w": np.ones(2)}, {"w": np.zeros(2), "act": "gelu"})
-        >>> back["w"].tolist(), back["act"]
-        ([1.0, 1.0], 'gelu')
-    """
-    names, template, treedef = _names_and_leaves(like, sep)
-    missing = [
-        n
-        for n, x in zip(names, template, strict=True)
-        if n not in flat and _is_tensor(x)
-    ]
-    wanted = set(names)
-    extra = [n for n in flat if n not in wanted]
-    if missing or extra:
-        lines = []
-        if missing:
-            lines.append(f"missing from `flat`: {', '.join(map(repr, missing))}")
-        if extra:
-            lines.append(f"not in `like`: {', '.join(map(repr, extra))}")
-        raise ValueError(
-            "the names of `flat` do not match the leaves of `like`; " + "; ".join(lines)
-        )
-    return treedef.unflatten(
-        [flat.get(n, x) for n, x in zip(names, template, strict=True)]
-    )

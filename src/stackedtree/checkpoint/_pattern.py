@@ -1,0 +1,161 @@
+"""`LayerPattern`: where the layer index sits in a per-layer tensor name.
+
+A pattern is a string with one `{i}`, such as `"model.layers.{i}."`. Name `n` belongs to
+layer `i` when `n == before + str(i) + after + key`, with `before`/`after` the parts
+around `{i}` and `key` the per-layer name (`self_attn.q_proj.weight`). In a stacked
+checkpoint the tensor `key` is stored once under the *stacked name*, the per-layer name
+with the literal `{i}` kept (`model.layers.{i}.self_attn.q_proj.weight`), which no
+per-layer name can equal.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+_DIGITS = re.compile(r"[0-9]+")
+_CANONICAL_INT = re.compile(r"0|[1-9][0-9]*")
+
+
+def ranges(indices: Iterable[int]) -> str:
+    """`[0, 1, 2, 5, 7, 8]` -> `"0-2, 5, 7-8"`."""
+    runs: list[list[int]] = []
+    for i in sorted(set(indices)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+@dataclass(frozen=True)
+class LayerPattern:
+    """A parsed layer pattern.
+
+    Attributes:
+        before: the part of the pattern before `{i}`.
+        after: the part after it.
+    """
+
+    before: str
+    after: str
+
+    @classmethod
+    def parse(cls, pattern: str | LayerPattern, arg: str = "pattern") -> LayerPattern:
+        """Parses `pattern`, which must hold exactly one `{i}`.
+
+        Raises:
+            TypeError: `pattern` is not a string.
+            ValueError: `pattern` does not hold exactly one `{i}`.
+        """
+        if isinstance(pattern, LayerPattern):
+            return pattern
+        if not isinstance(pattern, str):
+            raise TypeError(f"`{arg}` must be a str, got {type(pattern).__name__}.")
+        count = pattern.count("{i}")
+        if count != 1:
+            raise ValueError(
+                f"`{arg}` must contain exactly one `{{i}}` where the layer index goes, "
+                f"got {pattern!r} with {count}; for example 'model.layers.{{i}}.'."
+            )
+        before, after = pattern.split("{i}")
+        return cls(before, after)
+
+    def __str__(self) -> str:
+        return self.before + "{i}" + self.after
+
+    def match(self, name: str) -> tuple[int, str] | None:
+        """`(i, key)` when `name` is layer `i`'s tensor `key`, else None.
+
+        The index is the longest run of digits after `before` and must be written in
+        canonical decimal: `layers.01.` and `layers.1x.` belong to no layer, and
+        `layers.10.` is layer 10, never layer 1.
+        """
+        if not name.startswith(self.before):
+            return None
+        digits = _DIGITS.match(name, len(self.before))
+        if digits is None or not _CANONICAL_INT.fullmatch(digits.group()):
+            return None
+        tail = name[digits.end() :]
+        if not tail.startswith(self.after):
+            return None
+        return int(digits.group()), tail[len(self.after) :]
+
+    def layer_name(self, i: int, key: str) -> str:
+        """Layer `i`'s name for `key`: `model.layers.3.mlp.up_proj.weight`."""
+        return f"{self.before}{i}{self.after}{key}"
+
+    def stacked_name(self, key: str) -> str:
+        """The stacked tensor's name for `key`: `model.layers.{i}.mlp.up_proj.weight`."""
+        return str(self) + key
+
+    def stacked_key(self, name: str) -> str | None:
+        """The per-layer key of stacked name `name`, or None if it is not one."""
+        prefix = str(self)
+        return name[len(prefix) :] if name.startswith(prefix) else None
+
+    def claimed(self, names: Iterable[str]) -> list[str]:
+        """The names this pattern reads as a layer's tensor."""
+        return [name for name in names if self.match(name) is not None]
+
+    @classmethod
+    def detect(cls, names: Iterable[str]) -> LayerPattern:
+        """The layer pattern of a per-layer checkpoint, found from its tensor names.
+
+        Every name whose dotted components include an integer gives a candidate
+        `<components before it>.{i}.` from its *first* integer component (so experts
+        nested inside layers never compete with the layers). The pattern is the one
+        candidate seen with at least two layer indices.
+
+        Raises:
+            ValueError: no candidate, or several (listed, with their layer counts).
+        """
+        found: dict[str, set[int]] = {}
+        for name in names:
+            parts = name.split(".")
+            for j, part in enumerate(parts[:-1]):
+                if _CANONICAL_INT.fullmatch(part):
+                    prefix = "".join(p + "." for p in parts[:j])
+                    found.setdefault(prefix + "{i}.", set()).add(int(part))
+                    break
+        candidates = {p: idx for p, idx in found.items() if len(idx) >= 2}
+        if len(candidates) == 1:
+            return cls.parse(next(iter(candidates)))
+        if not candidates:
+            raise ValueError(
+                "found no layer pattern (no name prefix is followed by two or more "
+                "layer indices); give one explicitly, e.g. --pattern "
+                "'model.layers.{i}.'."
+            )
+        listed = "; ".join(
+            f"{p!r} ({len(idx)} layers: {ranges(idx)})" for p, idx in candidates.items()
+        )
+        raise ValueError(
+            f"the layer pattern is ambiguous, candidates are {listed}; choose one with "
+            "--pattern (or the `pattern` argument)."
+        )
+
+
+def detect_pattern(names: Iterable[str]) -> str:
+    """Finds the layer pattern of a per-layer checkpoint from its tensor names.
+
+    Every name whose dotted components include an integer gives a candidate
+    `<components before it>.{i}.` from its *first* integer component (so experts
+    nested inside layers never compete with the layers). The pattern is the one
+    candidate seen with at least two layer indices.
+
+    Args:
+        names: the tensor names.
+
+    Returns:
+        The pattern, such as `"model.layers.{i}."`.
+
+    Raises:
+        ValueError: no candidate, or several (listed, with their layer counts).
+
+    Examples:
+        >>> detect_pattern(["embed.weight", "h.0.attn.weight", "h.1.attn.weight"])
+        'h.{i}.'
+    """
+    return str(LayerPattern.detect(names))
