@@ -6,6 +6,7 @@ import json
 import os
 import struct
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from ckptgen import DTYPES, assert_same_flat, cases, same, unwritable_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stackedtree.checkpoint import load_flat, save_flat
+from stackedtree.checkpoint import _io, load_flat, save_flat
 from stackedtree.checkpoint._io import read_checkpoint
 
 FLAT = {
@@ -246,6 +247,32 @@ def test_npz_object_arrays_are_refused_without_unpickling(tmp_path: Path) -> Non
         ValueError, match=r"array `evil` holds Python objects.*never unpickles"
     ):
         load_flat(tmp_path / "evil.npz")
+    assert not marker.exists()
+
+
+def test_pickled_metadata_entry_is_refused_without_unpickling(tmp_path: Path) -> None:
+    # The archive's own metadata member is read by the npz reader before any tensor
+    # check: the reader itself must refuse the pickle.
+    marker = tmp_path / "unpickled"
+    meta = np.empty(1, dtype=object)
+    meta[0] = _Boom(str(marker))
+    np.savez(tmp_path / "evil.npz", w=np.ones(2), __stackedtree__=meta)
+    for read in (load_flat, read_checkpoint):
+        with pytest.raises(ValueError, match=r"`__stackedtree__` holds Python objects"):
+            read(tmp_path / "evil.npz")
+    assert not marker.exists()
+
+
+def test_npz_member_reader_refuses_pickles_itself(tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    arr = np.empty(1, dtype=object)
+    arr[0] = _Boom(str(marker))
+    np.savez(tmp_path / "evil.npz", evil=arr)
+    with (
+        zipfile.ZipFile(tmp_path / "evil.npz") as zf,
+        pytest.raises(ValueError, match="never unpickles"),
+    ):
+        _io._read_member(tmp_path / "evil.npz", zf, "evil.npy", "evil")
     assert not marker.exists()
 
 

@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from ckptgen import assert_same_flat, cases, same
+from fixtures import Attention, Block
 from hypothesis import given, settings
 
 from stackedtree.checkpoint import (
@@ -224,17 +225,6 @@ def test_detect_pattern_none() -> None:
 # ------------------------------------------------------------------ pytrees <-> names
 
 
-class Attention(NamedTuple):
-    q_proj: Any
-    k_proj: Any
-
-
-class Block(NamedTuple):
-    norm: Any
-    attention: Attention
-    mlp: Any
-
-
 @dataclasses.dataclass
 class Holder:
     inner: Any
@@ -247,17 +237,17 @@ def test_flatten_names_uses_attribute_names_keys_and_indices() -> None:
     tree = Block(
         norm=np.zeros(2),
         attention=Attention(np.zeros(3), np.zeros(4)),
-        mlp={"up": [np.zeros(1), Holder(np.zeros(5))]},
+        act={"up": [np.zeros(1), Holder(np.zeros(5))]},
     )
     flat = flatten_names(tree)
     assert list(flat) == [
         "norm",
         "attention.q_proj",
         "attention.k_proj",
-        "mlp.up.0",
-        "mlp.up.1.inner",
+        "act.up.0",
+        "act.up.1.inner",
     ]
-    assert flatten_names(tree, sep="/")["mlp/up/1/inner"] is tree.mlp["up"][1].inner
+    assert flatten_names(tree, sep="/")["act/up/1/inner"] is tree.act["up"][1].inner
     back = unflatten_names(flat, tree)
     assert jax.tree.structure(back) == jax.tree.structure(tree)
     assert all(

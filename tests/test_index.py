@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fixtures import Attention, Block, stacked_block
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from treegen import assert_bits_equal, make_layer, make_layers, templates
@@ -26,28 +27,6 @@ from stackedtree import (
 
 PROPERTY = settings(max_examples=30, deadline=None)
 seeds = st.integers(0, 2**32 - 1)
-
-
-class Attention(NamedTuple):
-    q_proj: Any
-    k_proj: Any
-
-
-class Block(NamedTuple):
-    norm: Any
-    attention: Attention
-    act: Any
-
-
-def stacked_block(n: int = 4, lib: Any = np) -> Block:
-    return Block(
-        norm=lib.asarray(np.arange(n * 3, dtype=np.float32).reshape(n, 3)),
-        attention=Attention(
-            q_proj=lib.asarray(np.arange(n * 6, dtype=np.int32).reshape(n, 2, 3)),
-            k_proj=lib.asarray(np.arange(n, dtype=np.float16)),
-        ),
-        act="gelu",
-    )
 
 
 # --- properties -----------------------------------------------------------------------

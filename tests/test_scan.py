@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 from typing import Any, NamedTuple
 
 import jax
+import jax.ad_checkpoint
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -131,7 +135,9 @@ def test_equals_loop_unroll_keys_xs(reverse, unroll, with_key, with_xs):
 
 
 @pytest.mark.parametrize("remat_group", [3, "sqrt"])
-@pytest.mark.parametrize(("with_key", "with_xs"), [(False, False), (True, False)])
+@pytest.mark.parametrize(
+    ("with_key", "with_xs"), [(False, False), (True, False), (True, True)]
+)
 def test_equals_loop_groups_keys_xs(remat_group, with_key, with_xs):
     check_against_loop(
         True, 3 if with_key else None, with_xs, remat_group=remat_group, remat=True
@@ -144,11 +150,9 @@ def test_raw_uint32_key_equals_typed_key_semantics():
     carry, ys = scan_layers(block, INIT, layers, key=raw)
     ref = reference_loop(block, INIT, layers, key=raw)
     assert_close((carry, ys), ref)
-    # Each layer really sees key fold_in(key, i): layer i's noise depends on i.
-    seen = []
 
+    # Each layer really sees key fold_in(key, i): layer i's noise depends on i.
     def record(c, layer, *, key):
-        seen.append(key)
         return c, jax.random.key_data(key) if key.dtype != jnp.uint32 else key
 
     _, got = scan_layers(record, INIT, layers, key=raw)
@@ -277,6 +281,67 @@ def test_eval_shape_allocates_nothing():
     )
     assert out[0].shape == (2, D)
     assert out[1].shape == (N, 2)
+
+
+# --- which values rematerialisation saves ---------------------------------------------
+
+
+def saved_residuals(remat, remat_group=None) -> list[str]:
+    """What the backward pass of a 4-layer scan stores, as jax prints it."""
+    w = jnp.ones((4, D, D))
+
+    def loss(w, x):
+        def layer(c, w):
+            return jnp.tanh(c @ w), None
+
+        return scan_layers(layer, x, w, remat=remat, remat_group=remat_group)[0].sum()
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(loss, w, INIT)
+    return out.getvalue().splitlines()
+
+
+def checkpoint_policies(remat, remat_group=None) -> list[Any]:
+    """The `policy` of every `jax.checkpoint` in the traced scan, outermost first."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if "policy" in eqn.params:
+                found.append(eqn.params["policy"])
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, tuple | list) else [value]:
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
+
+    def run(params):
+        layers = with_static(params)
+        return scan_layers(block, INIT, layers, remat=remat, remat_group=remat_group)
+
+    walk(jax.make_jaxpr(run)(make_layers()[:2]).jaxpr)
+    return found
+
+
+def test_remat_saves_what_its_policy_says():
+    everything, nothing = saved_residuals(False), saved_residuals(True)
+    dots = saved_residuals("dots_saveable")
+    # dots_saveable keeps the matmul outputs that True recomputes, and no more.
+    assert len(nothing) < len(dots) < len(everything)
+    assert saved_residuals(_policy) == dots
+    assert saved_residuals("nothing_saveable") == nothing
+
+
+@pytest.mark.parametrize("remat_group", [None, 2])
+def test_remat_policy_reaches_jax_checkpoint(remat_group):
+    assert checkpoint_policies("dots_saveable", remat_group)[-1] is (
+        jax.checkpoint_policies.dots_saveable
+    )
+    assert checkpoint_policies(_policy, remat_group)[-1] is _policy
+    assert checkpoint_policies(True, remat_group)[-1] is None
+    assert checkpoint_policies(False) == []
 
 
 def test_carry_may_be_a_python_scalar():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,35 +15,21 @@ from hypothesis import strategies as st
 from treegen import assert_bits_equal, expected_stack, make_layers, templates
 
 import stackedtree
-from stackedtree import init_stacked, layer_keys, num_layers, stack, unstack
+from stackedtree import (
+    concat_layers,
+    init_stacked,
+    layer_keys,
+    num_layers,
+    set_layer,
+    stack,
+    unstack,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import llama_model
+from fixtures import Block, block
 
 PROPERTY = settings(max_examples=40, deadline=None)
-
-
-class Attention(NamedTuple):
-    q_proj: Any
-    k_proj: Any
-
-
-class Block(NamedTuple):
-    norm: Any
-    attention: Attention
-    act: Any
-
-
-def block(seed: int, lib: Any = np, n_heads: int = 2) -> Block:
-    rng = np.random.default_rng(seed)
-    return Block(
-        norm=lib.asarray(rng.normal(size=(4,)).astype(np.float32)),
-        attention=Attention(
-            q_proj=lib.asarray(rng.normal(size=(4, n_heads, 3)).astype(np.float32)),
-            k_proj=lib.asarray(rng.normal(size=(4, 2, 3)).astype(np.float32)),
-        ),
-        act=jax.nn.gelu,
-    )
 
 
 # --- round trips -------------------------------------------------------------------
@@ -425,3 +411,16 @@ def test_optional_field_none_in_one_layer_is_located() -> None:
         r"at \['b'\]: expected an array, got None",
     ):
         stack(layers)
+
+
+def test_static_leaves_are_compared_by_value_not_identity() -> None:
+    # Equal but distinct objects in every layer: an identity check would refuse them.
+    def layer() -> dict[str, Any]:
+        return {"w": np.zeros(2), "dims": [8, 2], "act": "".join(["ge", "lu"])}
+
+    layers = [layer() for _ in range(3)]
+    assert layers[0]["dims"] is not layers[1]["dims"]
+    s = stack(layers)
+    assert s["dims"] == [8, 2] and s["act"] == "gelu"
+    assert concat_layers([s, stack([layer()])])["w"].shape == (4, 2)
+    assert set_layer(s, 1, layer())["w"].shape == (3, 2)

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from typing import Any, NamedTuple
+from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fixtures import Attention
 
 from stackedtree import assert_stacked, stack
-
-
-class Attention(NamedTuple):
-    q_proj: Any
-    k_proj: Any
 
 
 def good(n: int = 4, lib: Any = np) -> dict[str, Any]:
