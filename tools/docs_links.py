@@ -1,16 +1,21 @@
-"""An mkdocs hook: the first mention of a public name on a page links to its API entry.
+"""An mkdocs hook that links public names to their API entries.
 
-Guides and recipes write `` `scan_layers` `` as plain inline code; this turns the first
-such mention on each page into `` [`scan_layers`][stackedtree.scan_layers] ``, which
-mkdocs-autorefs resolves to the entry that mkdocstrings renders. Code blocks, headings
-and text already inside a link are left alone.
+- Guides and recipes write `` `scan_layers` `` as plain inline code; the first such
+  mention on each page becomes `` [`scan_layers`][stackedtree.scan_layers] ``, which
+  mkdocs-autorefs resolves to the entry mkdocstrings renders. Code blocks, headings and
+  text already inside a link are left alone.
+- In the API pages, a docstring's mention of another public name ("as in `load_flat`")
+  becomes a link to that name's entry.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
+from pathlib import Path
 from typing import Any
+
+from mkdocs.utils import get_relative_url
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
 
@@ -52,3 +57,30 @@ def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
     if page.file.src_uri.startswith("api/"):
         return markdown  # the reference pages are the link targets
     return link_first_mentions(markdown, _public_names())
+
+
+def _entries(docs_dir: str) -> dict[str, str]:
+    """`name -> url#anchor` of every `::: stackedtree...` entry in the API pages."""
+    found = {}
+    for page in sorted(Path(docs_dir, "api").glob("*.md")):
+        url = f"api/{page.stem}/"
+        for ident in re.findall(r"^:::\s*(stackedtree[\w.]*)", page.read_text(), re.M):
+            found.setdefault(ident.rsplit(".", 1)[-1], f"{url}#{ident}")
+    return found
+
+
+def on_page_content(html: str, page: Any, config: Any, **kwargs: Any) -> str:
+    if not page.file.src_uri.startswith("api/"):
+        return html
+    entries = _entries(config["docs_dir"])
+    pattern = re.compile(
+        r"(<a [^>]*>[^<]*)?<code>(" + "|".join(map(re.escape, entries)) + r")</code>"
+    )
+
+    def link(m: re.Match[str]) -> str:
+        if m[1] is not None:  # already inside a link
+            return m[0]
+        href = get_relative_url(entries[m[2]], page.url)
+        return f'<a href="{href}"><code>{m[2]}</code></a>'
+
+    return pattern.sub(link, html)
