@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, Mesh, PartitionSpec
 
 from ._scan import Remat, _resolve_remat, scan_layers
@@ -282,6 +283,35 @@ def _layout(mesh: Mesh, axis: Any, rows: int) -> _Layout:
     return _Layout(tuple(taken), any(types[a] == AxisType.Explicit for a in taken))
 
 
+_LAYER_IN = "stackedtree.pipeline.layer_in"  # the carry entering a layer
+
+
+def _block_policy(
+    remat: Remat, param_shapes: set[tuple[int, ...]]
+) -> Callable[..., Any]:
+    """The checkpoint policy of a block: `remat` per layer; parameters never saved.
+
+    A `jax.checkpoint` inside another follows the outer one's policy, so `remat` is
+    applied here rather than by `scan_layers`: with remat, the carries entering the
+    layers (named `_LAYER_IN`) are saved and what `remat` saves. A layer's parameters,
+    gathered from the stage's parameters (of shapes `param_shapes`) at every step, are
+    gathered again in the backward pass rather than saved once per step.
+    """
+    checkpoint, saveable = _resolve_remat(remat)
+
+    def policy(prim: Any, *args: Any, **params: Any) -> Any:
+        if getattr(prim, "name", None) == "gather" and (
+            tuple(args[0].shape) in param_shapes
+        ):
+            return False
+        name = params.get("name") if getattr(prim, "name", None) == "name" else None
+        if name == _LAYER_IN or not checkpoint:
+            return True
+        return False if saveable is None else saveable(prim, *args, **params)
+
+    return policy
+
+
 def _turn(x: jax.Array) -> jax.Array:
     """Moves the first entry of the leading axis to the end."""
     return jnp.concatenate([x[1:], x[:1]])
@@ -473,13 +503,12 @@ def _pipeline(
     R, S, L, M = schedule  # the names of the docs
     shift = [(s, (s + 1) % S) for s in range(S)]
 
-    def keyed_fn(carry: PyTree, layer: PyTree, key: jax.Array) -> tuple[PyTree, PyTree]:
-        return fn(carry, layer, key=key)
-
     def program(
         params: PyTree, init: list[jax.Array], key: jax.Array | None = None
     ) -> list[jax.Array]:
-        params = jax.tree.map(lambda p: p[:, 0], params)  # this stage's (R, L, ...)
+        # This stage's layers, round r's block in rows [r * L, (r + 1) * L).
+        params = jax.tree.map(lambda p: p.reshape((R * L, *p.shape[3:])), params)
+        policy = _block_policy(remat, {p.shape for p in jax.tree.leaves(params)})
         stage = jax.lax.axis_index(axis)
         # Stage 0's queue of microbatches: at step t, position k holds microbatch
         # (t + k) % M (its input, or its result of the previous round), and the queue
@@ -496,6 +525,31 @@ def _pipeline(
         # The item arriving from the last stage at step t is t - (S - 1): its slot.
         home = (1 - S) % M
 
+        def layer_fn(
+            carry: PyTree, row: jax.Array, key: jax.Array | None = None
+        ) -> tuple[PyTree, PyTree]:
+            carry = jax.tree.map(lambda c: checkpoint_name(c, _LAYER_IN), carry)
+            layer = jax.tree.map(
+                lambda p: jnp.take(p, row, axis=0, mode="clip"), params
+            )
+            layer = merge_static(layer, staged_static)
+            return fn(carry, layer) if key is None else fn(carry, layer, key=key)
+
+        def block(r: jax.Array, carry: PyTree, m: jax.Array) -> PyTree:
+            """Round r's block of this stage's layers, on microbatch m."""
+            rows = r * L + jnp.arange(L)
+            if key is None:
+                return scan_layers(layer_fn, carry, rows)[0]
+            first = (r * S + stage) * L  # the index of the block's first layer
+            keys = jax.vmap(
+                lambda j: jax.random.fold_in(jax.random.fold_in(key, first + j), m)
+            )(jnp.arange(L))
+            return scan_layers(layer_fn, carry, rows, xs=keys)[0]
+
+        # Without this checkpoint the backward pass would keep the parameters of every
+        # layer run at every step: one copy of the stage's parameters per step.
+        run_block = jax.checkpoint(block, policy=policy, prevent_cse=False)
+
         def step(
             carry: tuple[list[jax.Array], list[jax.Array]], t: jax.Array
         ) -> tuple[tuple[list[jax.Array], list[jax.Array]], None]:
@@ -507,16 +561,7 @@ def _pipeline(
                 layout.spread(jnp.where(active, jnp.where(stage == 0, q[0], h), i), a)
                 for q, h, i, a in zip(queue, state, idle, batch_axes, strict=True)
             ]
-            layers = merge_static(jax.tree.map(lambda p: p[r], params), staged_static)
-            carry_in = jax.tree.unflatten(init_def, x)
-            if key is None:
-                y, _ = scan_layers(fn, carry_in, layers, remat=remat)
-            else:
-                first, m = (r * S + stage) * L, item % M
-                keys = jax.vmap(
-                    lambda j: jax.random.fold_in(jax.random.fold_in(key, first + j), m)
-                )(jnp.arange(L))
-                y, _ = scan_layers(keyed_fn, carry_in, layers, xs=keys, remat=remat)
+            y = run_block(r, jax.tree.unflatten(init_def, x), item % M)
             state = jax.lax.ppermute(jax.tree.leaves(y), axis, shift)
             arrived = t >= S - 1
             queue = [
