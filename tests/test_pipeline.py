@@ -326,7 +326,7 @@ def test_each_microbatch_and_layer_gets_its_key() -> None:
 
 
 def test_tree_carry_with_batch_axis() -> None:
-    """A carry of several leaves, batch on axis 1; `y` outputs are discarded."""
+    """A carry of several leaves, batch on axis -2 (1); `y` outputs are discarded."""
     params = make_params()
     init = {"h": jnp.stack([INIT, -INIT]), "n": jnp.ones((3, B, 1))}
 
@@ -337,11 +337,24 @@ def test_tree_carry_with_batch_axis() -> None:
 
     out = jax.jit(
         lambda p, x: pipeline_layers(
-            fn, x, with_static(p), mesh=MESH, microbatches=4, batch_axis=1
+            fn, x, with_static(p), mesh=MESH, microbatches=4, batch_axis=-2
         )
     )(staged_on(MESH, params, 2), init)
     want, _ = scan_layers(fn, init, with_static(params))
     assert_close(out, want, 1e-6)
+
+
+def test_one_stage() -> None:
+    """A stage axis of size 1 runs every layer on every device: no pipeline at all."""
+    mesh = jax.make_mesh((1, 8), ("stage", "data"), axis_types=(AxisType.Auto,) * 2)
+    out = pipeline_layers(
+        block,
+        INIT,
+        with_static(stage_layers(make_params(), 1, repeats=2)),
+        mesh=mesh,
+        microbatches=2,
+    )
+    assert_close(out, scan_reference(False)[0], 1e-6)
 
 
 def test_explicit_mesh_axes() -> None:

@@ -452,7 +452,9 @@ def pipeline_layers(
         init_def=init_def,
     )
     args = (split_static(staged)[0], flat_init) + ((key,) if key is not None else ())
-    specs = (PartitionSpec(None, axis), PartitionSpec(), PartitionSpec())
+    # With one stage there is nothing to pipeline: every device runs all layers.
+    staged_spec = PartitionSpec(None, axis) if stages > 1 else PartitionSpec()
+    specs = (staged_spec, PartitionSpec(), PartitionSpec())
     mapped = jax.shard_map(
         run,
         mesh=mesh,
@@ -509,7 +511,7 @@ def _pipeline(
         # This stage's layers, round r's block in rows [r * L, (r + 1) * L).
         params = jax.tree.map(lambda p: p.reshape((R * L, *p.shape[3:])), params)
         policy = _block_policy(remat, {p.shape for p in jax.tree.leaves(params)})
-        stage = jax.lax.axis_index(axis)
+        stage = jax.lax.axis_index(axis) if S > 1 else jnp.int32(0)
         # Stage 0's queue of microbatches: at step t, position k holds microbatch
         # (t + k) % M (its input, or its result of the previous round), and the queue
         # turns by one each step. Fixed positions keep the reads and writes static.
@@ -520,8 +522,10 @@ def _pipeline(
         # Steps outside the schedule (filling and draining) compute on a real
         # microbatch and are thrown away, so no NaN from garbage reaches a gradient.
         idle = [q[0] for q in queue]
-        state = jax.lax.pcast(idle, axis, to="varying")
-        queue = jax.lax.pcast(queue, axis, to="varying")
+        state = idle
+        if S > 1:  # what moves between stages differs from stage to stage
+            state = jax.lax.pcast(state, axis, to="varying")
+            queue = jax.lax.pcast(queue, axis, to="varying")
         # The item arriving from the last stage at step t is t - (S - 1): its slot.
         home = (1 - S) % M
 
@@ -562,7 +566,9 @@ def _pipeline(
                 for q, h, i, a in zip(queue, state, idle, batch_axes, strict=True)
             ]
             y = run_block(r, jax.tree.unflatten(init_def, x), item % M)
-            state = jax.lax.ppermute(jax.tree.leaves(y), axis, shift)
+            state = jax.tree.leaves(y)
+            if S > 1:
+                state = jax.lax.ppermute(state, axis, shift)
             arrived = t >= S - 1
             queue = [
                 layout.spread(
@@ -576,9 +582,10 @@ def _pipeline(
         (_, queue), _ = jax.lax.scan(step, (state, queue), jnp.arange(steps))
         # The last round's results sit in stage 0's queue; psum hands them to every
         # stage (the others add zeros).
-        queue = jax.lax.psum(
-            [jnp.where(stage == 0, q, jnp.zeros_like(q)) for q in queue], axis
-        )
+        if S > 1:
+            queue = jax.lax.psum(
+                [jnp.where(stage == 0, q, jnp.zeros_like(q)) for q in queue], axis
+            )
         return [
             layout.merge(jnp.roll(q, steps % M, axis=0), a)
             for q, a in zip(queue, batch_axes, strict=True)
