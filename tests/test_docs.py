@@ -198,7 +198,15 @@ def _doctest_modules() -> list[str]:
 
 
 # Modules whose public functions must show at least one runnable example.
-WITH_EXAMPLES = {"_stack", "_index", "_validate", "_describe", "_scan", "_tree"}
+WITH_EXAMPLES = {
+    "_stack",
+    "_index",
+    "_validate",
+    "_describe",
+    "_scan",
+    "_tree",
+    "_pipeline",
+}
 
 
 @pytest.mark.parametrize("module", _doctest_modules())

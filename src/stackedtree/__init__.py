@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from ._index import set_layer as set_layer
     from ._index import slice_layers as slice_layers
     from ._index import ungroup_layers as ungroup_layers
+    from ._pipeline import pipeline_layers as pipeline_layers
+    from ._pipeline import stage_layers as stage_layers
+    from ._pipeline import unstage_layers as unstage_layers
     from ._scan import scan_layers as scan_layers
     from ._stack import init_stacked as init_stacked
     from ._stack import layer_keys as layer_keys
@@ -37,12 +40,15 @@ _SOURCES = {
     "init_stacked": "._stack",
     "layer_keys": "._stack",
     "num_layers": "._stack",
+    "pipeline_layers": "._pipeline",
     "scan_layers": "._scan",
     "set_layer": "._index",
     "slice_layers": "._index",
     "stack": "._stack",
+    "stage_layers": "._pipeline",
     "ungroup_layers": "._index",
     "unstack": "._stack",
+    "unstage_layers": "._pipeline",
 }
 
 __all__ = sorted(_SOURCES)

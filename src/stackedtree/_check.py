@@ -146,7 +146,8 @@ def count_layers(
     expected: int | None = None,
     because: str = "",
     axes: int = 1,
-    hint: str = ZERO_D_HINT,
+    kind: str | None = None,
+    hint: str | None = None,
 ) -> tuple[tuple[int, ...] | None, list[str]]:
     """The one layer-count rule: the common leading length(s) of array leaves.
 
@@ -160,30 +161,33 @@ def count_layers(
         because: Says where `expected` comes from, replacing `"expected 4"` in the
             message (`"but `layers` has 4 layers"`).
         axes: How many leading axes are compared: 1 for a stack, 2 for a grouped
-            stack.
-        hint: Said after a 0-d leaf's line; by default how a pytree's number leaf
-            becomes one under `jax.jit`.
+            stack, 3 for a staged one.
+        kind: What such a leaf is called in messages: "stacked" for one axis,
+            "grouped" for more, unless given.
+        hint: Said after the line of a leaf with too few axes; by default, for a 0-d
+            leaf of a stack, how a pytree's number leaf becomes one under `jax.jit`.
 
     Returns:
         `(leading, problems)`: the reference leading shape (None when there are no
         leaves with enough axes) and one line per offending leaf: too few axes (a 0-d
         leaf), or a leading length other than the reference.
     """
+    kind = kind or ("stacked" if axes == 1 else "grouped")
+    hint = (ZERO_D_HINT if axes == 1 else "") if hint is None else hint
     problems = []
     found: list[tuple[str, tuple[int, ...]]] = []
     for label, shape in leaves:
         if len(shape) >= axes:
             found.append((label, tuple(shape[:axes])))
-        elif axes == 1:
-            problems.append(
-                f"{label} is a 0-d array: a stacked leaf needs a leading layer axis"
-                + (f" ({hint})" if hint else "")
-            )
+            continue
+        if axes == 1:
+            line = f"{label} is a 0-d array: a {kind} leaf needs a leading layer axis"
         else:
-            problems.append(
-                f"{label} has shape {fmt_shape(shape)}: a grouped leaf needs "
+            line = (
+                f"{label} has shape {fmt_shape(shape)}: a {kind} leaf needs "
                 f"{_NUMBERS.get(axes, axes)} leading axes"
             )
+        problems.append(line + (f" ({hint})" if hint else ""))
     if expected is not None:
         reference: tuple[int, ...] | None = (expected,)
         ref_text = because or f"expected {expected}"
