@@ -448,8 +448,3 @@ def temp_bytes(compiled: Any) -> int | None:
     if analysis is None:
         return None
     return int(analysis.temp_size_in_bytes)
-
-
-def sqrt_group(n: int) -> int:
-    """The group size `remat_group="sqrt"` uses (kept in step with stackedtree)."""
-    return max(1, round(float(np.sqrt(n))))

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stackedtree._scan import sqrt_group_size
+
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 LossFn = Callable[[Any, jax.Array], jax.Array]
@@ -40,7 +42,7 @@ def flax_remat_scan(n: int, stacked: C.Dense2) -> tuple[Callable[[], LossFn], An
     """`(make_loss, params)` for `nn.remat_scan` over the heavy layer, same weights."""
     import flax.linen as nn
 
-    g = C.sqrt_group(n)
+    g = sqrt_group_size(n)
     if n % g:
         raise ValueError(f"nn.remat_scan needs g={g} to divide N={n}")
     lengths = (n // g, g)
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             checks[str(n)][name] = same
         C.log(
-            f"  N={n:3d} g={C.sqrt_group(n):2d}  backward temp MB: "
+            f"  N={n:3d} g={sqrt_group_size(n):2d}  backward temp MB: "
             + "  ".join(f"{k} {_mb(temp[k][str(n)])}" for k in names)
             + "  | same loss+grad: "
             + " ".join(f"{k}={v}" for k, v in checks[str(n)].items())
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             "measured": "jax.value_and_grad of mean(out ** 2) w.r.t. the parameters",
         },
         "ns": ns,
-        "group_size": {str(n): C.sqrt_group(n) for n in ns},
+        "group_size": {str(n): sqrt_group_size(n) for n in ns},
         "temp_bytes": temp,
         "same_loss_and_grad": checks,
         "errors": errors,

@@ -26,6 +26,8 @@ import _common as C
 import jax
 import numpy as np
 
+from stackedtree._scan import sqrt_group_size
+
 
 def _strip_hlo(text: str) -> str:
     """Optimised HLO without metadata and names, to compare two programs' structure."""
@@ -209,7 +211,7 @@ def remat_memory(ns: list[int], quick: bool, step_repeats: int) -> dict[str, Any
         "ns": ns,
         "temp_bytes": temp,
         "step_n": n,
-        "sqrt_group_size": C.sqrt_group(n),
+        "sqrt_group_size": sqrt_group_size(n),
         "step": {k: C.summary(v) for k, v in steps.items()},
         "memory_ratio_sqrt_over_per_layer": mem_ratio,
         "step_ratio_sqrt_over_per_layer": step_ratio,
