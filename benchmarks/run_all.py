@@ -19,7 +19,6 @@ import argparse
 import importlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,6 @@ import _common as C
 
 # In the order they run and are published. A new script is listed here.
 SCRIPTS = ["bench_scan", "bench_peers", "bench_memory", "bench_stack", "bench_convert"]
-DOCS = os.path.join(C.ROOT, "docs")  # the docs page shows the plots from here
 
 
 def module(name: str) -> ModuleType | None:
@@ -126,8 +124,6 @@ def save_plots(results: dict[str, Any], out_dir: str, suffix: str) -> list[C.Plo
             path = os.path.join(out_dir, f"{plot.name}{suffix}.png")
             plot.figure.savefig(path, dpi=C.SAVE_DPI)
             C.pyplot().close(plot.figure)
-            if os.path.realpath(out_dir) == os.path.realpath(C.HERE):
-                shutil.copy(path, DOCS)
             made.append(plot._replace(name=f"{plot.name}{suffix}.png", figure=None))
     return made
 
@@ -190,9 +186,9 @@ def publish(results: dict[str, Any], out_dir: str, tag: str) -> list[str]:
     """Writes `results[_TAG].json`, `.md` and the plots; returns the paths written."""
     suffix = f"_{tag}" if tag else ""
     results["headline"] = headline(results)
-    plots = save_plots(results, out_dir, suffix)
     paths = [os.path.join(out_dir, f"results{suffix}.{ext}") for ext in ("json", "md")]
-    C.write_json(paths[0], results)
+    C.write_json(paths[0], results)  # first: whatever fails later, the figures are kept
+    plots = save_plots(results, out_dir, suffix)
     with open(paths[1], "w") as f:
         f.write(markdown(results, plots))
     return paths + [os.path.join(out_dir, p.name) for p in plots]
