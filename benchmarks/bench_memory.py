@@ -195,10 +195,9 @@ def plots(results: dict[str, Any]) -> list[C.Plot]:
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=LABELS.get(k, k))
     model = results.get("model") or {}
-    ax.set_title(
-        f"backward temporary memory, layer {model.get('layer', '').split(',')[0]}"
-        f" ({C.plot_where(results.get('machine') or {})})"
-    )
+    layer = (model.get("layer") or "").split(",")[0]
+    fig.suptitle(C.plot_where(results.get("machine") or {}))
+    ax.set_title(f"backward temporary memory, layer {layer}")
     ax.set_xlabel("layers N")
     ax.set_xticks(results.get("ns", []))
     ax.set_ylabel("XLA temp_size_in_bytes (MB)")
