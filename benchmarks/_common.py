@@ -42,19 +42,9 @@ import stackedtree  # noqa: E402
 # Command line and output
 
 
-def start(
-    doc: str, argv: list[str] | None
-) -> tuple[argparse.Namespace, dict[str, Any], float]:
-    """Parses a script's arguments and logs the machine: `(args, machine, start time)`."""
-    args = parser(doc.splitlines()[0]).parse_args(argv)
-    machine = machine_info(device_label(args))
-    log("machine:", machine_line(machine))
-    return args, machine, time.perf_counter()
-
-
-def parser(description: str) -> argparse.ArgumentParser:
-    """The options every benchmark script shares."""
-    p = argparse.ArgumentParser(description=description)
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark script takes; a script adds its own to it."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument(
         "--quick",
         action="store_true",
@@ -69,8 +59,27 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def device_label(args: argparse.Namespace) -> str:
-    return args.device_label or jax.devices()[0].device_kind
+def start(
+    p: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, dict[str, Any], float]:
+    """Parses a script's arguments and logs the machine: `(args, machine, start time)`."""
+    args = p.parse_args(argv)
+    machine = machine_info(args.device_label)
+    log("machine:", machine_line(machine))
+    return args, machine, time.perf_counter()
+
+
+def finish(
+    args: argparse.Namespace,
+    results: dict[str, Any],
+    report: Callable[[dict[str, Any]], str],
+) -> None:
+    """Writes the results (`--json`) and prints the script's report of them."""
+    write_json(args.json, results)
+    log("")
+    log(report(results))
+    if "wall_s" in results:
+        log(f"\ndone in {results['wall_s']:.0f}s")
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
@@ -98,27 +107,62 @@ def log(*args: Any) -> None:
     print(*args, flush=True)
 
 
+def dig(d: Any, *keys: Any) -> Any:
+    """`d[k0][k1]...`, or None when a key is absent (results of older runs lack some)."""
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def ratio(a: Any, b: Any) -> float | None:
+    """`a / b`, or None when either is missing or `b` is zero."""
+    if not isinstance(a, int | float) or not isinstance(b, int | float) or not b:
+        return None
+    return a / b
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured markdown table (also readable on a terminal)."""
+    """A markdown table; numbers get 3 significant digits and are right-aligned.
 
-    def cell(x: Any) -> str:
-        if isinstance(x, float):
-            return fmt(x)
-        return "n/a" if x is None else str(x)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    Published tables must fit the docs' content column: about 80 characters of text in
+    a row, so few columns, short headers with the unit in them.
+    """
+    numeric = [
+        all(isinstance(r[j], int | float) or r[j] is None for r in rows) and rows
+        for j in range(len(headers))
+    ]
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "".join("---:|" if num else "---|" for num in numeric),
+    ]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def fmt(x: float | None, digits: int = 3) -> str:
+def fmt(x: Any, digits: int = 3) -> str:
+    """A cell or a figure in text: 3 significant digits, `n/a` for a missing value."""
     if x is None:
         return "n/a"
-    if x == 0:
-        return "0"
-    if abs(x) >= 100:
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int) or not isinstance(x, float):
+        return str(x)
+    if x == 0 or abs(x) >= 10 ** (digits - 1):
         return f"{x:.0f}"
-    return f"{x:.{digits}g}"
+    text = f"{x:#.{digits}g}"
+    return f"{x:.{digits - 1}e}" if "e" in text else text.rstrip(".")
+
+
+def mb(b: Any) -> float | None:
+    """Bytes as MB (10^6), for tables."""
+    return b / 1e6 if isinstance(b, int | float) else None
+
+
+def ms(s: Any) -> float | None:
+    """Seconds as milliseconds, for tables."""
+    return s * 1e3 if isinstance(s, int | float) else None
 
 
 # --------------------------------------------------------------------------------------
@@ -203,15 +247,47 @@ def machine_info(label: str | None = None) -> dict[str, Any]:
 
 
 def machine_line(m: dict[str, Any]) -> str:
-    """One line naming the machine and versions, printed under every table."""
-    return (
-        f"{m.get('device_label')} ({m.get('jax_backend')}), {m.get('processor')}, "
-        f"{m.get('cpu_count_usable')} CPUs, {m.get('memory_gb')} GB; "
-        f"python {m.get('python')}, jax {m.get('jax')}, jaxlib {m.get('jaxlib')}, "
-        f"numpy {m.get('numpy')}, flax {m.get('flax')}, haiku {m.get('dm-haiku')}, "
-        f"equinox {m.get('equinox')}, stackedtree {m.get('stackedtree')} "
-        f"({m.get('git')}); {m.get('date')}"
+    """One line naming the machine, the versions and the date; fields not known are left out.
+
+    A results file states it once, at its top.
+    """
+    host = ", ".join(
+        x
+        for x in (
+            m.get("processor"),
+            m.get("cpu_count_usable") and f"{m['cpu_count_usable']} CPUs",
+            m.get("memory_gb") and f"{m['memory_gb']} GB",
+        )
+        if x
     )
+    label, backend = m.get("device_label"), m.get("jax_backend")
+    device = host if label in (None, "cpu") else f"{label} ({backend}), host {host}"
+    versions = [
+        f"{name} {m[key]}"
+        for name, key in (
+            ("python", "python"),
+            ("jax", "jax"),
+            ("jaxlib", "jaxlib"),
+            ("numpy", "numpy"),
+            ("flax", "flax"),
+            ("haiku", "dm-haiku"),
+            ("equinox", "equinox"),
+            ("stackedtree", "stackedtree"),
+        )
+        if m.get(key)
+    ]
+    if m.get("git") and m.get("stackedtree"):
+        versions[-1] += f" ({m['git']})"
+    return "; ".join(x for x in (device, ", ".join(versions), m.get("date")) if x)
+
+
+def title(m: dict[str, Any]) -> str:
+    """What a results file is about, as a heading: `CPU`, `GPU: NVIDIA H100 ...`."""
+    backend = m.get("jax_backend") or "cpu"
+    label = m.get("device_label")
+    if backend == "cpu" and label in (None, "cpu"):
+        return "CPU"
+    return f"{backend.upper()}: {label}" if label else backend.upper()
 
 
 # --------------------------------------------------------------------------------------
@@ -385,6 +461,38 @@ def grad_of(loss: Callable[..., jax.Array]) -> Callable[..., Any]:
     return jax.grad(loss)
 
 
+def llama_model(quick: bool) -> dict[str, Any]:
+    """The decoder's size, as recorded in the results."""
+    cfg = (LLAMA_QUICK if quick else LLAMA_SMALL)._asdict()
+    cfg.pop("num_layers")
+    batch, seq = (
+        (LLAMA_QUICK_BATCH, LLAMA_QUICK_SEQ) if quick else (LLAMA_BATCH, LLAMA_SEQ)
+    )
+    return {
+        "config": cfg,
+        "batch": batch,
+        "seq": seq,
+        "dtype": "float32",
+        "loss": "mean(decoder(x) ** 2), gradient w.r.t. the parameters",
+    }
+
+
+def llama_text(model: dict[str, Any]) -> str:
+    """`llama_model(...)` as a sentence for a report."""
+    c = model.get("config") or {}
+    heads = ""
+    if {"kv_heads", "q_per_kv", "head_dim"} <= c.keys():
+        heads = (
+            f", {c['kv_heads'] * c['q_per_kv']} query and {c['kv_heads']} KV heads "
+            f"of {c['head_dim']}"
+        )
+    return (
+        f"Llama-style decoder of `examples/llama_model.py` (d_model {c.get('d_model')}"
+        f"{heads}, d_ff {c.get('d_ff')}), batch {model.get('batch')}, sequence "
+        f"{model.get('seq')}, {model.get('dtype')}; loss {model.get('loss')}."
+    )
+
+
 # --------------------------------------------------------------------------------------
 # The activation-heavy model: a large carry, small layers
 
@@ -422,6 +530,27 @@ def heavy_setup(n: int, quick: bool = False, seed: int = 0) -> tuple[Dense2, jax
     return params, x
 
 
+def heavy_model(quick: bool) -> dict[str, Any]:
+    """The activation-heavy model's size, as recorded in the results."""
+    rows, width = (
+        (HEAVY_QUICK_ROWS, HEAVY_QUICK_WIDTH) if quick else (HEAVY_ROWS, HEAVY_WIDTH)
+    )
+    return {
+        "carry": [rows, width],
+        "dtype": "float32",
+        "layer": f"x + tanh(x @ w1) @ w2, w1 and w2 ({width}, {width})",
+    }
+
+
+def heavy_text(model: dict[str, Any]) -> str:
+    """`heavy_model(...)` as a sentence for a report."""
+    rows, width = model.get("carry") or ("?", "?")
+    return (
+        f"Activation-heavy model: layer `{model.get('layer')}`, carry {rows} x {width} "
+        f"{model.get('dtype')}."
+    )
+
+
 def heavy_scan_loss(
     remat: Any = False, remat_group: Any = None
 ) -> Callable[[Dense2, jax.Array], jax.Array]:
@@ -450,6 +579,48 @@ def temp_bytes(compiled: Any) -> int | None:
     return int(analysis.temp_size_in_bytes)
 
 
-def sqrt_group(n: int) -> int:
-    """The group size `remat_group="sqrt"` uses (kept in step with stackedtree)."""
-    return max(1, round(float(np.sqrt(n))))
+# --------------------------------------------------------------------------------------
+# Plots
+
+
+class Plot(NamedTuple):
+    """A figure a script publishes: saved as `name.png` (`name_TAG.png` with a tag)."""
+
+    name: str
+    alt: str
+    figure: Any
+
+
+# The docs' content column is about 690 px wide and shows a figure at 100 dpi: a figure
+# this many inches wide keeps its text at the size asked for. Saved at 200 dpi (sharp on
+# dense screens), it is scaled down to the column, text and all.
+FIGSIZE = (6.9, 4.0)
+SAVE_DPI = 200
+
+
+def pyplot() -> Any:
+    """`matplotlib.pyplot` drawing off-screen with 9-point text, or None without it."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update(
+        {
+            "figure.dpi": 100,
+            "font.size": 9,
+            "axes.titlesize": 10,
+            "axes.labelsize": 9,
+            "xtick.labelsize": 9,
+            "ytick.labelsize": 9,
+            "legend.fontsize": 9,
+        }
+    )
+    return plt
+
+
+def plot_where(m: dict[str, Any]) -> str:
+    """The machine in a plot's title: `CPU, jax 0.10.2`."""
+    return f"{title(m)}, jax {m.get('jax')}"

@@ -8,21 +8,22 @@ Writes a random per-layer safetensors checkpoint with Llama-style names (at leas
 - `python -m stackedtree stack SRC -o OUT` and `... unstack OUT -o BACK`;
 - a naive script: `safetensors.numpy.load_file`, `np.stack` per key, `save_file`.
 
-Peak resident memory and wall time come from `/usr/bin/time -v` when present, else
-from `os.wait4` (the child's own `ru_maxrss`). Prints a markdown table; `--json PATH`
-writes the figures.
+Every command is timed together with its own write-back: `sync` before it (not timed),
+then the command and a `sync` after it are timed, so a command is not credited with
+dirty pages the kernel writes later (or charged with an earlier command's). Peak
+resident memory is the command's own, from `/usr/bin/time -v` when present, else from
+`os.wait4` (the child's `ru_maxrss`).
 
     python benchmarks/bench_convert.py                # 1 GB
     python benchmarks/bench_convert.py --quick        # tiny smoke run for CI
+
+It prints `report(results)`, the markdown section `run_all.py` publishes.
 """
 
 from __future__ import annotations
 
-import argparse
 import filecmp
-import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -32,10 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _common as C
 import numpy as np
 
 from stackedtree.checkpoint._io import safetensors_header
 
+STARTUP = "python -c 'import stackedtree.checkpoint'"
+NAIVE_LABEL = "naive (load_file + np.stack + save_file)"
 NAIVE = r"""
 import re, sys
 import numpy as np
@@ -97,8 +101,21 @@ def write_checkpoint(path: Path, size_bytes: int, dtype: np.dtype, quick: bool) 
     return n
 
 
-def measure(cmd: list[str]) -> dict[str, float]:
-    """Wall seconds and peak RSS (bytes) of `cmd` run in a fresh process."""
+def measure(cmd: list[str]) -> dict[str, Any]:
+    """Seconds of `cmd` and a `sync` after it, with `cmd`'s own time and peak RSS.
+
+    A `sync` first, not timed, starts the command without earlier dirty pages; the
+    `sync` after it charges the command with writing back its own output.
+    """
+    os.sync()
+    start = time.perf_counter()
+    own = run_and_measure(cmd)
+    os.sync()
+    return {"wall_s": time.perf_counter() - start, **own}
+
+
+def run_and_measure(cmd: list[str]) -> dict[str, Any]:
+    """Wall seconds (without sync) and peak RSS (bytes) of `cmd` in a fresh process."""
     gnu_time = shutil.which("time") or (
         "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
     )
@@ -115,10 +132,10 @@ def measure(cmd: list[str]) -> dict[str, float]:
                 float(x) * 60**k for k, x in enumerate(reversed(wall.split(":")))
             )
             return {
-                "wall_s": seconds,
+                "command_s": seconds,
                 "peak_rss": rss_kb * 1024,
                 "via": "/usr/bin/time -v",
-            }  # type: ignore[dict-item]
+            }
         if r.returncode != 0:
             raise RuntimeError(f"{cmd} failed:\n{r.stderr}")
     start = time.perf_counter()
@@ -133,29 +150,85 @@ def measure(cmd: list[str]) -> dict[str, float]:
     scale = (
         1 if sys.platform == "darwin" else 1024
     )  # ru_maxrss: bytes on macOS, KiB on Linux
-    return {"wall_s": wall, "peak_rss": usage.ru_maxrss * scale, "via": "os.wait4"}  # type: ignore[dict-item]
+    return {"command_s": wall, "peak_rss": usage.ru_maxrss * scale, "via": "os.wait4"}
+
+
+# --------------------------------------------------------------------------------------
+# Report
+
+LABELS = {
+    "cp": "cp",
+    STARTUP: "start-up only",
+    "stackedtree stack": "stackedtree stack",
+    "stackedtree unstack": "stackedtree unstack",
+    NAIVE_LABEL: "naive script",
+}
+
+
+def headline(results: dict[str, Any]) -> list[tuple[str, float | None]]:
+    """This script's rows of the headline table: `(measure, value)`."""
+    stack = C.dig(results, "results", "stackedtree stack") or {}
+    return [
+        ("`stackedtree stack` / cp, time with sync", stack.get("time_vs_cp")),
+        ("`stackedtree stack` peak RSS / checkpoint size", stack.get("rss_fraction")),
+    ]
+
+
+def report(results: dict[str, Any]) -> str:
+    """The markdown section for these results (heading `###`)."""
+    res = results.get("results") or {}
+    rows = [
+        [
+            LABELS.get(step, step),
+            r.get("wall_s"),
+            r.get("time_vs_cp"),
+            C.ratio(r.get("peak_rss"), 2**20),
+            r.get("rss_fraction"),
+        ]
+        for step, r in res.items()
+    ]
+    size = results.get("checkpoint_bytes") or 0
+    identical = "byte-identical" if results.get("roundtrip_identical") else "DIFFERENT"
+    return "\n".join(
+        [
+            "### Converting a checkpoint: `stackedtree stack` against `cp`",
+            "",
+            f"A {size / 1e9:.2f} GB safetensors checkpoint of {results.get('num_layers')}"
+            f" layers, {results.get('dtype')}, with Llama's tensor names; unstacking "
+            f"the stacked file gives back a {identical} copy. Each step runs in a fresh "
+            "process and is timed together with a `sync` after it (a `sync` before it "
+            f"is not timed); median of {results.get('repeat')} runs. Start-up only is "
+            "`python -c 'import stackedtree.checkpoint'`; the naive script loads the "
+            "whole checkpoint (`safetensors.numpy.load_file`), `np.stack`s each "
+            "weight and saves. RSS is the process's own peak resident memory.",
+            "",
+            C.table(
+                ["step", "time + sync (s)", "/ cp", "RSS (MiB)", "RSS / ckpt"],
+                rows,
+            ),
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = C.parser(__doc__)
     parser.add_argument(
         "--size-gb", type=float, default=1.0, help="checkpoint size (GB)"
     )
-    parser.add_argument("--quick", action="store_true", help="a ~20 MB smoke run")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--tmpdir", type=Path, help="where to write the checkpoints")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive script")
     parser.add_argument(
         "--repeat", type=int, default=3, help="runs per step; the median time is kept"
     )
-    args = parser.parse_args(argv)
+    args, machine, t_start = C.start(parser, argv)
     if args.quick:
         args.size_gb = 0.02
     import ml_dtypes
 
     dtype = np.dtype(ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32)
     py = sys.executable
+    repeat = 1 if args.quick else args.repeat
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmp:
         folder = Path(tmp)
         src = folder / "model.safetensors"
@@ -163,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         size = src.stat().st_size
         runs: dict[str, list[str]] = {
             "cp": ["cp", str(src), str(folder / "copy.safetensors")],
-            "python -c 'import stackedtree.checkpoint'": [
+            STARTUP: [
                 py,
                 "-c",
                 "import stackedtree.checkpoint",
@@ -195,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                     "note: safetensors.numpy cannot load bfloat16; skipping the naive script"
                 )
             else:
-                runs["naive (load_file + np.stack + save_file)"] = [
+                runs[NAIVE_LABEL] = [
                     py,
                     "-c",
                     NAIVE,
@@ -206,18 +279,18 @@ def main(argv: list[str] | None = None) -> int:
             label: Path(cmd[-2] if cmd[-1] == "-q" else cmd[-1])
             for label, cmd in runs.items()
         }
-        outputs["python -c 'import stackedtree.checkpoint'"] = folder / "none"
+        outputs[STARTUP] = folder / "none"
         results: dict[str, dict[str, Any]] = {}
         for label, cmd in runs.items():
             trials = []
-            for _ in range(1 if args.quick else args.repeat):
+            for _ in range(repeat):
                 outputs[label].unlink(missing_ok=True)  # each run writes a fresh file
-                os.sync()  # start each run without the previous run's dirty pages
                 trials.append(measure(cmd))
             walls = sorted(t["wall_s"] for t in trials)
             results[label] = {
                 "wall_s": walls[len(walls) // 2],
                 "wall_s_all": walls,
+                "command_s_all": [t["command_s"] for t in trials],
                 "peak_rss": max(t["peak_rss"] for t in trials),
                 "via": trials[0]["via"],
             }
@@ -225,45 +298,25 @@ def main(argv: list[str] | None = None) -> int:
         (folder / "copy.safetensors").unlink(missing_ok=True)
 
     cp_time = results["cp"]["wall_s"]
-    base = results["python -c 'import stackedtree.checkpoint'"]["peak_rss"]
+    base = results[STARTUP]["peak_rss"]
     for r in results.values():
         r["time_vs_cp"] = r["wall_s"] / cp_time if cp_time > 0 else float("nan")
         r["rss_fraction"] = r["peak_rss"] / size
         r["rss_above_startup_fraction"] = max(0, r["peak_rss"] - base) / size
-    print(
-        f"checkpoint: {size / 1e9:.2f} GB ({size} bytes), {n} layers, {args.dtype}; "
-        f"unstack(stack(src)) byte-identical to src: {identical}"
-    )
-    print(
-        f"machine: {platform.platform()}, {os.cpu_count()} cpus, python {platform.python_version()}"
-    )
-    print(
-        f"median of {1 if args.quick else args.repeat} runs per step, measured with {results['cp']['via']}"
-    )
-    print()
-    print(
-        "| step | wall (s) | time / cp | peak RSS (MiB) | RSS / ckpt | (RSS - start-up) / ckpt |"
-    )
-    print("|---|---:|---:|---:|---:|---:|")
-    for label, r in results.items():
-        print(
-            f"| {label} | {r['wall_s']:.2f} | {r['time_vs_cp']:.2f} | {r['peak_rss'] / 2**20:.0f} "
-            f"| {r['rss_fraction']:.3f} | {r['rss_above_startup_fraction']:.3f} |"
-        )
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "checkpoint_bytes": size,
-                    "num_layers": n,
-                    "dtype": args.dtype,
-                    "roundtrip_identical": identical,
-                    "machine": platform.platform(),
-                    "results": results,
-                },
-                indent=2,
-            )
-        )
+    payload = {
+        "benchmark": "bench_convert",
+        "quick": args.quick,
+        "machine": machine,
+        "checkpoint_bytes": size,
+        "num_layers": n,
+        "dtype": args.dtype,
+        "roundtrip_identical": identical,
+        "repeat": repeat,
+        "timed_with_sync": True,
+        "results": results,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    C.finish(args, payload, report)
     return 0 if identical else 1
 
 

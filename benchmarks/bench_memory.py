@@ -1,4 +1,4 @@
-"""Backward-pass temporary memory against depth, with and without remat (issue 5).
+"""Backward-pass temporary memory against depth, with and without remat.
 
 The model is activation-heavy: a large carry and small layers (`x + tanh(x @ w1) @ w2`),
 so what the backward pass stores per layer dominates. For each N it compiles the jitted
@@ -15,7 +15,8 @@ N runs over perfect squares so that g = sqrt(N) divides N for `nn.remat_scan`. A
 must give the same loss and gradient; step times of the gradient at one N are measured
 with the variants alternating.
 
-Run `python benchmarks/bench_memory.py [--quick] [--json PATH]`.
+Run `python benchmarks/bench_memory.py [--quick] [--json PATH] [--device-label LABEL]`;
+it prints `report(results)`, the markdown section `run_all.py` publishes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stackedtree._scan import sqrt_group_size
+
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 LossFn = Callable[[Any, jax.Array], jax.Array]
@@ -40,7 +43,7 @@ def flax_remat_scan(n: int, stacked: C.Dense2) -> tuple[Callable[[], LossFn], An
     """`(make_loss, params)` for `nn.remat_scan` over the heavy layer, same weights."""
     import flax.linen as nn
 
-    g = C.sqrt_group(n)
+    g = sqrt_group_size(n)
     if n % g:
         raise ValueError(f"nn.remat_scan needs g={g} to divide N={n}")
     lengths = (n // g, g)
@@ -105,8 +108,114 @@ def _flat_grad(g: Any, n: int) -> list[np.ndarray]:
     return [np.asarray(a).reshape((n, *a.shape[-2:])) for a in jax.tree.leaves(g)]
 
 
+# --------------------------------------------------------------------------------------
+# Report and plot
+
+LABELS = {
+    "no_remat": "no remat",
+    "per_layer": "remat=True",
+    "sqrt_group": 'remat_group="sqrt"',
+    "flax_remat_scan": "nn.remat_scan",
+}
+
+
+def headline(results: dict[str, Any]) -> list[tuple[str, float | None]]:
+    """This script's row of the headline table: `(measure, value)`."""
+    h = results.get("headline") or {}
+    return [
+        (
+            f"nn.remat_scan / remat=True, backward memory, N={h.get('n')}",
+            h.get("flax_remat_scan_over_per_layer_memory"),
+        )
+    ]
+
+
+def report(results: dict[str, Any]) -> str:
+    """The markdown section for these results (headings `###` and `####`)."""
+    temp = results.get("temp_bytes") or {}
+    checks = results.get("same_loss_and_grad") or {}
+    ns = results.get("ns", [])
+    rows = [
+        [n, C.dig(results, "group_size", str(n))]
+        + [C.mb(C.dig(temp, k, str(n))) for k in LABELS]
+        for n in ns
+    ]
+    differ = [
+        f"{LABELS.get(k, k)} at N={n}"
+        for n in ns
+        for k, same in (checks.get(str(n)) or {}).items()
+        if not same
+    ]
+    errors = results.get("errors") or {}
+    checked = (
+        "All four gave the same loss and gradient at every N."
+        if not differ and not errors
+        else "Failed or differed: "
+        + "; ".join(differ + [f"{k}: {v}" for k, v in errors.items()])
+        + "."
+    )
+    step = results.get("step") or {}
+    steps = ", ".join(
+        f"{label} {C.fmt(C.ms(C.dig(step, k, 'median_s')))} ms"
+        for k, label in LABELS.items()
+        if k in step
+    )
+    repeats = C.dig(step, "per_layer", "repeats")
+    return "\n".join(
+        [
+            "### Backward memory against depth",
+            "",
+            C.heavy_text(results.get("model") or {})
+            + " XLA's temporary memory of the compiled `jax.value_and_grad` "
+            "(`temp_size_in_bytes`) for `scan_layers` with no remat, `remat=True` "
+            '(`remat` below) and `remat_group="sqrt"` (`sqrt`), and for Flax '
+            "`nn.remat_scan(Block, lengths=(N // g, g))` (`remat_scan`) with the same "
+            f"group size g. {checked}",
+            "",
+            C.table(
+                ["N", "g", "none (MB)", "remat (MB)", "sqrt (MB)", "remat_scan (MB)"],
+                rows,
+            ),
+            "",
+            f"Gradient step at N={step.get('n')}, median of {repeats} alternating: "
+            f"{steps}.",
+        ]
+    )
+
+
+def plots(results: dict[str, Any]) -> list[C.Plot]:
+    """Backward temporary memory against N for every variant."""
+    plt = C.pyplot()
+    temp = results.get("temp_bytes") or {}
+    if plt is None or not temp:
+        return []
+    fig, ax = plt.subplots(figsize=C.FIGSIZE)
+    for k, by_n in temp.items():
+        pts = sorted((int(n), C.mb(b)) for n, b in by_n.items() if b is not None)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=LABELS.get(k, k))
+    model = results.get("model") or {}
+    layer = (model.get("layer") or "").split(",")[0]
+    fig.suptitle(C.plot_where(results.get("machine") or {}))
+    ax.set_title(f"backward temporary memory, layer {layer}")
+    ax.set_xlabel("layers N")
+    ax.set_xticks(results.get("ns", []))
+    ax.set_ylabel("XLA temp_size_in_bytes (MB)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return [
+        C.Plot(
+            "memory",
+            "Backward temporary memory against the number of layers, with and "
+            "without remat",
+            fig,
+        )
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args, machine, t_start = C.start(__doc__, argv)
+    args, machine, t_start = C.start(C.parser(__doc__), argv)
     q = args.quick
     ns = [4, 9] if q else [16, 36, 64, 100]
     step_n = ns[-1] if q else 64
@@ -142,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             checks[str(n)][name] = same
         C.log(
-            f"  N={n:3d} g={C.sqrt_group(n):2d}  backward temp MB: "
-            + "  ".join(f"{k} {_mb(temp[k][str(n)])}" for k in names)
+            f"  N={n:3d} g={sqrt_group_size(n):2d}  backward temp MB: "
+            + "  ".join(f"{k} {C.fmt(C.mb(temp[k][str(n)]))}" for k in names)
             + "  | same loss+grad: "
             + " ".join(f"{k}={v}" for k, v in checks[str(n)].items())
         )
@@ -176,23 +285,14 @@ def main(argv: list[str] | None = None) -> int:
             return None
         return steps[name]["median_s"] / steps["per_layer"]["median_s"]
 
-    rows, width = (
-        (C.HEAVY_QUICK_ROWS, C.HEAVY_QUICK_WIDTH)
-        if q
-        else (C.HEAVY_ROWS, C.HEAVY_WIDTH)
-    )
     payload = {
         "benchmark": "bench_memory",
         "quick": q,
         "machine": machine,
-        "model": {
-            "carry": [rows, width],
-            "dtype": "float32",
-            "layer": f"x + tanh(x @ w1) @ w2, w1 and w2 ({width}, {width})",
-            "measured": "jax.value_and_grad of mean(out ** 2) w.r.t. the parameters",
-        },
+        "model": C.heavy_model(q)
+        | {"measured": "jax.value_and_grad of mean(out ** 2) w.r.t. the parameters"},
         "ns": ns,
-        "group_size": {str(n): C.sqrt_group(n) for n in ns},
+        "group_size": {str(n): sqrt_group_size(n) for n in ns},
         "temp_bytes": temp,
         "same_loss_and_grad": checks,
         "errors": errors,
@@ -207,14 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "wall_s": time.perf_counter() - t_start,
     }
-    C.write_json(args.json, payload)
-    C.log("headline:", payload["headline"])
-    C.log(f"done in {payload['wall_s']:.0f}s")
+    C.finish(args, payload, report)
     return 0 if ok else 1
-
-
-def _mb(b: int | None) -> str:
-    return "n/a" if b is None else f"{b / 1e6:.1f}"
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""One Llama-style decoder block, scanned over N layers seven ways (issue 5).
+"""One Llama-style decoder block, scanned over N layers seven ways.
 
 The block is `examples/llama_model.py`'s `decoder_block` in every variant, and every
 variant's parameters are filled from the same stacked weights:
@@ -19,7 +19,8 @@ hand-written scan (printed and asserted at every N). Then, for each N: trace + l
 compile seconds of the forward and of `jax.grad`, and the steady step time of the compiled
 gradient, the variants run alternately.
 
-Run `python benchmarks/bench_peers.py [--quick] [--json PATH]`.
+Run `python benchmarks/bench_peers.py [--quick] [--json PATH] [--device-label LABEL]`;
+it prints `report(results)`, the markdown section `run_all.py` publishes.
 """
 
 from __future__ import annotations
@@ -362,8 +363,134 @@ def run_n(n: int, quick: bool, step_repeats: int, rotate: int) -> dict[str, Any]
     return rows
 
 
+# --------------------------------------------------------------------------------------
+# Report and plot
+
+LABELS = {
+    "python_loop": "Python loop",
+    "lax_scan": "jax.lax.scan",
+    "scan_layers": "scan_layers",
+    "haiku_layer_stack": "Haiku layer_stack",
+    "flax_linen_scan": "Flax nn.scan",
+    "flax_nnx_scan": "Flax nnx.scan",
+    "equinox_scan": "Equinox + lax.scan",
+}
+
+
+def _cell(row: dict[str, Any], value: Any) -> Any:
+    if "error" in row:
+        return "failed"
+    return value if row.get("matches") else "differs"
+
+
+def report(results: dict[str, Any]) -> str:
+    """The markdown section for these results (headings `###` and `####`)."""
+    ns, res = results.get("ns", []), results.get("results") or {}
+    variants = results.get("variants") or []
+    tol = results.get("tolerance") or {}
+    ref = LABELS.get(results.get("reference", ""), results.get("reference"))
+    bad = [
+        f"{LABELS.get(v, v)} at N={n}: {row.get('error', 'different loss or gradient')}"
+        for n in ns
+        for v in variants
+        if not (row := C.dig(res, str(n), v) or {}).get("matches")
+    ]
+    checked = (
+        "All variants matched."
+        if not bad
+        else "Not matching, so not timed: " + "; ".join(bad) + "."
+    )
+    repeats = sorted(
+        {
+            r
+            for n in ns
+            for v in variants
+            if (r := C.dig(res, str(n), v, "grad_step", "repeats"))
+        }
+    )
+    out = [
+        "### The same decoder in seven layer-scanning styles",
+        "",
+        C.llama_text(results.get("model") or {})
+        + " Every variant holds the same weights: a Python loop; a hand-written "
+        "`jax.lax.scan`; `scan_layers`; Haiku `hk.layer_stack`; Flax linen `nn.scan`; "
+        "Flax NNX `nnx.vmap` + `nnx.scan`; Equinox `filter_vmap` + `partition` + "
+        f"`jax.lax.scan`. Before timing, each one's loss and gradient norm were "
+        f"compared with `{ref}` at every N (relative tolerances "
+        f"{tol.get('loss_rtol')} and {tol.get('grad_norm_rtol')}). {checked}",
+    ]
+    for heading, key, scale in (
+        ("Gradient compile time (s)", "grad_compile_s", 1.0),
+        ("Forward compile time (s)", "forward_compile_s", 1.0),
+        ("Gradient step time (ms)", "grad_step", 1e3),
+    ):
+        rows = []
+        for v in variants:
+            cells = []
+            for n in ns:
+                row = C.dig(res, str(n), v) or {}
+                x = C.dig(row, key, "median_s") if key == "grad_step" else row.get(key)
+                cells.append(_cell(row, x * scale if x is not None else None))
+            rows.append([LABELS.get(v, v), *cells])
+        out += ["", f"#### {heading}", ""]
+        if key == "grad_step":
+            out += [
+                "Median of "
+                + " or ".join(str(r) for r in repeats)
+                + " steps of each, the variants alternating.",
+                "",
+            ]
+        else:
+            out += ["Trace, lowering and XLA compile, once per variant and N.", ""]
+        out.append(C.table(["variant", *(f"N={n}" for n in ns)], rows))
+    return "\n".join(out)
+
+
+def plots(results: dict[str, Any]) -> list[C.Plot]:
+    """Compile time against N, of the gradient and of the forward, for every variant."""
+    plt = C.pyplot()
+    if plt is None:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=C.FIGSIZE, sharey=True)
+    ns, res = results.get("ns", []), results.get("results") or {}
+    for ax, key, what in (
+        (axes[0], "grad_compile_s", "jax.grad"),
+        (axes[1], "forward_compile_s", "the forward"),
+    ):
+        for v in results.get("variants", []):
+            pts = [(n, C.dig(res, str(n), v, key)) for n in ns]
+            pts = [(n, y) for n, y in pts if isinstance(y, int | float)]
+            if pts:
+                ours = v == "scan_layers"  # drawn on top, so the others cannot hide it
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    marker="o",
+                    ms=3,
+                    lw=2.5 if ours else 1.5,
+                    zorder=3 if ours else 2,
+                    label=LABELS.get(v, v),
+                )
+        ax.set_title(f"compile time of {what}")
+        ax.set_xlabel("layers N")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("trace + lower + compile (s)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False)
+    fig.suptitle(C.plot_where(results.get("machine") or {}))
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
+    return [
+        C.Plot(
+            "compile_time",
+            "Compile time of jax.grad and of the forward against the number of layers",
+            fig,
+        )
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args, machine, t_start = C.start(__doc__, argv)
+    args, machine, t_start = C.start(C.parser(__doc__), argv)
     q = args.quick
     ns = [2, 4] if q else [8, 16, 32, 64]
     results: dict[str, Any] = {}
@@ -380,12 +507,6 @@ def main(argv: list[str] | None = None) -> int:
             if not r["matches"]
         }
     )
-    cfg = C.LLAMA_QUICK if q else C.LLAMA_SMALL
-    batch, seq = (
-        (C.LLAMA_QUICK_BATCH, C.LLAMA_QUICK_SEQ) if q else (C.LLAMA_BATCH, C.LLAMA_SEQ)
-    )
-    model = cfg._asdict()
-    model.pop("num_layers")
     last = str(ns[-1])
     headline = {
         "n": ns[-1],
@@ -402,13 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_peers",
         "quick": q,
         "machine": machine,
-        "model": {
-            "config": model,
-            "batch": batch,
-            "seq": seq,
-            "dtype": "float32",
-            "loss": "mean(decoder(x) ** 2), gradient w.r.t. the parameters",
-        },
+        "model": C.llama_model(q),
         "variants": list(VARIANTS),
         "reference": REFERENCE,
         "tolerance": tolerance(),
@@ -418,10 +533,9 @@ def main(argv: list[str] | None = None) -> int:
         "stackedtree_version": getattr(stackedtree, "__version__", None),
         "wall_s": time.perf_counter() - t_start,
     }
-    C.write_json(args.json, payload)
+    C.finish(args, payload, report)
     if not ok:
         C.log(f"MISMATCH or FAILURE: {', '.join(mismatched)} (reported, not timed)")
-    C.log(f"done in {payload['wall_s']:.0f}s")
     return 0 if ok else 1
 
 

@@ -401,14 +401,27 @@ def report(results: dict[str, Any]) -> str:
         "The devices are fake CPU devices sharing the machine's cores, so these are "
         "counts and bytes, not timings: a pipeline's speed-up can only be measured on "
         "real devices.",
-        "",
-        f"_Machine: {C.machine_line(results['machine'])}._",
     ]
     return "\n".join(out) + "\n"
 
 
+def headline(results: dict[str, Any]) -> list[tuple[str, float | None]]:
+    """The headline rows: what a pipeline moves and holds against FSDP."""
+    rows = results["compare"]["variants"]
+
+    def kib(name: str) -> float:
+        return sum(v["bytes_per_step"] for v in rows[name]["collectives"].values())
+
+    return [
+        (
+            "pipeline (R=2) / FSDP scan, collective bytes per step, 8 devices",
+            C.ratio(kib("pipeline R=2"), kib("scan FSDP")),
+        ),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args, machine, t_start = C.start(__doc__, argv)
+    args, machine, t_start = C.start(C.parser(__doc__), argv)
     if jax.device_count() < 8:
         C.log(
             "needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
@@ -433,10 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "all_match": ok,
         "wall_s": time.perf_counter() - t_start,
     }
-    C.write_json(args.json, results)
-    print()
-    print(report(results))
-    C.log(f"done in {results['wall_s']:.0f}s")
+    C.finish(args, results, report)
     return 0 if ok else 1
 
 

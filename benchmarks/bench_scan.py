@@ -1,4 +1,4 @@
-"""scan_layers against a Python loop and a hand-written jax.lax.scan (issue 3).
+"""scan_layers against a Python loop and a hand-written jax.lax.scan.
 
 Three measurements on the Llama-style decoder of `examples/llama_model.py` and on a small
 activation-heavy model:
@@ -12,7 +12,8 @@ activation-heavy model:
     step time with no remat, per-layer remat (`remat=True`) and grouped remat
     (`remat_group="sqrt"`) on a model whose activations dwarf its parameters.
 
-Run `python benchmarks/bench_scan.py [--quick] [--json PATH]`.
+Run `python benchmarks/bench_scan.py [--quick] [--json PATH] [--device-label LABEL]`;
+it prints `report(results)`, the markdown section `run_all.py` publishes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any
 import _common as C
 import jax
 import numpy as np
+
+from stackedtree._scan import sqrt_group_size
 
 
 def _strip_hlo(text: str) -> str:
@@ -175,7 +178,7 @@ def remat_memory(ns: list[int], quick: bool, step_repeats: int) -> dict[str, Any
             temp[name][str(n)] = C.temp_bytes(r["compiled"])
         C.log(
             f"  N={n:3d}  backward temp MB: "
-            + "  ".join(f"{k} {_mb(temp[k][str(n)])}" for k in REMAT_VARIANTS)
+            + "  ".join(f"{k} {C.fmt(C.mb(temp[k][str(n)]))}" for k in REMAT_VARIANTS)
         )
     n = ns[-1]
     params, x = C.heavy_setup(n, quick)
@@ -197,19 +200,19 @@ def remat_memory(ns: list[int], quick: bool, step_repeats: int) -> dict[str, Any
     steps = C.interleaved_steps(
         {name: (lambda c=c: c(params, x)) for name, c in compiled.items()}, step_repeats
     )
-    mem_ratio = _ratio(temp["sqrt_group"][str(n)], temp["per_layer"][str(n)])
+    mem_ratio = C.ratio(temp["sqrt_group"][str(n)], temp["per_layer"][str(n)])
     step_ratio = C.paired_ratio(steps["sqrt_group"], steps["per_layer"])
     C.log(
-        f"  N={n}: sqrt_group/per_layer temp {_fmt(mem_ratio)} (target <= 0.5), step "
-        f"{step_ratio['median_ratio']:.3f} (target <= 1.3); step medians "
+        f"  N={n}: sqrt_group/per_layer temp {C.fmt(mem_ratio)} (goal <= 0.5), step "
+        f"{step_ratio['median_ratio']:.3f} (goal <= 1.3); step medians "
         + "  ".join(f"{k} {np.median(v):.3f}s" for k, v in steps.items())
     )
     return {
-        "model": _heavy_model(quick),
+        "model": C.heavy_model(quick),
         "ns": ns,
         "temp_bytes": temp,
         "step_n": n,
-        "sqrt_group_size": C.sqrt_group(n),
+        "sqrt_group_size": sqrt_group_size(n),
         "step": {k: C.summary(v) for k, v in steps.items()},
         "memory_ratio_sqrt_over_per_layer": mem_ratio,
         "step_ratio_sqrt_over_per_layer": step_ratio,
@@ -217,51 +220,131 @@ def remat_memory(ns: list[int], quick: bool, step_repeats: int) -> dict[str, Any
     }
 
 
-def _heavy_model(quick: bool) -> dict[str, Any]:
-    rows, width = (
-        (C.HEAVY_QUICK_ROWS, C.HEAVY_QUICK_WIDTH)
-        if quick
-        else (C.HEAVY_ROWS, C.HEAVY_WIDTH)
+# --------------------------------------------------------------------------------------
+# Report
+
+LABELS = {"python_loop": "loop", "lax_scan": "lax.scan", "scan_layers": "scan_layers"}
+REMAT_LABELS = {
+    "no_remat": "no remat",
+    "per_layer": "remat=True",
+    "sqrt_group": 'remat_group="sqrt"',
+}
+
+
+def headline(results: dict[str, Any]) -> list[tuple[str, float | None]]:
+    """This script's rows of the headline table: `(measure, value)`."""
+    h = results.get("headline") or {}
+    n, n_loop, n_remat = h.get("ratio_n"), h.get("loop_compile_n"), h.get("remat_n")
+    return [
+        (
+            f"scan_layers / lax.scan, gradient compile time, N={n}",
+            h.get("scan_layers_over_lax_scan_compile"),
+        ),
+        (
+            f"scan_layers / lax.scan, gradient step time, N={n}",
+            h.get("scan_layers_over_lax_scan_step"),
+        ),
+        (
+            f"Python loop / scan_layers, gradient compile time, N={n_loop}",
+            h.get("loop_over_scan_layers_compile"),
+        ),
+        (
+            f"remat_group='sqrt' / remat=True, backward memory, N={n_remat}",
+            h.get("sqrt_over_per_layer_memory"),
+        ),
+        (
+            f"remat_group='sqrt' / remat=True, gradient step time, N={n_remat}",
+            h.get("sqrt_over_per_layer_step"),
+        ),
+    ]
+
+
+def report(results: dict[str, Any]) -> str:
+    """The markdown section for these results (headings `###` and `####`)."""
+    a = results.get("compile_vs_n") or {}
+    b = results.get("scan_layers_vs_lax_scan") or {}
+    c = results.get("remat") or {}
+    check = results.get("equality_check") or {}
+    out = [
+        "### Scan against a Python loop and a hand-written `jax.lax.scan`",
+        "",
+        C.llama_text(a.get("model") or b.get("model") or {})
+        + " The loop, `jax.lax.scan` and `scan_layers` gave the same loss and "
+        f"gradient at N={check.get('n')} before anything was timed.",
+        "",
+        "#### Compile time against depth",
+        "",
+        "Trace, lowering and XLA compile of `jax.grad` of the loss: the loop's grows "
+        "with N, a scan's does not. Scans: best of "
+        f"{C.dig(a, 'seconds', 'scan_layers', str(a.get('ns', [0])[-1]), 'repeats')} "
+        "interleaved compiles; loop: one compile.",
+        "",
+    ]
+    secs = a.get("seconds") or {}
+    rows = [
+        [n, *(C.dig(secs, k, str(n), "best_s") for k in LABELS)]
+        for n in a.get("ns", [])
+    ]
+    out += [C.table(["N", *(f"{v} (s)" for v in LABELS.values())], rows), ""]
+
+    comp, step = b.get("compile") or {}, b.get("step") or {}
+    rows = [
+        [
+            LABELS[k],
+            C.dig(comp, k, "median_s"),
+            C.ms(C.dig(step, k, "median_s")),
+        ]
+        for k in ("scan_layers", "lax_scan")
+    ]
+    rows.append(
+        [
+            "scan_layers / lax.scan",
+            C.dig(b, "compile_ratio", "median_ratio"),
+            C.dig(b, "step_ratio", "median_ratio"),
+        ]
     )
-    return {
-        "carry": [rows, width],
-        "dtype": "float32",
-        "layer": f"x + tanh(x @ w1) @ w2, w1 and w2 ({width}, {width})",
-    }
+    hlo = b.get("optimized_hlo_identical")
+    out += [
+        "#### `scan_layers` against `jax.lax.scan`",
+        "",
+        f"The gradient at N={b.get('n')}: "
+        f"{C.dig(comp, 'scan_layers', 'repeats')} compiles and "
+        f"{C.dig(step, 'scan_layers', 'repeats')} steps of each, alternating; medians. "
+        "The goal is a ratio within 0.95-1.05. The two optimised HLO programs are "
+        f"{'identical' if hlo else 'not identical'} (metadata aside).",
+        "",
+        C.table(["", "compile (s)", "step (ms)"], rows),
+        "",
+    ]
 
-
-def _llama_model(quick: bool) -> dict[str, Any]:
-    cfg = C.LLAMA_QUICK if quick else C.LLAMA_SMALL
-    batch, seq = (
-        (C.LLAMA_QUICK_BATCH, C.LLAMA_QUICK_SEQ)
-        if quick
-        else (C.LLAMA_BATCH, C.LLAMA_SEQ)
+    temp = c.get("temp_bytes") or {}
+    rows = [
+        [n, *(C.mb(C.dig(temp, k, str(n))) for k in REMAT_LABELS)]
+        for n in c.get("ns", [])
+    ]
+    steps = ", ".join(
+        f"{label} {C.fmt(C.ms(C.dig(c, 'step', k, 'median_s')))} ms"
+        for k, label in REMAT_LABELS.items()
     )
-    d = cfg._asdict()
-    d.pop("num_layers")
-    return {
-        "config": d,
-        "batch": batch,
-        "seq": seq,
-        "dtype": "float32",
-        "loss": "mean(decoder(x) ** 2), gradient w.r.t. the stacked parameters",
-    }
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
-
-
-def _mb(b: int | None) -> str:
-    return "n/a" if b is None else f"{b / 1e6:.1f}"
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
+    out += [
+        "#### Memory with rematerialisation",
+        "",
+        C.heavy_text(c.get("model") or {})
+        + " XLA's temporary memory of the compiled gradient (`temp_size_in_bytes`); "
+        '`sqrt` is `remat_group="sqrt"`:',
+        "",
+        C.table(["N", "no remat (MB)", "remat=True (MB)", "sqrt (MB)"], rows),
+        "",
+        f"Gradient step at N={c.get('step_n')} (g={c.get('sqrt_group_size')}), median "
+        f"of {C.dig(c, 'step', 'per_layer', 'repeats')} alternating: {steps}. The goal "
+        'is `remat_group="sqrt"` at most half the memory of `remat=True`, for at most '
+        "1.3x its step time.",
+    ]
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, machine, t_start = C.start(__doc__, argv)
+    args, machine, t_start = C.start(C.parser(__doc__), argv)
     q = args.quick
 
     C.log("checking the loop, lax.scan and scan_layers agree (loss and gradient)")
@@ -269,13 +352,13 @@ def main(argv: list[str] | None = None) -> int:
 
     C.log("(a) compile time of the gradient against N")
     a = compile_vs_n([2, 4] if q else [8, 16, 32, 64], q, scan_repeats=1 if q else 2)
-    a["model"] = _llama_model(q)
+    a["model"] = C.llama_model(q)
 
     C.log("(b) scan_layers against a hand-written jax.lax.scan")
     b = scan_layers_vs_lax_scan(
         4 if q else 32, q, compile_repeats=1 if q else 10, step_repeats=3 if q else 30
     )
-    b["model"] = _llama_model(q)
+    b["model"] = C.llama_model(q)
 
     C.log("(c) backward temporary memory with remat")
     c = remat_memory([4, 9] if q else [16, 32, 64], q, step_repeats=3 if q else 9)
@@ -304,12 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "headline": headline,
         "wall_s": time.perf_counter() - t_start,
     }
-    C.write_json(args.json, payload)
-    C.log(
-        "headline:",
-        {k: round(v, 4) if isinstance(v, float) else v for k, v in headline.items()},
-    )
-    C.log(f"done in {payload['wall_s']:.0f}s")
+    C.finish(args, payload, report)
     return 0
 
 

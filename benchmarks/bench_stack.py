@@ -11,30 +11,24 @@ the table reports ratios, which travel between machines better than absolute tim
     python benchmarks/bench_stack.py            # full size (about 50 MB of f32 layers)
     python benchmarks/bench_stack.py --quick    # a tiny smoke run for CI
     python benchmarks/bench_stack.py --json results.json
+
+It prints `report(results)`, the markdown section `run_all.py` publishes.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 import timeit
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+import _common as C
 import jax
 import numpy as np
-
-import stackedtree
-from stackedtree import stack, unstack
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from llama_model import Config, block_shapes
+
+from stackedtree import stack, unstack
 
 FULL = Config(d_model=256, kv_heads=4, q_per_kv=1, head_dim=64, d_ff=688, num_layers=16)
 QUICK = Config(d_model=32, kv_heads=2, q_per_kv=1, head_dim=8, d_ff=64, num_layers=4)
@@ -45,10 +39,6 @@ def numpy_layer(cfg: Config, rng: np.random.Generator) -> Any:
         lambda s: rng.standard_normal(s.shape, dtype=np.float32),
         block_shapes(cfg, np.float32),
     )
-
-
-def block(tree: Any) -> Any:
-    return jax.block_until_ready(tree)
 
 
 def measure(fn: Callable[[], Any], repeat: int, number: int) -> dict[str, float]:
@@ -97,7 +87,7 @@ def run(cfg: Config, repeat: int, number: int) -> dict[str, Any]:
     # 2. unstack, numpy and jax leaves.
     stacked_np = stack(layers)
     stacked_jax = jax.device_put(stacked_np)
-    block(stacked_jax)
+    C.block(stacked_jax)
 
     def naive(s: Any) -> list[Any]:
         return [jax.tree.map(lambda x, i=i: x[i], s) for i in range(n)]
@@ -110,81 +100,111 @@ def run(cfg: Config, repeat: int, number: int) -> dict[str, Any]:
     # slicing: one small compiled op per leaf shape).
     fresh = jax.device_put(stack([numpy_layer(cfg, rng) for _ in range(n + 1)]))
     results["unstack_jax_first_call_s"] = {
-        "stackedtree.unstack": first_call(lambda: block(unstack(fresh))),
-        "per-index slicing": first_call(lambda: block(naive(fresh))),
+        "stackedtree.unstack": first_call(lambda: C.block(unstack(fresh))),
+        "per-index slicing": first_call(lambda: C.block(naive(fresh))),
     }
     results["unstack_jax"] = {
         "stackedtree.unstack": measure(
-            lambda: block(unstack(stacked_jax)), repeat, number
+            lambda: C.block(unstack(stacked_jax)), repeat, number
         ),
-        "per-index slicing": measure(lambda: block(naive(stacked_jax)), repeat, number),
+        "per-index slicing": measure(
+            lambda: C.block(naive(stacked_jax)), repeat, number
+        ),
         "list(x) per leaf": measure(
-            lambda: block(jax.tree.map(list, stacked_jax)), repeat, number
+            lambda: C.block(jax.tree.map(list, stacked_jax)), repeat, number
         ),
     }
     return results
 
 
-def machine() -> dict[str, str]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": str(os.cpu_count()),
-        "jax_backend": jax.default_backend(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "numpy": np.__version__,
-        "stackedtree": stackedtree.__version__,
-    }
+BASELINES = {
+    "stack": "np.copyto (preallocated)",
+    "unstack_numpy": "per-index slicing",
+    "unstack_jax": "per-index slicing",
+}
+TASKS = {
+    "stack": "stack",
+    "unstack_numpy": "unstack numpy",
+    "unstack_jax": "unstack jax",
+}
 
 
-def table(results: dict[str, Any]) -> str:
-    mb = results["total_bytes"] / 2**20
-    lines = [
-        f"{results['layers']} layers x {results['leaves_per_layer']} leaves, "
-        f"{mb:.1f} MiB in total",
-        "",
-        "| benchmark | implementation | min (ms) | median (ms) | ratio (min) |",
-        "|---|---|---:|---:|---:|",
-    ]
-    baselines = {
-        "stack": "np.copyto (preallocated)",
-        "unstack_numpy": "per-index slicing",
-        "unstack_jax": "per-index slicing",
-    }
-    for bench, base in baselines.items():
-        rows = results[bench]
-        for name, t in rows.items():
-            ratio = t["min_s"] / rows[base]["min_s"]
-            lines.append(
-                f"| {bench} | {name} | {t['min_s'] * 1e3:.3f} | "
-                f"{t['median_s'] * 1e3:.3f} | {ratio:.2f}x |"
+def _min(r: dict[str, Any], task: str, impl: str) -> float | None:
+    return C.dig(r, task, impl, "min_s")
+
+
+def headline(results: dict[str, Any]) -> list[tuple[str, float | None]]:
+    """This script's rows of the headline table: `(measure, value)`."""
+    r = results.get("results") or {}
+    return [
+        (
+            "stackedtree.stack / np.copyto (preallocated), time",
+            C.ratio(
+                _min(r, "stack", "stackedtree.stack"),
+                _min(r, "stack", "np.copyto (preallocated)"),
+            ),
+        ),
+        *(
+            (
+                f"per-index slicing / unstack, time, {kind} leaves",
+                C.ratio(
+                    _min(r, f"unstack_{kind}", "per-index slicing"),
+                    _min(r, f"unstack_{kind}", "stackedtree.unstack"),
+                ),
             )
-    first = results["unstack_jax_first_call_s"]
-    lines.append("")
-    lines.append(
-        "unstack_jax first call (compile included): "
-        + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in first.items())
+            for kind in ("numpy", "jax")
+        ),
+    ]
+
+
+def report(results: dict[str, Any]) -> str:
+    """The markdown section for these results (heading `###`)."""
+    r = results.get("results") or {}
+    rows = [
+        [
+            TASKS[task] if i == 0 else "",
+            impl,
+            C.ms(t.get("min_s")),
+            C.ratio(t.get("min_s"), _min(r, task, base)),
+        ]
+        for task, base in BASELINES.items()
+        for i, (impl, t) in enumerate((r.get(task) or {}).items())
+    ]
+    first = r.get("unstack_jax_first_call_s") or {}
+    size = f"{r['total_bytes'] / 2**20:.1f} MiB" if r.get("total_bytes") else "?"
+    return "\n".join(
+        [
+            "### Stack and unstack against numpy",
+            "",
+            f"{r.get('layers')} numpy layers of a Llama-style block, "
+            f"{r.get('leaves_per_layer')} leaves each, {size} of float32. Fastest of "
+            f"{results.get('repeat')} repeats of {results.get('number')} calls; ratio "
+            "is against np.copyto into a preallocated buffer (the floor: one memory "
+            "copy) for stack, against per-index slicing for unstack.",
+            "",
+            C.table(["task", "implementation", "min (ms)", "ratio"], rows),
+            "",
+            "First call of unstack on jax leaves, compile included: "
+            + ", ".join(f"{k} {C.fmt(C.ms(v))} ms" for k, v in first.items())
+            + ".",
+        ]
     )
-    lines.append("ratio (min) is against the row named in the benchmark's baseline:")
-    lines.extend(f"  {bench}: {base}" for bench, base in baselines.items())
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats")
-    parser.add_argument("--json", type=Path, help="write the results to this file")
-    args = parser.parse_args(argv)
+    args, machine, t_start = C.start(C.parser(__doc__), argv)
     cfg, repeat, number = (QUICK, 3, 2) if args.quick else (FULL, 7, 5)
-    info = machine()
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     results = run(cfg, repeat, number)
-    print(table(results))
-    if args.json:
-        args.json.write_text(
-            json.dumps({"machine": info, "results": results}, indent=2)
-        )
+    payload = {
+        "benchmark": "bench_stack",
+        "quick": args.quick,
+        "machine": machine,
+        "repeat": repeat,
+        "number": number,
+        "results": results,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    C.finish(args, payload, report)
     return 0
 
 
