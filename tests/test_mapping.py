@@ -395,6 +395,21 @@ def test_malformed_rules() -> None:
         flatten_by_rules({}, [("a.{i}.b.{i}", "w")])
 
 
+def test_malformed_checkpoints() -> None:
+    with pytest.raises(TypeError, match=re.escape("tensor names must be str, got 1.")):
+        unflatten_by_rules({1: np.zeros(1)}, [("w", "w")], {"w": np.zeros(1)})
+    with pytest.raises(TypeError, match="tensor `w` must be a numpy or jax array"):
+        unflatten_by_rules({"w": [1.0]}, [("w", "w")], {"w": np.zeros(1)})
+    with pytest.raises(
+        ValueError, match=re.escape("pattern 'h.{i}.': missing layers 1")
+    ):
+        unflatten_by_rules(
+            {"h.0.w": np.zeros(1), "h.2.w": np.zeros(1)},
+            [("h.{i}.w", "w")],
+            {"w": np.zeros((3, 1))},
+        )
+
+
 def test_transform_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="permutation"):
         transpose(0, 2)
@@ -433,7 +448,7 @@ def transforms(
         else:
             continue
         chain.append(t)
-        shape = t.forward(jax.ShapeDtypeStruct(shape, np.float32)).shape
+        shape = jax.eval_shape(t.forward, jax.ShapeDtypeStruct(shape, np.float32)).shape
     return tuple(chain), shape
 
 

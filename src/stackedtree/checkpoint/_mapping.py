@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from .._check import count_layers, fail, leaf_problems
-from .._leaf import dtype_of, fmt_shape, leaf_kind, shape_of
+from .._leaf import dtype_of, fmt_shape, is_array, leaf_kind, shape_of
 from .._tree import PyTree, flatten_names, unflatten_names
 from ._names import stack_by_name, unstack_by_name
 from ._pattern import LayerPattern, ranges
@@ -63,81 +64,18 @@ class Transform(NamedTuple):
         return f"Transform(forward={self.forward!r}, inverse={self.inverse!r})"
 
 
-def _reshaped(x: Any, shape: tuple[int, ...]) -> Any:
-    if leaf_kind(x) == "abstract":
-        return type(x)(shape, x.dtype)
-    return x.reshape(shape)
-
-
+@dataclass(frozen=True)
 class _Layout:
-    """A built-in layout change: exact, and computed on shapes alone when abstract."""
+    """A built-in layout change: exact by construction, known by its text."""
 
     text: str
+    fn: Callable[[Any], Any] = field(compare=False)
+
+    def __call__(self, x: Any) -> Any:
+        return self.fn(x)
 
     def __repr__(self) -> str:
         return self.text
-
-
-@dataclass(frozen=True, repr=False)
-class _Permute(_Layout):
-    axes: tuple[int, ...]
-    text: str
-
-    def __call__(self, x: Any) -> Any:
-        shape = shape_of(x)
-        lead = len(shape) - len(self.axes)
-        if lead < 0:
-            raise ValueError(
-                f"{self.text} needs at least {len(self.axes)} axes, got shape "
-                f"{fmt_shape(shape)}"
-            )
-        perm = tuple(range(lead)) + tuple(lead + a for a in self.axes)
-        if leaf_kind(x) == "abstract":
-            return type(x)(tuple(shape[a] for a in perm), x.dtype)
-        return x.transpose(perm)
-
-
-@dataclass(frozen=True, repr=False)
-class _Split(_Layout):
-    axis: int
-    sizes: tuple[int, ...]
-    text: str
-
-    def __call__(self, x: Any) -> Any:
-        shape = shape_of(x)
-        if -self.axis > len(shape):
-            raise ValueError(f"{self.text} got shape {fmt_shape(shape)}")
-        at = len(shape) + self.axis
-        sizes = _resolve(self.sizes, shape[at])
-        if sizes is None:
-            raise ValueError(
-                f"{self.text} cannot split axis {self.axis} of shape "
-                f"{fmt_shape(shape)}: {shape[at]} is not "
-                + " * ".join(str(s) for s in self.sizes)
-            )
-        return _reshaped(x, shape[:at] + sizes + shape[at + 1 :])
-
-
-@dataclass(frozen=True, repr=False)
-class _Merge(_Layout):
-    axis: int
-    sizes: tuple[int, ...]
-    text: str
-
-    def __call__(self, x: Any) -> Any:
-        shape = shape_of(x)
-        end = len(shape) + self.axis + 1
-        start = end - len(self.sizes)
-        group = shape[start:end]
-        if start < 0 or any(
-            s not in (-1, g) for s, g in zip(self.sizes, group, strict=True)
-        ):
-            raise ValueError(
-                f"the inverse of {self.text} needs axes of sizes "
-                f"{fmt_shape(self.sizes)} ending at axis {self.axis}, got shape "
-                f"{fmt_shape(shape)}"
-            )
-        return _reshaped(x, (*shape[:start], math.prod(group), *shape[end:]))
 
 
 def _resolve(sizes: tuple[int, ...], total: int) -> tuple[int, ...] | None:
@@ -182,8 +120,18 @@ def transpose(*axes: int) -> Transform:
             f"`axes` must be a permutation of 0..n-1 for some n >= 1, got {axes}."
         )
     text = f"transpose({', '.join(map(str, axes))})"
+
+    def permute(perm: tuple[int, ...]) -> Callable[[Any], Any]:
+        def fn(x: Any) -> Any:
+            lead = x.ndim - len(perm)
+            if lead < 0:
+                raise ValueError(f"{text} got shape {fmt_shape(x.shape)}")
+            return x.transpose((*range(lead), *(lead + a for a in perm)))
+
+        return fn
+
     inverse = tuple(int(a) for a in np.argsort(axes))
-    return Transform(_Permute(axes, text), _Permute(inverse, text))
+    return Transform(_Layout(text, permute(axes)), _Layout(text, permute(inverse)))
 
 
 def split_axis(axis: int, sizes: Sequence[int], /) -> Transform:
@@ -223,7 +171,33 @@ def split_axis(axis: int, sizes: Sequence[int], /) -> Transform:
             f"`sizes` must be one or more sizes with at most one -1, got {sizes}."
         )
     text = f"split_axis({axis}, {fmt_shape(sizes)})"
-    return Transform(_Split(axis, sizes, text), _Merge(axis, sizes, text))
+
+    def split(x: Any) -> Any:
+        at = x.ndim + axis
+        new = _resolve(sizes, x.shape[at]) if at >= 0 else None
+        if new is None:
+            why = ""
+            if at >= 0:
+                why = f": {x.shape[at]} is not {' * '.join(map(str, sizes))}"
+            raise ValueError(
+                f"{text} cannot split axis {axis} of shape {fmt_shape(x.shape)}{why}"
+            )
+        return x.reshape((*x.shape[:at], *new, *x.shape[at + 1 :]))
+
+    def merge(x: Any) -> Any:
+        end = x.ndim + axis + 1
+        start = end - len(sizes)
+        group = tuple(x.shape[max(start, 0) : end])
+        if start < 0 or any(
+            s not in (-1, g) for s, g in zip(sizes, group, strict=True)
+        ):
+            raise ValueError(
+                f"the inverse of {text} needs axes of sizes {fmt_shape(sizes)} "
+                f"ending at axis {axis}, got shape {fmt_shape(x.shape)}"
+            )
+        return x.reshape((*x.shape[:start], math.prod(group), *x.shape[end:]))
+
+    return Transform(_Layout(text, split), _Layout(text, merge))
 
 
 def _exact(transforms: tuple[Transform, ...]) -> bool:
@@ -237,12 +211,7 @@ def _run(x: Any, transforms: tuple[Transform, ...], *, inverse: bool) -> Any:
     steps = reversed(transforms) if inverse else transforms
     for t in steps:
         fn = t.inverse if inverse else t.forward
-        if leaf_kind(x) == "abstract" and not isinstance(fn, _Layout):
-            import jax  # only abstract tensors need it
-
-            x = jax.eval_shape(fn, x)
-        else:
-            x = fn(x)
+        x = jax.eval_shape(fn, x) if leaf_kind(x) == "abstract" else fn(x)
     return x
 
 
@@ -395,6 +364,14 @@ def _sources(
     for r in table:
         if r.pattern is not None:
             keys.setdefault(r.pattern, set()).add(r.key)
+    for name, x in flat.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be str, got {name!r}.")
+        if not is_array(x):
+            raise TypeError(
+                f"tensor `{name}` must be a numpy or jax array (or a "
+                f"jax.ShapeDtypeStruct), got {type(x).__name__}."
+            )
     sources: dict[str, list[str] | None] = {}
     owners: dict[str, str] = {}
     problems: list[str] = []
@@ -435,7 +412,12 @@ def _sources(
 
 
 def unflatten_by_rules(
-    flat: Mapping[str, Any], rules: Sequence[Rule], like: PyTree, /, *, sep: str = "."
+    flat: Mapping[str, Any],
+    rules: Sequence[Rule | tuple[Any, ...]],
+    like: PyTree,
+    /,
+    *,
+    sep: str = ".",
 ) -> PyTree:
     """Builds a pytree from checkpoint tensors by name rules.
 
@@ -532,7 +514,7 @@ def unflatten_by_rules(
 
 
 def flatten_by_rules(
-    tree: PyTree, rules: Sequence[Rule], /, *, sep: str = "."
+    tree: PyTree, rules: Sequence[Rule | tuple[Any, ...]], /, *, sep: str = "."
 ) -> dict[str, Any]:
     """The inverse of `unflatten_by_rules`: a pytree back to checkpoint tensors.
 
