@@ -4,6 +4,7 @@
   ruff) onto lines of at most `line_length` characters.
 - No "Returns" section lists more items than a function returns (every public function
   returns one value; a tuple is one value, described in one item).
+- No code line in the docs' sources is wider than the column shows (80 characters).
 """
 
 from __future__ import annotations
@@ -71,3 +72,17 @@ def test_returns_sections_list_one_value(site: Path) -> None:
                 f"{page.parent.name}: a Returns section lists {items} items"
             )
     assert sections >= 15
+
+
+def test_code_lines_fit_the_column() -> None:
+    too_wide = []
+    for page in sorted(DOCS.rglob("*.md")):
+        in_code, lang = False, ""
+        for n, line in enumerate(page.read_text().splitlines(), start=1):
+            fence = re.match(r"\s*(```|~~~)(\S*)", line)
+            if fence:
+                in_code, lang = not in_code, fence[2]
+                continue
+            if in_code and lang in ("python", "console") and len(line) > WIDTH:
+                too_wide.append(f"{page.relative_to(ROOT)}:{n}")
+    assert not too_wide, f"code lines over {WIDTH} characters: {too_wide}"

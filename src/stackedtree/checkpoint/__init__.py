@@ -1,6 +1,7 @@
 """Per-layer checkpoints <-> stacked checkpoints.
 
-Name-level stacking (`stack_by_name`), pytree naming (`flatten_names`), atomic
+Name-level stacking (`stack_by_name`), pytree naming (`flatten_names`), name rules
+between a checkpoint and a pytree (`unflatten_by_rules`, `flatten_by_rules`), atomic
 safetensors/npz input and output (`load_flat`, `save_flat`), stacked checkpoints on
 disk (`save_stacked`, `load_stacked`) and streaming conversion (`convert_stack`,
 `convert_unstack`), which the `stackedtree` command runs. Names load on first use, so
@@ -20,6 +21,12 @@ if TYPE_CHECKING:
     from ._inspect import inspect_checkpoint as inspect_checkpoint
     from ._io import load_flat as load_flat
     from ._io import save_flat as save_flat
+    from ._mapping import Rule as Rule
+    from ._mapping import Transform as Transform
+    from ._mapping import flatten_by_rules as flatten_by_rules
+    from ._mapping import split_axis as split_axis
+    from ._mapping import transpose as transpose
+    from ._mapping import unflatten_by_rules as unflatten_by_rules
     from ._names import stack_by_name as stack_by_name
     from ._names import unstack_by_name as unstack_by_name
     from ._pattern import detect_pattern as detect_pattern
@@ -28,16 +35,22 @@ if TYPE_CHECKING:
 
 _SOURCES = {
     "Conversion": "._convert",
+    "Rule": "._mapping",
+    "Transform": "._mapping",
     "convert_stack": "._convert",
     "convert_unstack": "._convert",
     "detect_pattern": "._pattern",
+    "flatten_by_rules": "._mapping",
     "flatten_names": ".._tree",
     "inspect_checkpoint": "._inspect",
     "load_flat": "._io",
     "load_stacked": "._stacked",
     "save_flat": "._io",
     "save_stacked": "._stacked",
+    "split_axis": "._mapping",
     "stack_by_name": "._names",
+    "transpose": "._mapping",
+    "unflatten_by_rules": "._mapping",
     "unflatten_names": ".._tree",
     "unstack_by_name": "._names",
 }
