@@ -11,11 +11,17 @@ memory bounds), and a fuzz property over mutated headers and files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import signal
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
+import tracemalloc
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,9 +31,13 @@ from typing import Any
 import numpy as np
 import pytest
 from ckptgen import assert_same_flat
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import stackedtree
 from stackedtree.checkpoint import (
+    _convert,
+    _files,
     convert_stack,
     convert_unstack,
     inspect_checkpoint,
@@ -35,6 +45,7 @@ from stackedtree.checkpoint import (
     load_stacked,
     save_flat,
 )
+from stackedtree.checkpoint._io import read_checkpoint
 from stackedtree.cli import main
 
 SRC_ROOT = str(Path(stackedtree.__file__).resolve().parent.parent)
@@ -628,6 +639,21 @@ def test_model_folders_are_read_through_their_index_or_one_file(
     assert_same_flat(load_flat(tmp_path / "back.safetensors"), flat)
 
 
+def test_inspect_lists_tensors_when_the_detected_pattern_does_not_fit(
+    tmp_path: Path,
+) -> None:
+    save_flat(tmp_path / "a.safetensors", {"h.0.w": np.zeros(1), "h.1.v": np.zeros(1)})
+    assert inspect_checkpoint(tmp_path / "a.safetensors").splitlines()[1:] == [
+        "layer pattern: none (pattern 'h.{i}.': the 2 layers do not hold the same "
+        "keys: layer 0 is missing keys 'v'; layer 1 is missing keys 'w')",
+        "tensors:",
+        "  h.0.w  f64[1]",
+        "  h.1.v  f64[1]",
+    ]
+    with pytest.raises(ValueError, match="do not hold the same keys"):
+        inspect_checkpoint(tmp_path / "a.safetensors", pattern="h.{i}.")
+
+
 def test_inspect_lists_names_in_order_whatever_the_shard_order(tmp_path: Path) -> None:
     flat = {name: np.zeros(1, np.int8) for name in ("c", "a", "d", "b")}
     save_flat(tmp_path / "1.safetensors", {"c": flat["c"], "a": flat["a"]})
@@ -645,3 +671,404 @@ def test_inspect_lists_names_in_order_whatever_the_shard_order(tmp_path: Path) -
         "  c  i8[1]",
         "  d  i8[1]",
     ]
+
+
+# ------------------------------------------------------------------ write failures
+
+
+def test_a_full_disk_names_the_output(
+    tmp_path: Path, capsys: Any, monkeypatch: Any
+) -> None:
+    save_flat(tmp_path / "in.safetensors", llama())
+
+    def full(self: Any, src: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_convert._Copier, "copy", full)
+    out = tmp_path / "out.safetensors"
+    assert main(["stack", str(tmp_path / "in.safetensors"), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"stackedtree: error: cannot write `{out}`: No space left on device"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def test_a_read_only_file_system_names_the_output(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    out = tmp_path / "out.safetensors"
+    real_statvfs = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, path: Any) -> None:
+            self.f_flag = real_statvfs(path).f_flag | os.ST_RDONLY
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "statvfs", ReadOnly)
+        with pytest.raises(
+            OSError, match=r"cannot write `.*out\.safetensors`: the file"
+        ):
+            save_flat(out, llama())
+
+    def read_only(path: Any, mode: str) -> Any:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(_files, "open", read_only, raising=False)
+    with pytest.raises(OSError) as e:
+        save_flat(out, llama())
+    assert e.value.errno == errno.EROFS
+    assert e.value.strerror == f"cannot write `{out}`: Read-only file system"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_too_large_names_the_output(tmp_path: Path) -> None:
+    flat = {f"h.{i}.w": np.zeros(50_000, np.uint8) for i in range(2)}
+    save_flat(tmp_path / "in.safetensors", flat)
+    out = tmp_path / "out.safetensors"
+    code = (
+        "import resource, sys; from stackedtree.cli import main; "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000)); "
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    r = run_python(
+        code, "stack", str(tmp_path / "in.safetensors"), "-o", str(out), "-q"
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (
+        f"stackedtree: error: cannot write `{out}`: File too large"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def test_a_long_output_name_is_written(tmp_path: Path) -> None:
+    save_flat(tmp_path / "in.safetensors", llama())
+    out = tmp_path / ("o" * 238 + ".safetensors")  # 250 characters: legal
+    convert_stack(tmp_path / "in.safetensors", out)
+    assert load_stacked(out)[2] == "model.layers.{i}."
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["in.safetensors", out.name]
+    )
+    too_long = tmp_path / ("o" * 250 + ".safetensors")
+    with pytest.raises(OSError, match="its name is longer than the file system allows"):
+        convert_stack(tmp_path / "in.safetensors", too_long)
+
+
+# ---------------------------------------------------------------- signals, pipes
+
+
+def run_python(code: str, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": SRC_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    kw.setdefault("stdout", subprocess.PIPE)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        timeout=120,
+        **kw,
+    )
+
+
+# Stacks with a copy that announces itself, then waits: a conversion to stop midway.
+SLOW_STACK = """
+import sys, time
+from pathlib import Path
+from stackedtree.checkpoint import _convert
+from stackedtree.cli import main
+
+real = _convert._Copier.copy
+
+def slow(self, *args):
+    Path(sys.argv[3]).touch()
+    time.sleep(float(sys.argv[4]))
+    real(self, *args)
+
+_convert._Copier.copy = slow
+sys.exit(main(["stack", sys.argv[1], "-o", sys.argv[2]]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("signum", "said"),
+    [
+        (signal.SIGTERM, "stopped by SIGTERM"),
+        (signal.SIGHUP, "stopped by SIGHUP"),
+        (signal.SIGINT, "interrupted"),
+    ],
+)
+def test_a_signal_during_a_conversion_leaves_nothing(
+    tmp_path: Path, signum: int, said: str
+) -> None:
+    src, out, started = (tmp_path / n for n in ("in.safetensors", "out", "started"))
+    out.mkdir()
+    save_flat(src, llama())
+    env = {
+        **os.environ,
+        "PYTHONPATH": SRC_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    target = out / "o.safetensors"
+    argv = [sys.executable, "-c", SLOW_STACK, str(src), str(target), str(started), "60"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        with deadline(60):
+            while not started.exists() and proc.poll() is None:
+                threading.Event().wait(0.02)
+        assert next(p.name for p in out.iterdir()).startswith(".o.safetensors.")
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, err
+    assert err.strip().splitlines()[-1] == f"stackedtree: {said}; no output written"
+    assert list(out.iterdir()) == []
+
+
+def test_an_ignored_sighup_stays_ignored(tmp_path: Path) -> None:
+    # As under `nohup`: the conversion goes on.
+    src, out, started = (tmp_path / n for n in ("in.safetensors", "o.safetensors", "s"))
+    save_flat(src, llama())
+    env = {
+        **os.environ,
+        "PYTHONPATH": SRC_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    argv = [sys.executable, "-c", SLOW_STACK, str(src), str(out), str(started), "1"]
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    try:
+        with deadline(60):
+            while not started.exists() and proc.poll() is None:
+                threading.Event().wait(0.02)
+        proc.send_signal(signal.SIGHUP)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert load_stacked(out)[2] == "model.layers.{i}."
+
+
+def test_an_interrupt_right_after_the_temporary_file_is_made(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    real_open = open
+
+    def open_then_interrupt(path: Any, mode: str) -> Any:
+        real_open(path, mode).close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_files, "open", open_then_interrupt, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        save_flat(tmp_path / "a.safetensors", llama())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_closed_pipe_ends_inspect_quietly(tmp_path: Path) -> None:
+    save_flat(tmp_path / "in.safetensors", llama())
+    read, write = os.pipe()
+    os.close(read)  # as `head -1` does once it has its line
+    try:
+        r = run_python(
+            "import sys; from stackedtree.cli import main; sys.exit(main(sys.argv[1:]))",
+            "inspect",
+            str(tmp_path / "in.safetensors"),
+            stdout=write,
+        )
+    finally:
+        os.close(write)
+    assert r.returncode == 141
+    assert r.stderr == ""
+
+
+# -------------------------------------------------------------------- memory bounds
+
+
+def peak_memory(fn: Callable[[], Any]) -> int:
+    """The peak bytes Python and numpy allocate while `fn` runs (or fails)."""
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(ValueError):
+            fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_inspect_reads_only_the_headers_of_npz_version_3(tmp_path: Path) -> None:
+    path = tmp_path / "v3.npz"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in ("h.0.w", "h.1.w"):
+            with zf.open(name + ".npy", "w", force_zip64=True) as m:
+                np.lib.format.write_array(m, np.zeros(10**7, np.uint8), version=(3, 0))
+    assert path.stat().st_size < 10**6
+    text = inspect_checkpoint(path)
+    assert "2 layers of 1 tensors (9.5 MiB each)" in text
+    assert peak_memory(lambda: inspect_checkpoint(path)) < 10**6
+    assert all((a == 0).all() and a.shape == (10**7,) for a in load_flat(path).values())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: stacked_with_layers(d, 2_000_000),
+        lambda d: one_tensor(d, shape=[1] * 4_100_000, data_offsets=[0, 1]),
+    ],
+    ids=["two-million-empty-layers", "four-million-dimensions"],
+)
+def test_refusals_take_little_memory(tmp_path: Path, make: Any) -> None:
+    src = Path(make(tmp_path))
+    peak = peak_memory(lambda: convert_unstack(src, tmp_path / "o.safetensors"))
+    assert peak < 2 * src.stat().st_size + 10**6
+
+
+# --------------------------------------------------------------------------- fuzz
+
+FUZZ_FLAT = {
+    "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+    "h.0.w": np.asarray([1, 2, 3, 4], np.uint16),
+    "h.1.w": np.asarray([5, 6, 7, 8], np.uint16),
+    "empty": np.zeros((0, 5), np.uint8),
+    "s": np.asarray(7, np.int64),
+}
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 80)
+    | st.sampled_from([2**63, 2**64, -(2**63), 10**40, 3 * 2**62])
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(["F32", "U16", "BF16", "I64", "U8", "", "\ud800"])
+    | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["dtype", "shape", "data_offsets", "x"]), inner
+        )
+    ),
+    max_leaves=6,
+)
+
+
+def _split(data: bytes) -> tuple[dict[str, Any], bytes]:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+@st.composite
+def mutated_safetensors(draw: st.DrawFn, valid: bytes) -> bytes:
+    """A valid file, truncated, with bytes flipped, or with a header field rewritten."""
+    how = draw(
+        st.sampled_from(["truncate", "flip", "field", "field", "length", "rename"])
+    )
+    data = bytearray(valid)
+    if how == "truncate":
+        return bytes(data[: draw(st.integers(0, len(data) - 1))])
+    if how == "flip":
+        for _ in range(draw(st.integers(1, 4))):
+            data[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
+        return bytes(data)
+    if how == "length":
+        return struct.pack("<Q", draw(st.integers(0, 2**64 - 1))) + bytes(data[8:])
+    header, body = _split(valid)
+    name = draw(st.sampled_from(sorted(header)))
+    if how == "field":
+        if name == "__metadata__" or draw(st.booleans()):
+            header[name] = draw(json_values)
+        else:
+            field = draw(st.sampled_from(["dtype", "shape", "data_offsets", "x"]))
+            if draw(st.booleans()):
+                header[name].pop(field, None)
+            else:
+                header[name][field] = draw(json_values)
+    else:
+        header[draw(st.sampled_from(["a", "h.1.w", "__metadata__", "z"]))] = header.pop(
+            name
+        )
+    raw = json.dumps(header).encode()
+    keep_length = draw(st.booleans())
+    n = struct.unpack("<Q", valid[:8])[0] if keep_length else len(raw)
+    return struct.pack("<Q", n) + raw + body
+
+
+def _clear_refusal(e: Exception, path: Path) -> None:
+    assert isinstance(e, ValueError | TypeError), repr(e)
+    assert f"`{path}`" in str(e), str(e)
+    assert "\n" not in str(e), str(e)
+
+
+def _check_load(path: Path, data: bytes) -> None:
+    """The file loads exactly as its header says, or is refused clearly."""
+    try:
+        with deadline(20):
+            loaded = load_flat(path)
+    except Exception as e:
+        _clear_refusal(e, path)
+        return
+    header, body = _split(data)
+    header.pop("__metadata__", None)
+    assert set(loaded) == set(header)
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        assert loaded[name].shape == tuple(entry["shape"])
+        assert loaded[name].tobytes() == body[begin:end]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_safetensors_load_exactly_or_are_refused(data: Any) -> None:
+    folder = Path(tempfile.mkdtemp())
+    try:
+        path = folder / "f.safetensors"
+        save_flat(path, FUZZ_FLAT, metadata={"k": "v"})
+        mutated = data.draw(mutated_safetensors(path.read_bytes()))
+        path.write_bytes(mutated)
+        _check_load(path, mutated)
+        try:
+            with deadline(20):
+                inspect_checkpoint(path)
+        except Exception as e:
+            _clear_refusal(e, path)
+    finally:
+        shutil.rmtree(folder)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), compressed=st.booleans())
+def test_fuzzed_npz_load_or_are_refused(data: Any, compressed: bool) -> None:
+    folder = Path(tempfile.mkdtemp())
+    try:
+        path = folder / "f.npz"
+        save = np.savez_compressed if compressed else np.savez
+        save(path, **FUZZ_FLAT)
+        raw = bytearray(path.read_bytes())
+        if data.draw(st.booleans()):
+            raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+        else:
+            for _ in range(data.draw(st.integers(1, 4))):
+                raw[data.draw(st.integers(0, len(raw) - 1))] ^= data.draw(
+                    st.integers(1, 255)
+                )
+        path.write_bytes(bytes(raw))
+        for read in (read_checkpoint, load_flat, inspect_checkpoint):
+            try:
+                with deadline(20):
+                    got = read(path)
+            except Exception as e:
+                _clear_refusal(e, path)
+                continue
+            if read is load_flat:
+                header = read_checkpoint(path).tensors
+                assert set(got) == set(header)
+                for name, arr in got.items():
+                    assert (arr.shape, arr.dtype) == (
+                        header[name].shape,
+                        header[name].dtype,
+                    )
+    finally:
+        shutil.rmtree(folder)

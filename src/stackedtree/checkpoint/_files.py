@@ -192,6 +192,11 @@ def check_output(path: PathLike, *, overwrite: bool = False) -> Path:
     """
     path = Path(path)
     folder = path.parent
+    if len(os.fsencode(path.name)) > _name_max(folder):
+        raise OSError(
+            errno.ENAMETOOLONG,
+            f"cannot write `{path}`: its name is longer than the file system allows",
+        )
     if path.is_dir():
         raise IsADirectoryError(f"`{path}` is a folder; give a file name")
     if os.path.lexists(path) and not overwrite:
@@ -201,11 +206,6 @@ def check_output(path: PathLike, *, overwrite: bool = False) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(
             f"cannot write `{path}`: folder `{folder}` does not exist"
-        )
-    if len(os.fsencode(path.name)) > _name_max(folder):
-        raise OSError(
-            errno.ENAMETOOLONG,
-            f"cannot write `{path}`: its name is longer than the file system allows",
         )
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(

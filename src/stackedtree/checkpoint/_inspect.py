@@ -108,20 +108,23 @@ def inspect_checkpoint(paths: Paths, /, *, pattern: str | None = None) -> str:
 
 
 def _per_layer(ckpt: Checkpoint, pattern: str | None) -> list[str]:
-    how = "given"
-    if pattern is None:
-        try:
-            pattern = detect_pattern(ckpt.tensors)
-            how = "detected"
-        except ValueError as e:
-            why = printable(str(e).rstrip("."))
-            return [
-                f"layer pattern: none ({why})",
-                "tensors:",
-                *_table(list(ckpt.tensors.items())),
-            ]
     specs = {name: (t.shape, t.dtype) for name, t in ckpt.tensors.items()}
-    g = group_names(specs, pattern)
+    how = "given"
+    try:
+        if pattern is None:
+            how = "detected"
+            pattern = detect_pattern(ckpt.tensors)
+        g = group_names(specs, pattern)
+    except ValueError as e:
+        if how == "given":
+            raise
+        # A detected pattern that does not fit is no pattern: list the tensors.
+        why = str(e).rstrip(".").replace(":\n  ", ": ").replace("\n  ", "; ")
+        return [
+            f"layer pattern: none ({printable(why)})",
+            "tensors:",
+            *_table(list(ckpt.tensors.items())),
+        ]
     per_layer = sum(ckpt.tensors[name].nbytes for name in g.names[0])
     layer = [
         (key, ckpt.tensors[name]) for key, name in zip(g.keys, g.names[0], strict=True)
