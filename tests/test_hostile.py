@@ -220,12 +220,12 @@ CASES = [
             if good(d)
             else []
         ),
-        "not a file name inside the index's folder",
+        "outside the index's folder; an index may only name files beside it",
     ),
     Case(
         "index-names-absolute-path",
         lambda d: [index(d / "model", {"model.embed_tokens.weight": good(d)})],
-        "not a file name inside the index's folder",
+        "outside the index's folder; an index may only name files beside it",
     ),
     # ------------------------------------------------------------ hangs, blow-ups
     Case(

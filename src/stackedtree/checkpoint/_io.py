@@ -173,8 +173,8 @@ def _shard(index: Path, shard: str) -> Path:
     if not parts or "\0" in shard or shard.startswith("/") or ".." in parts:
         raise _index_error(
             index,
-            f"it names shard {brief(shard)}, which is not a file name inside the "
-            f"index's folder; an index may only name files beside it",
+            f"it names shard {brief(shard)}, outside the index's folder; an index "
+            f"may only name files beside it",
         )
     return index.parent / shard
 
