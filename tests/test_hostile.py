@@ -145,14 +145,28 @@ def npz_bad_crc(folder: Path) -> str:
     return str(path)
 
 
-def npz_claims(folder: Path, shape: tuple[int, ...], payload: bytes) -> str:
+def npz_claims(
+    folder: Path, shape: tuple[int, ...], payload: bytes, descr: Any = "|u1"
+) -> str:
     """An npz whose one member's .npy header claims `shape` over `payload`."""
     path = folder / "claim.npz"
-    header = {"descr": "|u1", "fortran_order": False, "shape": shape}
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
     with zipfile.ZipFile(path, "w") as zf, zf.open("w.npy", "w") as m:
         np.lib.format.write_array_header_1_0(m, header)
         m.write(payload)
     return str(path)
+
+
+def zip64_listing(folder: Path, count: int) -> str:
+    """An archive whose zip64 end record lists `count` members."""
+    record = b"PK\x06\x06" + struct.pack(
+        "<QHHIIQQQQ", 44, 45, 45, 0, 0, count, count, 0, 0
+    )
+    locator = b"PK\x06\x07" + struct.pack("<IQI", 0, 0, 1)
+    end = b"PK\x05\x06" + struct.pack(
+        "<HHHHIIH", 0, 0, 0xFFFF, 0xFFFF, 2**32 - 1, 2**32 - 1, 0
+    )
+    return write(folder / "many.npz", record + locator + end)
 
 
 def npz_huge_size_claim(folder: Path) -> str:
@@ -358,6 +372,16 @@ CASES = [
         "npy-header-claims-10**12-elements",
         lambda d: [npz_claims(d, (10**12,), bytes(8))],
         "needs 1000000000000 bytes but its member holds 8",
+    ),
+    Case(
+        "npz-directory-lists-three-million-members",
+        lambda d: [zip64_listing(d, 3_000_000)],
+        "it lists 3000000 members, more than the 250000 a file may hold",
+    ),
+    Case(
+        "npy-subarray-dtype",
+        lambda d: [npz_claims(d, (2,), bytes(8), descr=("|u1", (4,)))],
+        "its .npy header has the subarray dtype",
     ),
     Case(
         "npz-size-claim-beyond-deflate",

@@ -195,8 +195,10 @@ def convert_stack(
 
     Raises:
         ValueError: the source is already stacked; the pattern is missing and cannot
-            be detected, or does not fit (as in `stack_by_name`); as in `load_flat`.
-        FileExistsError: `out` exists and `overwrite` is False.
+            be detected, or does not fit (as in `stack_by_name`); `out` is not a
+            `.safetensors` or `.npz` name; as in `load_flat`.
+        FileExistsError: `out` exists and `overwrite` is False; `out` is checked,
+            as its folder is, before any tensor is read.
         OSError: a file cannot be read or written. No partial `out` is left.
     """
     streams = output_kind(Path(out)) == "safetensors"
@@ -266,8 +268,9 @@ def convert_unstack(
     Raises:
         ValueError: the source is not a stacked checkpoint, or disagrees with its
             recorded metadata; its layers would make more tensors than a file may
-            hold; as in `load_flat`.
-        FileExistsError: `out` exists and `overwrite` is False.
+            hold; `out` is not a `.safetensors` or `.npz` name; as in `load_flat`.
+        FileExistsError: `out` exists and `overwrite` is False; `out` is checked,
+            as its folder is, before any tensor is read.
         OSError: a file cannot be read or written. No partial `out` is left.
     """
     streams = output_kind(Path(out)) == "safetensors"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -225,7 +224,7 @@ def _temp_path(path: Path) -> Path:
     room = _name_max(path.parent) - len("..0123456789abcdef.tmp")
     while len(os.fsencode(stem)) > room:
         stem = stem[:-1]
-    return path.parent / f".{stem}.{secrets.token_hex(8)}.tmp"
+    return path.parent / f".{stem}.{os.urandom(8).hex()}.tmp"
 
 
 def _reworded(e: OSError, path: Path, tmp: Path | None) -> OSError | None:

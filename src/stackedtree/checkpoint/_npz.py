@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import struct
 import zipfile
 import zlib
@@ -25,7 +26,7 @@ from typing import BinaryIO, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from ._files import open_regular
+from ._files import open_regular, pread
 from ._limits import MAX_DIMS, MAX_HEADER, MAX_TENSORS, brief, load_json, quote, strings
 
 META = "__stackedtree__"
@@ -99,6 +100,8 @@ def npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
         or type(d["fortran_order"]) is not bool
     ):
         raise ValueError(f"its .npy header is malformed (shape {shape!r:.80})")
+    if dtype.shape:
+        raise ValueError(f"its .npy header has the subarray dtype {dtype}")
     return shape, dtype, 8 + size + length
 
 
@@ -146,6 +149,31 @@ def read_member(
         raise ValueError(f"`{path}`: array {quote(name)} is corrupt: {e}") from None
 
 
+def _zip(path: Path, f: BinaryIO) -> zipfile.ZipFile:
+    """Opens an archive, once its directory is known to list few enough members.
+
+    `zipfile` makes an object per member as it opens the archive: the count is read
+    first from the end-of-directory record (or its zip64 twin).
+    """
+    size = os.fstat(f.fileno()).st_size
+    tail = pread(f, min(size, 22 + 0xFFFF), max(0, size - 22 - 0xFFFF))
+    at = tail.rfind(b"PK\x05\x06")
+    if at >= 0 and len(tail) >= at + 22:
+        (count,) = struct.unpack_from("<H", tail, at + 10)
+        if count == 0xFFFF and at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":
+            (where,) = struct.unpack_from("<Q", tail, at - 12)
+            record = pread(f, 40, where)
+            if len(record) == 40 and record[:4] == b"PK\x06\x06":
+                (count,) = struct.unpack_from("<Q", record, 32)
+        if count > MAX_TENSORS + 1:
+            raise _error(
+                path,
+                f"it lists {count} members, more than the {MAX_TENSORS} a file may "
+                f"hold here",
+            )
+    return zipfile.ZipFile(f)
+
+
 def _arrays(path: Path, zf: zipfile.ZipFile) -> dict[str, Array]:
     """Each array's zip entry and header, checked against the bytes it holds."""
     infos = zf.infolist()
@@ -188,7 +216,7 @@ def _extra(
     entry = arrays.pop(META, None)
     if entry is None:
         return {}, {}
-    if entry.dtype.kind != "U" or entry.shape != () or entry.nbytes > 4 * MAX_HEADER:
+    if entry.dtype.kind != "U" or entry.shape != () or entry.nbytes > MAX_HEADER:
         raise _error(path, f"`{META}` must be one string of JSON")
     text = str(read_member(path, zf, entry.info, META).item())
     try:
@@ -226,7 +254,7 @@ def npz_header(path: Path) -> tuple[dict[str, Array], dict[str, str]]:
         OSError: the file cannot be read.
     """
     try:
-        with open_regular(path) as raw, zipfile.ZipFile(raw) as zf:
+        with open_regular(path) as raw, _zip(path, raw) as zf:
             arrays = _arrays(path, zf)
             dtypes, metadata = _extra(path, zf, arrays)
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:
@@ -243,7 +271,7 @@ def load_npz(
     """Reads the arrays `specs` names (with their dtypes and shapes) from an archive."""
     out = {}
     try:
-        with open_regular(path) as raw, zipfile.ZipFile(raw) as zf:
+        with open_regular(path) as raw, _zip(path, raw) as zf:
             members = {m.filename.removesuffix(".npy"): m for m in zf.infolist()}
             for name, (dtype, shape) in specs.items():
                 arr = read_member(path, zf, members[name], name)
