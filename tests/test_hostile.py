@@ -127,6 +127,13 @@ def npz_encrypted(folder: Path) -> str:
     return str(path)
 
 
+def npz_patched(folder: Path, offset: int, fmt: str, value: int) -> str:
+    path = folder / "p.npz"
+    np.savez(path, w=np.ones(2))
+    patch_central_directory(path, offset, fmt, value)
+    return str(path)
+
+
 def npz_bzip2(folder: Path) -> str:
     path = folder / "b.npz"
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_BZIP2) as zf:
@@ -351,6 +358,16 @@ CASES = [
         "npz-encrypted-member",
         lambda d: [npz_encrypted(d)],
         "member `w.npy` is encrypted",
+    ),
+    Case(
+        "npz-member-needs-a-newer-zip",
+        lambda d: [npz_patched(d, 6, "<H", 109)],  # version needed to extract
+        "is not a valid .npz archive: zip file version 10.9",
+    ),
+    Case(
+        "npz-member-outside-the-file",
+        lambda d: [npz_patched(d, 42, "<I", 10**9)],  # offset of the local header
+        "member `w.npy` starts at byte 1000000000, outside the file",
     ),
     Case(
         "npz-unknown-compression",

@@ -49,8 +49,26 @@ class Array(NamedTuple):
     nbytes: int
 
 
+# What zipfile and numpy raise on a corrupt archive. A ValueError that starts with the
+# file's name is ours, and passes through as it is.
+_CORRUPT = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    EOFError,
+    zlib.error,
+    NotImplementedError,
+    struct.error,
+    OverflowError,
+    ValueError,
+)
+
+
 def _error(path: Path, why: str) -> ValueError:
     return ValueError(f"`{path}` is not a valid .npz archive: {why}")
+
+
+def _ours(e: Exception, path: Path) -> bool:
+    return isinstance(e, ValueError) and str(e).startswith(f"`{path}`")
 
 
 def object_error(path: Path, name: str) -> ValueError:
@@ -105,8 +123,11 @@ def npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
     return shape, dtype, 8 + size + length
 
 
-def _member_problem(info: zipfile.ZipInfo) -> str | None:
+def _member_problem(info: zipfile.ZipInfo, zf: zipfile.ZipFile) -> str | None:
     """Why a zip member cannot be read safely, from the zip's directory alone."""
+    size = os.fstat(zf.fp.fileno()).st_size if zf.fp is not None else 0
+    if not 0 <= info.header_offset < size:
+        return f"starts at byte {info.header_offset}, outside the file"
     if info.flag_bits & 0x1:
         return "is encrypted"
     if info.compress_type == zipfile.ZIP_STORED:
@@ -131,7 +152,7 @@ def read_member(
 ) -> np.ndarray:
     """Reads one array of an archive, refusing a pickle from the member's own header."""
     info = member if isinstance(member, zipfile.ZipInfo) else zf.getinfo(member)
-    problem = _member_problem(info)
+    problem = _member_problem(info, zf)
     if problem:
         raise _error(path, f"member {quote(info.filename)} {problem}")
     try:
@@ -141,11 +162,9 @@ def read_member(
                 raise object_error(path, name)
             f.seek(0)
             return np.lib.format.read_array(f, allow_pickle=False)
-    except ValueError as e:
-        if str(e).startswith(f"`{path}`"):
+    except _CORRUPT as e:
+        if _ours(e, path):
             raise
-        raise ValueError(f"`{path}`: array {quote(name)} is corrupt: {e}") from None
-    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
         raise ValueError(f"`{path}`: array {quote(name)} is corrupt: {e}") from None
 
 
@@ -162,7 +181,7 @@ def _zip(path: Path, f: BinaryIO) -> zipfile.ZipFile:
         (count,) = struct.unpack_from("<H", tail, at + 10)
         if count == 0xFFFF and at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":
             (where,) = struct.unpack_from("<Q", tail, at - 12)
-            record = pread(f, 40, where)
+            record = pread(f, 40, where) if where < size else b""
             if len(record) == 40 and record[:4] == b"PK\x06\x06":
                 (count,) = struct.unpack_from("<Q", record, 32)
         if count > MAX_TENSORS + 1:
@@ -188,13 +207,13 @@ def _arrays(path: Path, zf: zipfile.ZipFile) -> dict[str, Array]:
         name = info.filename.removesuffix(".npy")
         if name in out:
             raise _error(path, f"it holds array {quote(name)} twice")
-        problem = _member_problem(info)
+        problem = _member_problem(info, zf)
         if problem:
             raise _error(path, f"member {quote(info.filename)} {problem}")
         try:
             with zf.open(info) as f:
                 shape, dtype, skip = npy_header(f)  # type: ignore[arg-type]
-        except ValueError as e:
+        except _CORRUPT as e:
             raise _error(path, f"member {quote(info.filename)}: {e}") from None
         if dtype.hasobject:
             raise object_error(path, name)
@@ -257,7 +276,9 @@ def npz_header(path: Path) -> tuple[dict[str, Array], dict[str, str]]:
         with open_regular(path) as raw, _zip(path, raw) as zf:
             arrays = _arrays(path, zf)
             dtypes, metadata = _extra(path, zf, arrays)
-    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+    except _CORRUPT as e:
+        if _ours(e, path):
+            raise
         raise _error(path, str(e)) from None
     for name, dtype_name in dtypes.items():
         if name in arrays:
@@ -278,9 +299,11 @@ def load_npz(
                 if arr.dtype != dtype:
                     arr = arr.view(dtype)
                 if arr.shape != shape:
-                    raise ValueError(f"`{path}` changed while it was being read")
+                    raise _error(path, "it changed while it was being read")
                 out[name] = arr
-    except (zipfile.BadZipFile, EOFError, zlib.error, KeyError) as e:
+    except (*_CORRUPT, KeyError) as e:
+        if _ours(e, path):
+            raise
         raise _error(path, f"it changed while it was being read ({e})") from None
     return out
 
