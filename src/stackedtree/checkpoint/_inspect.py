@@ -72,7 +72,9 @@ def inspect_checkpoint(paths: Paths, /, *, pattern: str | None = None) -> str:
 
     Gives the number of tensors and bytes; for a per-layer checkpoint the layer
     pattern (given, or detected when unambiguous), N, and one layer's names, shapes
-    and dtypes; for a stacked checkpoint its recorded pattern and N.
+    and dtypes; for a stacked checkpoint its recorded pattern and N. Tensors are
+    listed in name order, whatever the order of the files, with every character
+    that is not printable escaped (`\\x1b`).
 
     Args:
         paths: as in `load_flat`.
