@@ -814,7 +814,7 @@ def run_python(code: str, *args: str, **kw: Any) -> subprocess.CompletedProcess[
 
 # Stacks with a copy that announces itself, then waits: a conversion to stop midway.
 SLOW_STACK = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 from stackedtree.checkpoint import _convert
 from stackedtree.cli import main
@@ -827,6 +827,8 @@ def slow(self, *args):
     real(self, *args)
 
 _convert._Copier.copy = slow
+if sys.argv[5:] == ["nohup"]:  # started as `nohup` starts a command
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 sys.exit(main(["stack", sys.argv[1], "-o", sys.argv[2]]))
 """
 
@@ -876,12 +878,11 @@ def test_an_ignored_sighup_stays_ignored(tmp_path: Path) -> None:
     }
     argv = [sys.executable, "-c", SLOW_STACK, str(src), str(out), str(started), "1"]
     proc = subprocess.Popen(
-        argv,
+        [*argv, "nohup"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
     )
     try:
         with deadline(60):
