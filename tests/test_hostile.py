@@ -220,6 +220,38 @@ def fifo(folder: Path, name: str) -> str:
     return str(folder / name)
 
 
+def index_of(folder: Path, shard: str) -> list[str]:
+    """A good file, and an index in a subfolder that names it by `shard`."""
+    good(folder)
+    return [index(folder / "model", {"model.embed_tokens.weight": shard})]
+
+
+def fifo_shard(folder: Path) -> list[str]:
+    fifo(folder, "a.safetensors")
+    return [index(folder, {"w": "a.safetensors"})]
+
+
+def existing_output(folder: Path) -> list[str]:
+    good(folder.parent / "out", "o.safetensors")
+    return [fifo(folder, "in.safetensors")]
+
+
+def dangling_output(folder: Path) -> list[str]:
+    dangling(folder.parent / "out" / "o.safetensors")
+    return [good(folder)]
+
+
+def several_files(folder: Path) -> list[str]:
+    good(folder, "a.safetensors")
+    good(folder, "b.safetensors")
+    return [str(folder)]
+
+
+def no_checkpoint(folder: Path) -> list[str]:
+    write(folder / "config.json", b"{}")
+    return [str(folder)]
+
+
 @dataclass(frozen=True)
 class Case:
     """A hostile input: `make(folder)` returns the sources; `refused` the commands
@@ -236,16 +268,12 @@ CASES = [
     # ------------------------------------------------------------------ security
     Case(
         "index-names-parent",
-        lambda d: (
-            [index(d / "model", {"model.embed_tokens.weight": "../good.safetensors"})]
-            if good(d)
-            else []
-        ),
+        lambda d: index_of(d, "../good.safetensors"),
         "outside the index's folder; an index may only name files beside it",
     ),
     Case(
         "index-names-absolute-path",
-        lambda d: [index(d / "model", {"model.embed_tokens.weight": good(d)})],
+        lambda d: index_of(d, str(d / "good.safetensors")),
         "outside the index's folder; an index may only name files beside it",
     ),
     # ------------------------------------------------------------ hangs, blow-ups
@@ -256,9 +284,7 @@ CASES = [
     ),
     Case(
         "fifo-shard",
-        lambda d: (
-            [index(d, {"w": "a.safetensors"})] if fifo(d, "a.safetensors") else []
-        ),
+        fifo_shard,
         "is a named pipe, not a regular file",
     ),
     Case(
@@ -293,11 +319,7 @@ CASES = [
     ),
     Case(
         "existing-output-checked-first",
-        lambda d: (
-            [fifo(d, "in.safetensors")]
-            if good(d.parent / "out", "o.safetensors")
-            else []
-        ),
+        existing_output,
         "already exists; pass overwrite=True (--force)",
         refused=("stack", "unstack"),
     ),
@@ -310,7 +332,7 @@ CASES = [
     ),
     Case(
         "dangling-symlink-output",
-        lambda d: [good(d)] if dangling(d.parent / "out" / "o.safetensors") else [],
+        dangling_output,
         "already exists; pass overwrite=True (--force)",
         refused=("stack",),
     ),
@@ -507,15 +529,13 @@ CASES = [
     # -------------------------------------------------------------- model folders
     Case(
         "folder-with-several-files-and-no-index",
-        lambda d: (
-            [str(d)] if good(d, "a.safetensors") and good(d, "b.safetensors") else []
-        ),
+        several_files,
         "holds 2 .safetensors files (`a.safetensors`, `b.safetensors`) and no "
         "*.safetensors.index.json",
     ),
     Case(
         "folder-with-no-checkpoint",
-        lambda d: [str(d)] if write(d / "config.json", b"{}") else [],
+        no_checkpoint,
         "holds no .safetensors file and no *.safetensors.index.json (it holds "
         "`config.json`)",
     ),
