@@ -182,7 +182,7 @@ def test_inspect_per_layer_and_stacked(tmp_path: Path) -> None:
         "1 file, 8 tensors, 1.3 KiB (1312 bytes)",
         "layer pattern: 'model.layers.{i}.' (detected), 3 layers of 2 tensors (256 B each)",
         "layer 0:",
-        "  self_attn.q_proj.weight  f16[8,8]",
+        "  mlp.up_proj.weight       i32[4,8]",
     ]
     assert "metadata: format='pt'" in text
     convert_stack(tmp_path / "a.safetensors", tmp_path / "s.safetensors")

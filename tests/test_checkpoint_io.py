@@ -19,7 +19,7 @@ from ckptgen import DTYPES, assert_same_flat, cases, same, unwritable_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stackedtree.checkpoint import _io, load_flat, save_flat
+from stackedtree.checkpoint import _npz, load_flat, save_flat
 from stackedtree.checkpoint._io import read_checkpoint
 
 FLAT = {
@@ -178,7 +178,7 @@ def _with_header(header: dict[str, Any], body: bytes) -> bytes:
             lambda d: _with_header(
                 {"a": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}, b"x"
             ),
-            "tensor `a` has dtype 'F4', which stackedtree does not read",
+            'tensor `a` has dtype "F4", which stackedtree does not read',
         ),
         (
             lambda d: _with_header(
@@ -272,7 +272,7 @@ def test_npz_member_reader_refuses_pickles_itself(tmp_path: Path) -> None:
         zipfile.ZipFile(tmp_path / "evil.npz") as zf,
         pytest.raises(ValueError, match="never unpickles"),
     ):
-        _io._read_member(tmp_path / "evil.npz", zf, "evil.npy", "evil")
+        _npz.read_member(tmp_path / "evil.npz", zf, "evil.npy", "evil")
     assert not marker.exists()
 
 
@@ -351,7 +351,9 @@ def test_bad_values_names_and_dtypes(tmp_path: Path) -> None:
         match=r"`c` has dtype object, which cannot be saved without pickling",
     ):
         save_flat(tmp_path / "a.npz", {"c": np.asarray([None])})
-    with pytest.raises(ValueError, match="unknown checkpoint format"):
+    with pytest.raises(
+        ValueError, match=r"unknown output format; name a \.safetensors"
+    ):
         save_flat(tmp_path / "a.pt", {"a": np.zeros(2)})
     assert files_in(tmp_path) == []
     save_flat(tmp_path / "a.npz", {"b": np.zeros(2, np.complex128)})  # npz stores it

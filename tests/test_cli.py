@@ -68,8 +68,8 @@ def test_inspect_stack_unstack_end_to_end(tmp_path: Path, ckpt: Path) -> None:
         "1 file, 8 tensors, 364 B (364 bytes)",
         "layer pattern: 'model.layers.{i}.' (detected), 3 layers of 2 tensors (36 B each)",
         "layer 0:",
-        "  self_attn.q_proj.weight  f16[4,4]",
         "  input_layernorm.weight   i8[4]",
+        "  self_attn.q_proj.weight  f16[4,4]",
     ]
 
     stacked_path = tmp_path / "stacked.safetensors"

@@ -15,21 +15,22 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
+from ._files import atomic_write, check_output, open_regular, output_kind
 from ._io import (
     PathLike,
     Paths,
     TensorInfo,
-    atomic_write,
     load_flat,
     read_checkpoint,
     safetensors_header,
     save_flat,
 )
+from ._limits import MAX_TENSORS
 from ._names import group_names, stack_by_name, unstack_by_name
 from ._pattern import LayerPattern
 from ._stacked import (
@@ -137,7 +138,7 @@ def _stream(
         [(it.name, it.dtype, it.shape) for it in items], metadata
     )
     total = sum(p.nbytes for it in items for p in it.pieces)
-    fds: dict[Path, int] = {}
+    sources: dict[Path, BinaryIO] = {}
     try:
         with (
             atomic_write(out, overwrite=overwrite) as f,
@@ -156,13 +157,14 @@ def _stream(
             copier = _Copier(f.fileno())
             for it in items:
                 for piece in it.pieces:
-                    if piece.file not in fds:
-                        fds[piece.file] = os.open(piece.file, os.O_RDONLY)
-                    copier.copy(fds[piece.file], piece.offset, piece.nbytes)
+                    if piece.file not in sources:
+                        sources[piece.file] = open_regular(piece.file)
+                    src = sources[piece.file].fileno()
+                    copier.copy(src, piece.offset, piece.nbytes)
                     bar.update(piece.nbytes)
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        for source in sources.values():
+            source.close()
     return total
 
 
@@ -193,10 +195,14 @@ def convert_stack(
 
     Raises:
         ValueError: the source is already stacked; the pattern is missing and cannot
-            be detected, or does not fit (as in `stack_by_name`); as in `load_flat`.
-        FileExistsError: `out` exists and `overwrite` is False.
+            be detected, or does not fit (as in `stack_by_name`); `out` is not a
+            `.safetensors` or `.npz` name; as in `load_flat`.
+        FileExistsError: `out` exists and `overwrite` is False; `out` is checked,
+            as its folder is, before any tensor is read.
         OSError: a file cannot be read or written. No partial `out` is left.
     """
+    streams = output_kind(Path(out)) == "safetensors"
+    check_output(out, overwrite=overwrite)
     ckpt = read_checkpoint(src)
     if META_PATTERN in ckpt.metadata:
         raise ValueError(
@@ -208,7 +214,7 @@ def convert_stack(
     specs = {name: (t.shape, t.dtype) for name, t in ckpt.tensors.items()}
     g = group_names(specs, pattern)
     metadata = stacked_metadata(pattern, g.num_layers, ckpt.metadata)
-    if not (ckpt.streamable and str(out).lower().endswith(".safetensors")):
+    if not (ckpt.streamable and streams):
         stacked, rest = stack_by_name(load_flat(src), pattern)
         save_stacked(
             out, stacked, pattern, rest, overwrite=overwrite, metadata=metadata
@@ -261,20 +267,33 @@ def convert_unstack(
 
     Raises:
         ValueError: the source is not a stacked checkpoint, or disagrees with its
-            recorded metadata; as in `load_flat`.
-        FileExistsError: `out` exists and `overwrite` is False.
+            recorded metadata; its layers would make more tensors than a file may
+            hold; `out` is not a `.safetensors` or `.npz` name; as in `load_flat`.
+        FileExistsError: `out` exists and `overwrite` is False; `out` is checked,
+            as its folder is, before any tensor is read.
         OSError: a file cannot be read or written. No partial `out` is left.
     """
+    streams = output_kind(Path(out)) == "safetensors"
+    check_output(out, overwrite=overwrite)
     ckpt = read_checkpoint(src)
-    pattern, n, keys, _ = split_stacked(ckpt)
+    pattern, n, keys, rest = split_stacked(ckpt)
+    # N is only bounded by the bytes of the stacked tensors, and empty ones have none.
+    count = n * len(keys) + len(rest)
+    if count > MAX_TENSORS:
+        where = ", ".join(f"`{f}`" for f in ckpt.files)
+        raise ValueError(
+            f"{where}: its metadata says {n} layers, which would unstack its "
+            f"{len(keys)} stacked tensors into {count} tensors, more than the "
+            f"{MAX_TENSORS} a file may hold"
+        )
     metadata = {
         k: v
         for k, v in ckpt.metadata.items()
         if k not in (META_PATTERN, META_NUM_LAYERS)
     }
-    if not (ckpt.streamable and str(out).lower().endswith(".safetensors")):
-        stacked, rest, _ = load_stacked(src)
-        flat = unstack_by_name(stacked, pattern, rest)
+    if not (ckpt.streamable and streams):
+        stacked, rest_flat, _ = load_stacked(src)
+        flat = unstack_by_name(stacked, pattern, rest_flat)
         save_flat(out, flat, overwrite=overwrite, metadata=metadata)
         nbytes = sum(t.nbytes for t in ckpt.tensors.values())
         return Conversion(pattern, n, len(flat), nbytes, False)

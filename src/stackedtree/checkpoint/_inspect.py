@@ -1,4 +1,9 @@
-"""A text summary of a checkpoint, read from its headers only."""
+"""A text summary of a checkpoint, read from its headers only.
+
+Names come from the file and may hold anything: they are listed in name order
+(whatever the order of the shards) and printed with `printable`, so that no escape
+sequence or carriage return in a name reaches the terminal.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +26,37 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def printable(text: str) -> str:
+    """`text` with every character that is not printable escaped, and backslashes.
+
+    Control characters (escape, bell, carriage return, newline), format characters
+    (bidirectional overrides) and lone surrogates become `\\x1b`, `\\r`, `\\u202e`,
+    `\\udc80`; a backslash becomes two. Printable text, accents and all, is kept.
+
+    Examples:
+        >>> print(printable("layers.0.w\\x1b[2J\\r"))
+        layers.0.w\\x1b[2J\\r
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else _escape(c) for c in text)
+
+
+_SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(c: str) -> str:
+    if c in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[c]
+    code = ord(c)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def _table(rows: list[tuple[str, TensorInfo]]) -> list[str]:
-    shown = rows[:_MAX_LISTED]
+    rows = sorted(rows, key=lambda row: row[0])
+    shown = [(printable(name), t) for name, t in rows[:_MAX_LISTED]]
     width = max((len(name) for name, _ in shown), default=0)
     lines = [
         f"  {name:<{width}}  {short_dtype(t.dtype)}[{','.join(map(str, t.shape))}]"
@@ -38,7 +72,9 @@ def inspect_checkpoint(paths: Paths, /, *, pattern: str | None = None) -> str:
 
     Gives the number of tensors and bytes; for a per-layer checkpoint the layer
     pattern (given, or detected when unambiguous), N, and one layer's names, shapes
-    and dtypes; for a stacked checkpoint its recorded pattern and N.
+    and dtypes; for a stacked checkpoint its recorded pattern and N. Tensors are
+    listed in name order, whatever the order of the files, with every character
+    that is not printable escaped (`\\x1b`).
 
     Args:
         paths: as in `load_flat`.
@@ -62,36 +98,44 @@ def inspect_checkpoint(paths: Paths, /, *, pattern: str | None = None) -> str:
         lines.append(f"stacked checkpoint: pattern {found!r}, {n} layers")
         lines.append(f"stacked tensors ({len(keys)}), leading axis = layer:")
         lines += _table([(name, ckpt.tensors[name]) for name in keys.values()])
+        lines.append(f"other tensors ({len(rest)}):")
+        lines += _table([(name, ckpt.tensors[name]) for name in rest])
     else:
-        if pattern is None:
-            try:
-                pattern = detect_pattern(ckpt.tensors)
-                how = "detected"
-            except ValueError as e:
-                lines.append(f"layer pattern: none ({str(e).rstrip('.')})")
-                lines.append("tensors:")
-                lines += _table(list(ckpt.tensors.items()))
-                return "\n".join(lines)
-        else:
-            how = "given"
-        specs = {name: (t.shape, t.dtype) for name, t in ckpt.tensors.items()}
-        g = group_names(specs, pattern)
-        rest = list(g.rest)
-        per_layer = sum(ckpt.tensors[name].nbytes for name in g.names[0])
-        lines.append(
-            f"layer pattern: {pattern!r} ({how}), {g.num_layers} layers of "
-            f"{len(g.keys)} tensors ({human_bytes(per_layer)} each)"
-        )
-        lines.append("layer 0:")
-        lines += _table(
-            [
-                (key, ckpt.tensors[name])
-                for key, name in zip(g.keys, g.names[0], strict=True)
-            ]
-        )
-    lines.append(f"other tensors ({len(rest)}):")
-    lines += _table([(name, ckpt.tensors[name]) for name in rest])
+        lines += _per_layer(ckpt, pattern)
     other = {k: v for k, v in ckpt.metadata.items() if not k.startswith("stackedtree.")}
     if other:
-        lines.append("metadata: " + ", ".join(f"{k}={v!r}" for k, v in other.items()))
+        shown = ", ".join(f"{printable(k)}={v!r}" for k, v in sorted(other.items()))
+        lines.append("metadata: " + shown)
     return "\n".join(lines)
+
+
+def _per_layer(ckpt: Checkpoint, pattern: str | None) -> list[str]:
+    specs = {name: (t.shape, t.dtype) for name, t in ckpt.tensors.items()}
+    how = "given"
+    try:
+        if pattern is None:
+            how = "detected"
+            pattern = detect_pattern(ckpt.tensors)
+        g = group_names(specs, pattern)
+    except ValueError as e:
+        if how == "given":
+            raise
+        # A detected pattern that does not fit is no pattern: list the tensors.
+        why = str(e).rstrip(".").replace(":\n  ", ": ").replace("\n  ", "; ")
+        return [
+            f"layer pattern: none ({printable(why)})",
+            "tensors:",
+            *_table(list(ckpt.tensors.items())),
+        ]
+    per_layer = sum(ckpt.tensors[name].nbytes for name in g.names[0])
+    layer = [
+        (key, ckpt.tensors[name]) for key, name in zip(g.keys, g.names[0], strict=True)
+    ]
+    return [
+        f"layer pattern: {pattern!r} ({how}), {g.num_layers} layers of "
+        f"{len(g.keys)} tensors ({human_bytes(per_layer)} each)",
+        "layer 0:",
+        *_table(layer),
+        f"other tensors ({len(g.rest)}):",
+        *_table([(name, ckpt.tensors[name]) for name in g.rest]),
+    ]

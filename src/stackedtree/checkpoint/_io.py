@@ -8,29 +8,64 @@ package's API does not: each tensor's byte range in the file, so that
 `_convert.py` copies ranges without ever holding a tensor, and reads land in
 preallocated buffers with positioned reads. Files stay compatible both ways with the
 `safetensors` package (tested).
+
+Every file read here may be hostile: the header reader accepts exactly what the format
+allows and refuses the rest with a `ValueError` naming the file, within bounded time
+and memory (`_limits.py`); files are opened by `_files.py` (regular files only) and
+npz archives read by `_npz.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import os
 import struct
-import tempfile
-import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, BinaryIO, TypeAlias
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
 
 import ml_dtypes
 import numpy as np
 
-PathLike: TypeAlias = str | os.PathLike[str]
-Paths: TypeAlias = PathLike | Sequence[PathLike]
+from ._files import (
+    PathLike,
+    Paths,
+    as_paths,
+    atomic_write,
+    checkpoint_kind,
+    open_regular,
+    output_kind,
+    pread,
+)
+from ._limits import (
+    MAX_DIMS,
+    MAX_HEADER,
+    MAX_TENSORS,
+    brief,
+    load_json,
+    no_gc,
+    quote,
+    strings,
+    text_problem,
+)
+from ._npz import load_npz, npz_header, save_npz
 
-_MAX_HEADER = 100_000_000  # the safetensors library's own limit
-_NPZ_META = "__stackedtree__"
+__all__ = [
+    "Checkpoint",
+    "PathLike",
+    "Paths",
+    "TensorInfo",
+    "atomic_write",
+    "dtype_code",
+    "load_flat",
+    "read_checkpoint",
+    "read_into",
+    "read_safetensors_header",
+    "safetensors_header",
+    "save_flat",
+]
 
 _CODES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -53,14 +88,6 @@ _CODES: dict[str, np.dtype] = {
 if hasattr(ml_dtypes, "float8_e8m0fnu"):
     _CODES["F8_E8M0"] = np.dtype(ml_dtypes.float8_e8m0fnu)
 _DTYPE_TO_CODE = {dtype: code for code, dtype in _CODES.items()}
-
-# ml_dtypes types that `.npy` would store as opaque void bytes: saved as unsigned ints
-# of the same width, their names kept in the archive's `__stackedtree__` entry.
-_ML_DTYPES: dict[str, np.dtype] = {
-    np.dtype(t).name: np.dtype(t)
-    for t in (getattr(ml_dtypes, n, None) for n in dir(ml_dtypes))
-    if isinstance(t, type) and issubclass(t, np.generic)
-}
 
 
 @dataclass(frozen=True)
@@ -129,58 +156,119 @@ def _little(dtype: np.dtype) -> np.dtype:
     )
 
 
-# --------------------------------------------------------------------------- reading
+# --------------------------------------------------------------------- safetensors
 
 
-def _as_paths(paths: Paths) -> list[Path]:
-    if isinstance(paths, str | os.PathLike):
-        return [Path(paths)]
-    if not isinstance(paths, Sequence):
-        raise TypeError(f"expected a path or a list of paths, got {paths!r}")
-    out = [Path(p) for p in paths]
-    if not out:
-        raise ValueError("no checkpoint files given")
-    return out
+def _index_error(path: Path, why: str) -> ValueError:
+    return ValueError(f"`{path}` is not a valid safetensors index: {why}")
 
 
-def _kind(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith(".index.json"):
-        return "index"
-    if name.endswith(".safetensors"):
-        return "safetensors"
-    if name.endswith(".npz"):
-        return "npz"
-    raise ValueError(
-        f"`{path}`: unknown checkpoint format; expected a .safetensors file, a "
-        f"*.safetensors.index.json index or an .npz archive"
-    )
+def _shard(index: Path, shard: str) -> Path:
+    """The file an index names, which must lie inside the index's folder.
+
+    The test is on the name, not on the resolved file: symlinks inside the folder
+    (the Hugging Face cache links every file into a blobs folder) are followed.
+    """
+    parts = PurePosixPath(shard).parts
+    if not parts or "\0" in shard or shard.startswith("/") or ".." in parts:
+        raise _index_error(
+            index,
+            f"it names shard {brief(shard)}, outside the index's folder; an index "
+            f"may only name files beside it",
+        )
+    return index.parent / shard
 
 
 def _read_index(path: Path) -> dict[str, Path]:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_HEADER:
+            raise _index_error(
+                path, f"it holds {size} bytes, more than the {MAX_HEADER} allowed"
+            )
+        raw = pread(f, size, 0)
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-        ):
-            raise TypeError("`weight_map` must map tensor names to file names")
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(
-            f"`{path}` is not a valid safetensors index (a JSON object whose "
-            f"`weight_map` maps tensor names to shard files): {e}"
-        ) from None
-    return {name: path.parent / shard for name, shard in weight_map.items()}
+        index = load_json(raw)
+    except ValueError as e:
+        raise _index_error(path, f"unreadable JSON ({e})") from None
+    if not isinstance(index, tuple):
+        raise _index_error(path, f"expected a JSON object, got {brief(index)}")
+    maps = [v for k, v in index if k == "weight_map"]
+    if len(maps) != 1:
+        raise _index_error(
+            path,
+            "it has no `weight_map`" if not maps else "it repeats `weight_map`",
+        )
+    weight_map = strings(maps[0], "`weight_map`")
+    if isinstance(weight_map, str):
+        raise _index_error(path, weight_map + " (tensor names to shard files)")
+    return {name: _shard(path, shard) for name, shard in weight_map.items()}
 
 
 def _bad(path: Path, why: str) -> ValueError:
     return ValueError(f"`{path}` is not a valid safetensors file: {why}")
 
 
+_UNSET: Any = object()
+
+
+def _malformed(path: Path, name: str, why: str) -> ValueError:
+    return _bad(path, f"tensor {quote(name)} has a malformed entry: {why}")
+
+
+def _fields(path: Path, name: str, entry: Any) -> tuple[Any, Any, Any]:
+    """`(dtype, shape, data_offsets)` of a header entry in any order, or a refusal."""
+    if type(entry) is not tuple:
+        raise _malformed(path, name, f"expected a JSON object, got {brief(entry)}")
+    found = {"dtype": _UNSET, "shape": _UNSET, "data_offsets": _UNSET}
+    for key, value in entry:
+        if key in found:  # other keys are allowed, and ignored
+            if found[key] is not _UNSET:
+                raise _malformed(path, name, f"it repeats `{key}`")
+            found[key] = value
+    missing = [f"`{key}`" for key, value in found.items() if value is _UNSET]
+    if missing:
+        raise _malformed(path, name, f"it lacks {' and '.join(missing)}")
+    return found["dtype"], found["shape"], found["data_offsets"]
+
+
+def _entry_error(
+    path: Path, name: str, code: Any, shape: Any, offsets: Any
+) -> ValueError:
+    """Why the entry `(code, shape, offsets)` is refused."""
+    if type(code) is not str or code not in _CODES:
+        return _bad(
+            path,
+            f"tensor {quote(name)} has dtype {brief(code)}, which stackedtree does "
+            f"not read (it reads {', '.join(_CODES)})",
+        )
+    if (
+        type(shape) is not list
+        or len(shape) > MAX_DIMS
+        or not all(type(d) is int and d >= 0 for d in shape)
+    ):
+        return _malformed(
+            path,
+            name,
+            f"`shape` must be a list of at most {MAX_DIMS} non-negative integers, "
+            f"got {brief(shape)}",
+        )
+    return _malformed(
+        path,
+        name,
+        f"`data_offsets` must be two integers 0 <= begin <= end, got {brief(offsets)}",
+    )
+
+
 def read_safetensors_header(
     path: PathLike,
 ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Reads and checks a safetensors file's header, without its tensor data.
+
+    Accepts exactly what the format allows: a UTF-8 JSON object of at most 100 MB,
+    unique names, known dtypes, sizes computed in unbounded integers that match
+    each tensor's `data_offsets`, and offsets that tile the data from its first byte
+    to the end of the file.
 
     Args:
         path: a `.safetensors` file.
@@ -191,145 +279,133 @@ def read_safetensors_header(
 
     Raises:
         OSError: the file cannot be read.
-        ValueError: the file is truncated or its header is malformed.
+        ValueError: the file is not a regular file, is truncated, or its header is
+            malformed.
     """
     path = Path(path)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
+        head = pread(f, 8, 0)
         if len(head) < 8:
             raise _bad(
                 path, f"it holds {size} bytes, fewer than the 8-byte header size"
             )
         (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER, size - 8):
+        if n > MAX_HEADER:
+            raise _bad(
+                path,
+                f"its header size {n} is over the format's limit of {MAX_HEADER} "
+                f"bytes (corrupt or not safetensors)",
+            )
+        if n > size - 8:
             raise _bad(
                 path,
                 f"header size {n} exceeds the file's {size - 8} remaining bytes "
                 f"(truncated or not safetensors)",
             )
-        raw = f.read(n)
+        raw = pread(f, n, 8)
+    if len(raw) < n:
+        raise _bad(path, "it shrank while its header was being read")
+    with no_gc():
+        return _parse_header(path, raw, 8 + n, size)
+
+
+def _parse_header(
+    path: Path, raw: bytes, start: int, size: int
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise TypeError("the header is not a JSON object")
-    except (UnicodeDecodeError, ValueError, TypeError) as e:
+        header = load_json(raw)
+    except ValueError as e:
         raise _bad(path, f"unreadable JSON header ({e})") from None
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise _bad(path, "`__metadata__` must map strings to strings")
-    start = 8 + n
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if not isinstance(entry, dict):
-            raise _bad(path, f"tensor `{name}` has a malformed entry {entry!r}")
-        if entry.get("dtype") not in _CODES:
-            raise _bad(
-                path,
-                f"tensor `{name}` has dtype {entry.get('dtype')!r}, which stackedtree "
-                f"does not read (it reads {', '.join(_CODES)})",
-            )
-        dtype = _CODES[entry["dtype"]]
+    if not isinstance(header, tuple):
+        raise _bad(path, "unreadable JSON header (the header is not a JSON object)")
+    if len(header) > MAX_TENSORS + 1:
+        raise _bad(
+            path,
+            f"its header declares {len(header)} tensors, more than the "
+            f"{MAX_TENSORS} a file may hold here",
+        )
+    # Only a `\u` escape can make a lone surrogate, which is not valid UTF-8.
+    check_text = b"\\u" in raw
+    del raw
+    metadata: dict[str, str] = {}
+    seen: set[str] = set()
+    entries: list[tuple[int, int, str, np.dtype, tuple[int, ...]]] = []
+    for name, entry in header:
+        if name in seen:
+            raise _bad(path, f"the header names {quote(name)} twice")
+        seen.add(name)
+        if check_text and (problem := text_problem(name)):
+            raise _bad(path, f"the tensor name {quote(name)} holds {problem}")
+        if name == "__metadata__":
+            if entry is not None:
+                found = strings(entry, "`__metadata__`", check_text=check_text)
+                if isinstance(found, str):
+                    raise _bad(path, found)
+                metadata = found
+            continue
+        # The checks are inline, as this loop may run a million times.
         try:
-            shape = tuple(entry["shape"])
-            begin, end = entry["data_offsets"]
-            if not all(isinstance(d, int) and d >= 0 for d in (*shape, begin, end)):
-                raise TypeError
-        except (KeyError, TypeError, ValueError):
-            raise _bad(
-                path, f"tensor `{name}` has a malformed entry {entry!r}"
-            ) from None
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            (k1, code), (k2, shape), (k3, offsets) = entry
+            if k1 != "dtype" or k2 != "shape" or k3 != "data_offsets":
+                raise ValueError
+        except (TypeError, ValueError):
+            code, shape, offsets = _fields(path, name, entry)
+        dtype = _CODES.get(code) if type(code) is str else None
+        ok = (
+            dtype is not None
+            and type(shape) is list
+            and len(shape) <= MAX_DIMS
+            and type(offsets) is list
+            and len(offsets) == 2
+        )
+        if ok:
+            for d in shape:
+                if type(d) is not int or d < 0:
+                    ok = False
+            begin, end = offsets
+            ok = ok and type(begin) is int and type(end) is int and 0 <= begin <= end
+        if not ok or dtype is None:
+            raise _entry_error(path, name, code, shape, offsets)
+        nbytes = math.prod(shape) * dtype.itemsize
         if end - begin != nbytes:
             raise _bad(
                 path,
-                f"tensor `{name}` ({dtype}{list(shape)}) needs {nbytes} bytes but its "
-                f"data_offsets {[begin, end]} span {end - begin}",
+                f"tensor {quote(name)} ({dtype}{list(shape)}) needs {nbytes} bytes but "
+                f"its data_offsets {[begin, end]} span {end - begin}",
             )
-        tensors[name] = TensorInfo(path, dtype, shape, start + begin, nbytes)
-    ordered = sorted(tensors.items(), key=lambda kv: (kv[1].offset, kv[1].nbytes))
-    end_of_data = start
-    for name, t in ordered:
-        if t.offset < end_of_data:
-            raise _bad(path, f"tensor `{name}` overlaps the tensor before it")
-        end_of_data = t.offset + t.nbytes
-    if end_of_data != size:
+        if nbytes == 0 and math.prod(d for d in shape if d) * dtype.itemsize >> 63:
+            raise _bad(
+                path,
+                f"tensor {quote(name)} has shape {list(shape)}, more elements than "
+                f"numpy can index",
+            )
+        entries.append((begin, end, name, dtype, tuple(shape)))
+    del header
+    entries.sort()  # by offsets: names are unique, so no further
+    tensors: dict[str, TensorInfo] = {}
+    at = 0
+    for begin, end, name, dtype, shape in entries:
+        if begin < at:
+            raise _bad(path, f"tensor {quote(name)} overlaps the tensor before it")
+        if begin > at:
+            raise _bad(
+                path,
+                f"the {begin - at} bytes before tensor {quote(name)} (data_offsets "
+                f"{[begin, end]}) belong to no tensor",
+            )
+        at = end
+        tensors[name] = TensorInfo(path, dtype, shape, start + begin, end - begin)
+    if at != size - start:
         raise _bad(
             path,
-            f"the header describes {end_of_data - start} bytes of tensor data but the "
-            f"file holds {size - start} "
-            f"({'truncated' if size < end_of_data else 'trailing bytes'})",
+            f"the header describes {at} bytes of tensor data but the file holds "
+            f"{size - start} ({'truncated' if size - start < at else 'trailing bytes'})",
         )
-    return dict(ordered), metadata
+    return tensors, metadata
 
 
-def _read_npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype] | None:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-    else:
-        return None
-    return tuple(shape), dtype
-
-
-def _npz_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    tensors: dict[str, TensorInfo] = {}
-    extra: dict[str, Any] = {}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for member in zf.namelist():
-                name = member.removesuffix(".npy")
-                if name == _NPZ_META:
-                    extra = json.loads(_read_member(path, zf, member, name).item())
-                    continue
-                with zf.open(member) as f:
-                    spec = _read_npy_header(f)  # type: ignore[arg-type]
-                if spec is None:
-                    arr = _read_member(path, zf, member, name)
-                    spec = (arr.shape, arr.dtype)
-                shape, dtype = spec
-                if dtype.hasobject:
-                    raise _object_error(path, name)
-                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-                tensors[name] = TensorInfo(path, dtype, shape, -1, nbytes)
-    except (zipfile.BadZipFile, EOFError, ValueError) as e:
-        if isinstance(e, ValueError) and str(e).startswith(f"`{path}`"):
-            raise
-        raise ValueError(f"`{path}` is not a valid .npz archive: {e}") from None
-    for name, dtype_name in extra.get("dtypes", {}).items():
-        if name in tensors and dtype_name in _ML_DTYPES:
-            t = tensors[name]
-            tensors[name] = TensorInfo(
-                path, _ML_DTYPES[dtype_name], t.shape, -1, t.nbytes
-            )
-    return tensors, dict(extra.get("metadata", {}))
-
-
-def _object_error(path: Path, name: str) -> ValueError:
-    return ValueError(
-        f"`{path}`: array `{name}` holds Python objects, which can only be loaded by "
-        f"unpickling; stackedtree never unpickles. Re-save it with a numeric dtype"
-    )
-
-
-def _read_member(path: Path, zf: zipfile.ZipFile, member: str, name: str) -> np.ndarray:
-    with zf.open(member) as f:
-        # Refuse pickles here, from the member's own header, whatever checks ran
-        # before: an object array can only be loaded by running its pickle.
-        spec = _read_npy_header(f)  # type: ignore[arg-type]
-        if spec is not None and spec[1].hasobject:
-            raise _object_error(path, name)
-        f.seek(0)
-        try:
-            return np.lib.format.read_array(f, allow_pickle=False)
-        except ValueError as e:
-            if "allow_pickle" in str(e):
-                raise _object_error(path, name) from None
-            raise ValueError(f"`{path}`: array `{name}` is corrupt: {e}") from None
+# --------------------------------------------------------------------------- reading
 
 
 def read_checkpoint(paths: Paths) -> Checkpoint:
@@ -343,13 +419,15 @@ def read_checkpoint(paths: Paths) -> Checkpoint:
 
     Raises:
         OSError: a file cannot be read.
-        ValueError: a file is malformed or of unknown format; a tensor name is in
-            two files; an index names a tensor that its shard lacks.
+        ValueError: a file is malformed, not a regular file or of unknown format; a
+            model folder holds no checkpoint or several; an index names a file
+            outside its folder; a tensor name is in two files; an index names a
+            tensor that its shard lacks.
     """
     files: list[Path] = []
     expected: dict[str, Path] = {}
-    for p in _as_paths(paths):
-        if _kind(p) == "index":
+    for p in as_paths(paths):
+        if checkpoint_kind(p) == "index":
             weight_map = _read_index(p)
             expected.update(weight_map)
             files.extend(dict.fromkeys(weight_map.values()))
@@ -358,18 +436,21 @@ def read_checkpoint(paths: Paths) -> Checkpoint:
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     for file in files:
-        kind = _kind(file)
+        kind = checkpoint_kind(file)
         if kind == "index":
             raise ValueError(f"`{file}`: an index cannot name another index")
-        found, meta = (
-            read_safetensors_header(file)
-            if kind == "safetensors"
-            else _npz_header(file)
-        )
+        if kind == "safetensors":
+            found, meta = read_safetensors_header(file)
+        else:
+            arrays, meta = npz_header(file)
+            found = {
+                name: TensorInfo(file, a.dtype, a.shape, -1, a.nbytes)
+                for name, a in arrays.items()
+            }
         for name, info in found.items():
             if name in tensors:
                 raise ValueError(
-                    f"tensor `{name}` is in both `{tensors[name].file}` and `{file}`"
+                    f"tensor {quote(name)} is in both `{tensors[name].file}` and `{file}`"
                 )
             tensors[name] = info
         for key, value in meta.items():
@@ -377,7 +458,7 @@ def read_checkpoint(paths: Paths) -> Checkpoint:
     for name, shard in expected.items():
         if name not in tensors or tensors[name].file != shard:
             raise ValueError(
-                f"the index lists tensor `{name}` in `{shard}`, which lacks it"
+                f"the index lists tensor {quote(name)} in `{shard}`, which lacks it"
             )
     return Checkpoint(tuple(files), tensors, metadata)
 
@@ -401,15 +482,18 @@ def load_flat(path_or_paths: Paths, /) -> dict[str, np.ndarray]:
     Args:
         path_or_paths: a `.safetensors` file, several (shards of one checkpoint), a
             `*.safetensors.index.json` whose `weight_map` names the shards relative
-            to its folder, or an `.npz` archive (or a list mixing these).
+            to its folder, an `.npz` archive, or a model folder (its
+            `*.safetensors.index.json`, else its one `.safetensors` file); or a
+            list mixing these.
 
     Returns:
         The tensors by name, in file order.
 
     Raises:
         OSError: a file is missing or unreadable.
-        ValueError: unknown format; a truncated or corrupt file; an npz array of
-            Python objects; a tensor name in two files.
+        ValueError: unknown format; a truncated, corrupt or hostile file (see the
+            guarantees in the checkpoint guide); an npz array of Python objects; a
+            tensor name in two files.
 
     Examples:
         >>> import numpy as np, tempfile, os
@@ -425,77 +509,19 @@ def load_flat(path_or_paths: Paths, /) -> dict[str, np.ndarray]:
         by_file.setdefault(info.file, []).append(name)
     for file, names in by_file.items():
         if ckpt.tensors[names[0]].offset >= 0:
-            with open(file, "rb", buffering=0) as f:
+            with open_regular(file) as f:
                 for name in names:
                     info = ckpt.tensors[name]
                     arr = np.empty(info.shape, _little(info.dtype))
                     read_into(f, info.offset, arr)
                     out[name] = arr
         else:
-            with zipfile.ZipFile(file) as zf:
-                members = {m.removesuffix(".npy"): m for m in zf.namelist()}
-                for name in names:
-                    arr = _read_member(file, zf, members[name], name)
-                    dtype = ckpt.tensors[name].dtype
-                    out[name] = arr.view(dtype) if arr.dtype != dtype else arr
+            specs = {n: (ckpt.tensors[n].dtype, ckpt.tensors[n].shape) for n in names}
+            out.update(load_npz(file, specs))
     return {name: out[name] for name in ckpt.tensors}
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_write(path: PathLike, *, overwrite: bool = False) -> Iterator[BinaryIO]:
-    """Opens a temporary file beside `path`, renamed to `path` when the block succeeds.
-
-    On any failure (an exception, Ctrl-C) the temporary file is removed, so `path`
-    either keeps its old content or is absent: never a partial file.
-
-    Args:
-        path: the final path.
-        overwrite: replace an existing `path`.
-
-    Raises:
-        FileExistsError: `path` exists and `overwrite` is False.
-        IsADirectoryError: `path` is a folder.
-        FileNotFoundError: the folder of `path` does not exist.
-        PermissionError: the folder of `path` is not writable.
-    """
-    path = Path(path)
-    folder = path.parent
-    if path.is_dir():
-        raise IsADirectoryError(f"`{path}` is a folder; give a file name")
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"`{path}` already exists; pass overwrite=True (--force) to replace it"
-        )
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"cannot write `{path}`: folder `{folder}` does not exist"
-        )
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except PermissionError:
-        raise PermissionError(
-            f"cannot write `{path}`: permission denied in folder `{folder}`"
-        ) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.chmod(tmp, 0o666 & ~_umask())
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"`{path}` appeared while it was being written")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def safetensors_header(
@@ -512,9 +538,15 @@ def safetensors_header(
         The 8-byte length and the JSON header, padded so the data starts 8-aligned.
 
     Raises:
-        ValueError: a dtype safetensors cannot store; a reserved or repeated name.
+        ValueError: a dtype safetensors cannot store; a reserved or repeated name;
+            more tensors or a larger header than a file may hold.
         TypeError: metadata that is not strings to strings.
     """
+    if len(entries) > MAX_TENSORS:
+        raise ValueError(
+            f"{len(entries)} tensors are more than the {MAX_TENSORS} a file may "
+            f"hold here"
+        )
     header: dict[str, Any] = {}
     if metadata:
         if not all(
@@ -527,16 +559,26 @@ def safetensors_header(
         if not isinstance(name, str):
             raise TypeError(f"tensor names must be str, got {name!r}")
         if name == "__metadata__" or name in header:
-            raise ValueError(f"tensor name `{name}` is reserved or repeated")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            raise ValueError(f"tensor name {quote(name)} is reserved or repeated")
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         header[name] = {
             "dtype": dtype_code(dtype, name),
             "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"a name or metadata string holds {text_problem(e.object)}"
+        ) from None
     raw += b" " * (-len(raw) % 8)
+    if len(raw) > MAX_HEADER:
+        raise ValueError(
+            f"the header would take {len(raw)} bytes, over the format's limit of "
+            f"{MAX_HEADER}"
+        )
     return struct.pack("<Q", len(raw)) + raw
 
 
@@ -558,31 +600,6 @@ def _as_numpy(name: str, x: Any) -> np.ndarray:
 def _write_bytes(f: BinaryIO, arr: np.ndarray) -> None:
     arr = np.ascontiguousarray(arr.astype(_little(arr.dtype), copy=False))
     f.write(arr.reshape(-1).view(np.uint8).data)
-
-
-def _save_npz(
-    f: BinaryIO, flat: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None
-) -> None:
-    if _NPZ_META in flat:
-        raise ValueError(f"tensor name `{_NPZ_META}` is reserved in .npz archives")
-    dtypes: dict[str, str] = {}
-    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, arr in flat.items():
-            if arr.dtype.name in _ML_DTYPES:
-                dtypes[name] = arr.dtype.name
-                arr = arr.view(f"u{arr.dtype.itemsize}")
-            with zf.open(name + ".npy", "w", force_zip64=True) as m:
-                try:
-                    np.lib.format.write_array(m, arr, allow_pickle=False)
-                except ValueError:
-                    raise ValueError(
-                        f"tensor `{name}` has dtype {arr.dtype}, which cannot be saved "
-                        f"without pickling"
-                    ) from None
-        if dtypes or metadata:
-            extra = json.dumps({"dtypes": dtypes, "metadata": dict(metadata or {})})
-            with zf.open(_NPZ_META + ".npy", "w") as m:
-                np.lib.format.write_array(m, np.asarray(extra), allow_pickle=False)
 
 
 def save_flat(
@@ -615,9 +632,7 @@ def save_flat(
         TypeError: a value is not an array; metadata is not strings.
     """
     path = Path(path)
-    kind = _kind(path)
-    if kind == "index":
-        raise ValueError(f"`{path}`: save to a .safetensors or .npz file, not an index")
+    kind = output_kind(path)
     if not isinstance(flat, Mapping):
         raise TypeError(f"`flat` must be a mapping of names to arrays, got {flat!r}")
     for name in flat:
@@ -635,4 +650,4 @@ def save_flat(
     else:
         arrays = {name: _as_numpy(name, x) for name, x in flat.items()}
         with atomic_write(path, overwrite=overwrite) as f:
-            _save_npz(f, arrays, metadata)
+            save_npz(f, arrays, metadata)
