@@ -424,3 +424,20 @@ def test_static_leaves_are_compared_by_value_not_identity() -> None:
     assert s["dims"] == [8, 2] and s["act"] == "gelu"
     assert concat_layers([s, stack([layer()])])["w"].shape == (4, 2)
     assert set_layer(s, 1, layer())["w"].shape == (3, 2)
+
+
+def test_bfloat16_nan_payloads_survive_stacking() -> None:
+    # XLA on the CPU computes bfloat16 in float32, which quiets a signalling NaN
+    # (0x7fbf -> 0x7fc0) even in a copy; stack must move the bits unchanged.
+    bits = np.array([[0x7FBF, 0x7F81], [0xFFBF, 0x3F80]], np.uint16)
+    layers = [{"w": jnp.asarray(row.view(jnp.bfloat16))} for row in bits]
+    stacked = stack(layers)
+    np.testing.assert_array_equal(np.asarray(stacked["w"]).view(np.uint16), bits)
+    doubled = concat_layers([stacked, stacked])
+    np.testing.assert_array_equal(
+        np.asarray(doubled["w"]).view(np.uint16), np.concatenate([bits, bits])
+    )
+    swapped = set_layer(stacked, 0, layers[1])
+    np.testing.assert_array_equal(
+        np.asarray(swapped["w"]).view(np.uint16), bits[[1, 1]]
+    )

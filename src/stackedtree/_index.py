@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._check import count_layers, fail, leading_shapes, num_layers_of, tree_problems
-from ._leaf import leaf_kind, shape_of
+from ._leaf import leaf_kind, on_bits, shape_of
 from ._stack import check_same_layers, check_sequence, num_layers
 from ._tree import (
     PyTree,
@@ -127,7 +127,7 @@ def set_layer(stacked: PyTree, index: int | jax.Array, layer: PyTree, /) -> PyTr
             out = s.copy()
             out[i] = v
             return out
-        return jnp.asarray(s).at[i].set(v)
+        return on_bits(lambda xs, v: xs[0].at[i].set(v), [s], v)
 
     flat, treedef = flatten(stacked)
     values = jax.tree.leaves(layer)
@@ -225,7 +225,7 @@ def concat_layers(stacks: Sequence[PyTree], /) -> PyTree:
                 "all-concrete stacks."
             )
         else:
-            out.append(jnp.concatenate(leaves))
+            out.append(on_bits(jnp.concatenate, leaves))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

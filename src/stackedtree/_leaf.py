@@ -138,4 +138,26 @@ def stack_leaves(leaves: Sequence[Any], arg: str, path: str) -> Any:
             f"`{arg}` mixes jax.ShapeDtypeStruct and concrete arrays at {path}; stack "
             "either all-abstract or all-concrete layers."
         )
-    return jax.numpy.stack(leaves)
+    return on_bits(jax.numpy.stack, leaves)
+
+
+def on_bits(f: Any, arrays: Sequence[Any], *rest: Any) -> Any:
+    """`f(arrays, *rest)` for jax arrays that only moves data, done on their bits.
+
+    XLA on the CPU computes some narrow float types (bfloat16) in float32, which turns
+    a signalling NaN into a quiet one even in a copy, so stacking, concatenating or
+    updating such arrays would not be bit-exact. Viewed as unsigned integers of the same
+    width they move unchanged; `f` must only rearrange elements.
+    """
+    jnp = _jax().numpy
+    dtype = jnp.result_type(*arrays)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return f(arrays, *rest)
+    bits = np.dtype(f"uint{np.dtype(dtype).itemsize * 8}")
+    lax = _jax().lax
+    as_bits = [lax.bitcast_convert_type(jnp.asarray(x, dtype), bits) for x in arrays]
+    rest = tuple(
+        lax.bitcast_convert_type(jnp.asarray(x, dtype), bits) if is_array(x) else x
+        for x in rest
+    )
+    return lax.bitcast_convert_type(f(as_bits, *rest), dtype)
