@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ._names import stack_by_name as stack_by_name
     from ._names import unstack_by_name as unstack_by_name
     from ._pattern import detect_pattern as detect_pattern
+    from ._sharded import load_sharded as load_sharded
     from ._stacked import load_stacked as load_stacked
     from ._stacked import save_stacked as save_stacked
 
@@ -34,6 +35,7 @@ _SOURCES = {
     "flatten_names": ".._tree",
     "inspect_checkpoint": "._inspect",
     "load_flat": "._io",
+    "load_sharded": "._sharded",
     "load_stacked": "._stacked",
     "save_flat": "._io",
     "save_stacked": "._stacked",
