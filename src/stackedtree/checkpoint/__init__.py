@@ -2,9 +2,10 @@
 
 Name-level stacking (`stack_by_name`), pytree naming (`flatten_names`), atomic
 safetensors/npz input and output (`load_flat`, `save_flat`), stacked checkpoints on
-disk (`save_stacked`, `load_stacked`) and streaming conversion (`convert_stack`,
-`convert_unstack`), which the `stackedtree` command runs. Names load on first use, so
-the command never imports jax.
+disk (`save_stacked`, `load_stacked`), streaming conversion (`convert_stack`,
+`convert_unstack`), which the `stackedtree` command runs, and loading straight into
+sharded jax arrays (`load_sharded`). Names load on first use, so the command never
+imports jax.
 """
 
 from typing import TYPE_CHECKING

@@ -20,17 +20,21 @@ non-leading dimension, where each row of the file holds a piece for every device
 
 Runs of `STRIDED_MIN_RUN` bytes or more are read strided, shorter ones by rows
 (`benchmarks/bench_load.py` measures both). A block that several devices replicate is
-read once. Buffers are 64-byte aligned, which lets the XLA CPU client adopt them
+read once. Pieces of a block (or chunks of rows) are read on `WORKERS` threads. Buffers are 64-byte aligned, which lets the XLA CPU client adopt them
 without a copy; on an accelerator each block's host buffer is freed once it is
 transferred, so host memory beyond the arrays stays about one block.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import struct
+import threading
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeAlias
@@ -58,7 +62,11 @@ STRIDED_MIN_RUN = 1 << 16
 """Contiguous runs at least this long (bytes) are read strided, shorter ones by rows."""
 
 CHUNK_BYTES = 4 << 20
-"""The most a chunk of rows holds (at least one row), when reading by rows."""
+"""The scratch memory for reading by rows, shared by the reading threads (a chunk
+holds at least one row); also the smallest piece of a block a thread reads."""
+
+WORKERS = min(8, os.cpu_count() or 1)
+"""How many threads read at once."""
 
 _ALIGN = 64  # XLA's CPU client adopts host buffers aligned so, without a copy
 
@@ -259,44 +267,69 @@ def _npz_offsets(path: Path) -> dict[str, int]:
 
 
 class Reader:
-    """Open files, npz data offsets, and a scratch buffer, for one load."""
+    """Open files, npz data offsets, scratch buffers and reading threads, for one load.
+
+    Reads run on up to `WORKERS` threads: positioned reads of one file descriptor
+    from several threads are safe, and the kernel's copies (and page faults) into
+    the buffers, as numpy's, run outside the GIL.
+    """
 
     def __init__(self) -> None:
         self._files: dict[Path, BinaryIO] = {}
         self._npz: dict[Path, dict[str, int]] = {}
         self._member: tuple[str, Path, np.ndarray] | None = None
-        self._scratch = np.empty(0, np.uint8)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(WORKERS) if WORKERS > 1 else None
 
     def file(self, path: Path) -> BinaryIO:
-        if path not in self._files:
-            self._files[path] = open(path, "rb", buffering=0)
-        return self._files[path]
+        with self._lock:
+            if path not in self._files:
+                self._files[path] = open(path, "rb", buffering=0)
+            return self._files[path]
 
     def offset(self, name: str, info: TensorInfo) -> int | None:
         """Where `info`'s data starts, or None for a compressed npz member."""
         if info.offset >= 0:
             return info.offset
-        if info.file not in self._npz:
-            self._npz[info.file] = _npz_offsets(info.file)
-        return self._npz[info.file].get(name)
+        with self._lock:
+            if info.file not in self._npz:
+                self._npz[info.file] = _npz_offsets(info.file)
+            return self._npz[info.file].get(name)
 
     def member(self, name: str, info: TensorInfo) -> np.ndarray:
         """A compressed npz member, whole (the last one read is kept)."""
-        if self._member is None or self._member[:2] != (name, info.file):
-            with zipfile.ZipFile(info.file) as zf, zf.open(name + ".npy") as f:
-                arr = np.lib.format.read_array(f, allow_pickle=False)
-            arr = arr.astype(_native(arr.dtype), copy=False)
-            self._member = (name, info.file, arr.view(_native(info.dtype)))
-        return self._member[2]
+        with self._lock:
+            if self._member is None or self._member[:2] != (name, info.file):
+                self._member = None
+                with zipfile.ZipFile(info.file) as zf, zf.open(name + ".npy") as f:
+                    arr = np.lib.format.read_array(f, allow_pickle=False)
+                arr = arr.astype(_native(arr.dtype), copy=False)
+                self._member = (name, info.file, arr.view(_native(info.dtype)))
+            return self._member[2]
 
     def scratch(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """This thread's scratch buffer, viewed as `shape` and `dtype`."""
         nbytes = math.prod(shape) * dtype.itemsize
-        if self._scratch.nbytes < nbytes:
-            self._scratch = np.empty(0, np.uint8)  # free the old one first
-            self._scratch = np.empty(nbytes, np.uint8)
-        return self._scratch[:nbytes].view(dtype).reshape(shape)
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.nbytes < nbytes:
+            self._local.buf = None  # free the old one first
+            buf = self._local.buf = np.empty(nbytes, np.uint8)
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+    def run(self, tasks: Sequence[Callable[[], None]]) -> None:
+        """Runs `tasks` on the reading threads; the first failure is raised."""
+        if self._pool is None or len(tasks) < 2:
+            for task in tasks:
+                task()
+            return
+        futures = [self._pool.submit(task) for task in tasks]
+        for future in futures:
+            future.result()
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         for f in self._files.values():
             f.close()
         self._files.clear()
@@ -375,13 +408,14 @@ def _within(lo: Sequence[int], hi: Sequence[int], box: Box) -> tuple[slice, ...]
     return tuple(slice(a - b[0], z - b[0]) for a, z, b in zip(lo, hi, box, strict=True))
 
 
-def _chunks(box: Box, itemsize: int) -> Iterator[Box]:
-    """`box` cut along its first dimension into chunks of at most `CHUNK_BYTES`."""
+def _slabs(box: Box, itemsize: int, budget: int) -> Iterator[Box]:
+    """`box` cut along its first dimension into slabs of at most `budget` bytes
+    (at least one index of that dimension each)."""
     if not box:
         yield box
         return
     row = math.prod(_shape(box[1:])) * itemsize
-    step = max(1, CHUNK_BYTES // max(row, 1))
+    step = max(1, budget // max(row, 1))
     (a, b), rest = box[0], box[1:]
     for start in range(a, b, step):
         yield ((start, min(start + step, b)), *rest)
@@ -390,50 +424,76 @@ def _chunks(box: Box, itemsize: int) -> Iterator[Box]:
 def _read_by_rows(
     reader: Reader, src: Source, boxes: Sequence[Box]
 ) -> dict[Box, np.ndarray] | None:
-    """Reads blocks that tile one box, chunk by chunk of whole rows of that box; None
-    when they do not tile one."""
-    bbox = tuple(
-        (min(b[d][0] for b in boxes), max(b[d][1] for b in boxes))
-        for d in range(len(src.shape))
-    )
+    """Reads blocks that tile one box, chunk by chunk of whole rows of that box (each
+    chunk into a thread's scratch buffer, then its columns copied to the blocks);
+    None when the blocks do not tile one box."""
+    bbox = _bounding_box(boxes)
     if sum(math.prod(_shape(b)) for b in boxes) != math.prod(_shape(bbox)):
         return None
     out = {b: _aligned_empty(_shape(b), src.dtype) for b in boxes}
     itemsize = src.dtype.itemsize
-    chunks: Iterator[Box]
+    budget = CHUNK_BYTES // WORKERS
+    chunks: list[Box]
     if src.layered:
-        chunks = (
+        chunks = [
             ((layer, layer + 1), *c)
             for layer in range(*bbox[0])
-            for c in _chunks(bbox[1:], itemsize)
-        )
+            for c in _slabs(bbox[1:], itemsize, budget)
+        ]
     else:
-        chunks = _chunks(bbox, itemsize)
-    for chunk in chunks:
+        chunks = list(_slabs(bbox, itemsize, budget))
+
+    def one(chunk: Box) -> None:
         buf = reader.scratch(_shape(chunk), src.dtype)
         read_block(reader, src, chunk, buf)
         for b, dest in out.items():
             lo = [max(x[0], c[0]) for x, c in zip(b, chunk, strict=True)]
             hi = [min(x[1], c[1]) for x, c in zip(b, chunk, strict=True)]
-            if any(h <= low for low, h in zip(lo, hi, strict=True)):
-                continue
-            dest[_within(lo, hi, b)] = buf[_within(lo, hi, chunk)]
+            if all(low < h for low, h in zip(lo, hi, strict=True)):
+                dest[_within(lo, hi, b)] = buf[_within(lo, hi, chunk)]
+
+    reader.run([functools.partial(one, c) for c in chunks])
     return out
+
+
+def _read_in_place(reader: Reader, src: Source, box: Box) -> np.ndarray:
+    """Reads one block straight into its buffer, slabs of it on the reading threads."""
+    out = _aligned_empty(_shape(box), src.dtype)
+    if out.size == 0:
+        return out
+    budget = max(CHUNK_BYTES, out.nbytes // (4 * WORKERS))
+    start = box[0][0] if box else 0
+
+    def one(slab: Box) -> None:
+        view = out[slab[0][0] - start : slab[0][1] - start] if slab else out
+        read_block(reader, src, slab, view)
+
+    reader.run(
+        [
+            functools.partial(one, slab)
+            for slab in _slabs(box, src.dtype.itemsize, budget)
+        ]
+    )
+    return out
+
+
+def _bounding_box(boxes: Sequence[Box]) -> Box:
+    return tuple(
+        (min(b[d][0] for b in boxes), max(b[d][1] for b in boxes))
+        for d in range(len(boxes[0]))
+    )
 
 
 def read_blocks(
     reader: Reader, src: Source, boxes: Sequence[Box]
 ) -> Iterator[tuple[Box, np.ndarray]]:
     """Each of `boxes` (distinct blocks of `src`) with its data, read as the module
-    docstring says: strided one by one, or together by rows."""
+    docstring says: in place one by one, or together by rows."""
     per_layer = src.shape[1:] if src.layered else src.shape
     itemsize = src.dtype.itemsize
     runs = [run_bytes(per_layer, b[1:] if src.layered else b, itemsize) for b in boxes]
     if len(boxes) > 1 and min(runs) < STRIDED_MIN_RUN:
-        bbox = tuple(
-            (min(b[d][0] for b in boxes), max(b[d][1] for b in boxes))
-            for d in range(len(src.shape))
-        )
+        bbox = _bounding_box(boxes)
         whole = run_bytes(per_layer, bbox[1:] if src.layered else bbox, itemsize)
         if whole > min(runs):
             by_rows = _read_by_rows(reader, src, boxes)
@@ -441,9 +501,7 @@ def read_blocks(
                 yield from by_rows.items()
                 return
     for box in boxes:
-        buf = _aligned_empty(_shape(box), src.dtype)
-        read_block(reader, src, box, buf)
-        yield box, buf
+        yield box, _read_in_place(reader, src, box)
 
 
 def _box(index: Any, shape: tuple[int, ...]) -> Box:
@@ -470,8 +528,7 @@ def load_array(reader: Reader, src: Source, sharding: Sharding) -> jax.Array:
             return jax.make_array_from_callback(
                 src.shape, sharding, lambda _: np.zeros((), src.dtype), dtype=src.dtype
             )
-        host = _aligned_empty(src.shape, src.dtype)
-        read_block(reader, src, tuple((0, d) for d in src.shape), host)
+        host = _read_in_place(reader, src, tuple((0, d) for d in src.shape))
         # One host buffer for all devices: JAX transfers it to each.
         return jax.make_array_from_callback(
             src.shape, sharding, lambda _: host, dtype=src.dtype
@@ -499,10 +556,13 @@ def load_sharded(
     its sharding gives this process's devices, and each block is read from disk with
     positioned reads (no mmap) of exactly its byte ranges: a device holding layers
     4-7 of `mlp.up_proj` reads those four layers' ranges of the per-layer tensors,
-    and a block that several devices replicate is read once. When a weight's rows
-    are split across devices too, the process reads each byte once, either as
-    strided runs or (for short runs) as whole rows whose columns go to each device.
-    Host memory beyond the arrays themselves stays about one block.
+    and a block that several devices replicate is read once. When a weight's
+    columns are split too (each row of the file then holds pieces for several
+    devices), the process still reads each byte once: long runs in place, short
+    ones as whole rows whose columns are handed to each device. Host memory beyond
+    the arrays themselves stays about one block: blocks are read into the buffers
+    that become the device arrays (on CPU without a copy; on an accelerator each is
+    freed once transferred), and rows read whole pass through a few MiB.
 
     With `jax.distributed.initialize(...)` done, every process calls `load_sharded`
     with the same arguments and reads only what its own devices hold; the results
