@@ -323,15 +323,38 @@ def merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("strided_min_run", [0, 1 << 62])
+@pytest.mark.parametrize(("strided_min_run", "workers"), [(0, 1), (1 << 62, 3)])
 def test_each_byte_is_read_once(
-    ckpt: Any, layout: str, strided_min_run: int, monkeypatch: pytest.MonkeyPatch
+    ckpt: Any,
+    layout: str,
+    strided_min_run: int,
+    workers: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(_sharded, "STRIDED_MIN_RUN", strided_min_run)
+    monkeypatch.setattr(_sharded, "WORKERS", workers)
+    monkeypatch.setattr(_sharded, "CHUNK_BYTES", 256)  # many chunks and pieces
     path, flat = ckpt
     reads = spy_reads(monkeypatch)
     load_sharded(path, LAYOUTS[layout](), pattern=PATTERN)
     assert merged(reads) == merged(ranges_of(path, flat))
+
+
+def test_a_failed_read_is_raised(ckpt: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _ = ckpt
+    monkeypatch.setattr(_sharded, "WORKERS", 3)
+    monkeypatch.setattr(_sharded, "CHUNK_BYTES", 256)
+    real = _sharded.read_into
+
+    def read_into(f: Any, offset: int, out: np.ndarray) -> None:
+        if offset > path.stat().st_size // 2:
+            raise OSError("disk gone")
+        real(f, offset, out)
+
+    monkeypatch.setattr(_sharded, "read_into", read_into)
+    for how in (replicated(mesh(8, names=("fsdp",))), fsdp(mesh(2, 4))):
+        with pytest.raises(OSError, match="disk gone"):
+            load_sharded(path, how, pattern=PATTERN)
 
 
 def test_a_block_reads_exactly_its_layers(
