@@ -157,6 +157,7 @@ def spec_for(kind: str, shape: tuple[int, ...], d: int) -> Any:
 def child(config: dict[str, Any]) -> dict[str, Any]:
     """Runs one load as `config` says, in this (fresh) process; returns the figures."""
     local = config["local_devices"]
+    os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "")
         + f" --xla_force_host_platform_device_count={local}"
