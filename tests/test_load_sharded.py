@@ -216,6 +216,14 @@ def test_stacked_checkpoint_loads_as_stored(tmp_path: Path) -> None:
         ValueError, match=re.escape("stacked with pattern 'model.layers.{i}.'")
     ):
         load_sharded(tmp_path / "s.safetensors", how, pattern="layers.{i}.")
+    three = Mesh(np.asarray(jax.devices()[:3]), ("x",), axis_types=(AxisType.Auto,))
+    with pytest.raises(ValueError) as e:
+        load_sharded(tmp_path / "s.safetensors", NamedSharding(three, P("x")))
+    assert (
+        "`model.layers.{i}.mlp.up_proj.weight` has shape (8, 24, 8): dimension 0 "
+        "(the layer axis) of size 8"
+    ) in str(e.value)
+    assert "`model.norm.weight` has shape (8,): dimension 0 of size 8" in str(e.value)
 
 
 def test_one_sharding_a_mapping_and_layer_shardings(ckpt: Any) -> None:

@@ -81,12 +81,15 @@ class Source:
         parts: `(name, info)` of the checkpoint tensors: one per layer when
             `layered`, else the one tensor holding the whole array.
         layered: the array is stacked on the fly from per-layer tensors.
+        stacked: its first dimension is the layer axis (stacked on the fly, or
+            stored stacked).
     """
 
     shape: tuple[int, ...]
     dtype: np.dtype
     parts: tuple[tuple[str, TensorInfo], ...]
     layered: bool
+    stacked: bool
 
 
 # --------------------------------------------------------------------- the plan
@@ -106,19 +109,20 @@ def plan_sources(ckpt: Checkpoint, pattern: str | None) -> dict[str, Source]:
     """
     tensors = ckpt.tensors
 
-    def whole(name: str) -> Source:
+    def whole(name: str, stacked: bool = False) -> Source:
         info = tensors[name]
-        return Source(info.shape, _native(info.dtype), ((name, info),), False)
+        return Source(info.shape, _native(info.dtype), ((name, info),), False, stacked)
 
     if META_PATTERN in ckpt.metadata:
-        recorded, _, _, _ = split_stacked(ckpt)
+        recorded, _, keys, _ = split_stacked(ckpt)
         if pattern is not None and str(LayerPattern.parse(pattern)) != recorded:
             raise ValueError(
                 f"the checkpoint is stacked with pattern {recorded!r} (its layer "
                 f"tensors are already stacked); `pattern` {pattern!r} differs: leave "
                 f"it out."
             )
-        return {name: whole(name) for name in tensors}
+        stacked_names = set(keys.values())
+        return {name: whole(name, name in stacked_names) for name in tensors}
     if pattern is None:
         return {name: whole(name) for name in tensors}
 
@@ -135,6 +139,7 @@ def plan_sources(ckpt: Checkpoint, pattern: str | None) -> dict[str, Source]:
             (g.num_layers, *first.shape),
             _native(first.dtype),
             tuple((n, tensors[n]) for n in names),
+            True,
             True,
         )
     clash = [name for name in g.rest if name in layered]
@@ -200,7 +205,7 @@ def resolve_shardings(
             )
             continue
         problems += sharding_problems(
-            f"`{name}`", src.shape, given[name], layer_axis=src.layered
+            f"`{name}`", src.shape, given[name], layer_axis=src.stacked
         )
         if jax.dtypes.canonicalize_dtype(src.dtype) != src.dtype:
             problems.append(
