@@ -530,6 +530,8 @@ def load_array(reader: Reader, src: Source, sharding: Sharding) -> jax.Array:
     """One output array, its blocks read and placed on this process's devices."""
     if sharding.is_fully_replicated:
         if not sharding.addressable_devices:
+            # No device of this process holds it: nothing to read (the callback's
+            # value is asked for once, and dropped).
             return jax.make_array_from_callback(
                 src.shape, sharding, lambda _: np.zeros((), src.dtype), dtype=src.dtype
             )
