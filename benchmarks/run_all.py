@@ -38,6 +38,7 @@ SCRIPTS = [
     "bench_stack",
     "bench_convert",
     "bench_pipeline",
+    "bench_load",
 ]
 
 
@@ -57,7 +58,8 @@ def command(name: str, args: argparse.Namespace) -> list[str]:
     cmd = [f"benchmarks/{name}.py"]
     cmd += ["--quick"] if args.quick else []
     cmd += ["--device-label", args.device_label] if args.device_label else []
-    cmd += ["--size-gb", str(args.size_gb)] if name == "bench_convert" else []
+    sized = name in ("bench_convert", "bench_load")
+    cmd += ["--size-gb", str(args.size_gb)] if sized else []
     return cmd
 
 

@@ -27,7 +27,7 @@ import pytest
 import stackedtree
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-OPTIONAL_PEERS = ("equinox", "flax", "haiku")
+OPTIONAL_PEERS = ("equinox", "flax", "haiku", "orbax")
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
 
 

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from ._pipeline import stage_layers as stage_layers
     from ._pipeline import unstage_layers as unstage_layers
     from ._scan import scan_layers as scan_layers
+    from ._sharding import layer_shardings as layer_shardings
+    from ._sharding import layer_specs as layer_specs
+    from ._sharding import shard_layers as shard_layers
     from ._stack import init_stacked as init_stacked
     from ._stack import layer_keys as layer_keys
     from ._stack import num_layers as num_layers
@@ -39,10 +42,13 @@ _SOURCES = {
     "group_layers": "._index",
     "init_stacked": "._stack",
     "layer_keys": "._stack",
+    "layer_shardings": "._sharding",
+    "layer_specs": "._sharding",
     "num_layers": "._stack",
     "pipeline_layers": "._pipeline",
     "scan_layers": "._scan",
     "set_layer": "._index",
+    "shard_layers": "._sharding",
     "slice_layers": "._index",
     "stack": "._stack",
     "stage_layers": "._pipeline",

@@ -3,9 +3,10 @@
 Name-level stacking (`stack_by_name`), pytree naming (`flatten_names`), name rules
 between a checkpoint and a pytree (`unflatten_by_rules`, `flatten_by_rules`), atomic
 safetensors/npz input and output (`load_flat`, `save_flat`), stacked checkpoints on
-disk (`save_stacked`, `load_stacked`) and streaming conversion (`convert_stack`,
-`convert_unstack`), which the `stackedtree` command runs. Names load on first use, so
-the command never imports jax.
+disk (`save_stacked`, `load_stacked`), streaming conversion (`convert_stack`,
+`convert_unstack`), which the `stackedtree` command runs, and loading straight into
+sharded jax arrays (`load_sharded`). Names load on first use, so the command never
+imports jax.
 """
 
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from ._names import stack_by_name as stack_by_name
     from ._names import unstack_by_name as unstack_by_name
     from ._pattern import detect_pattern as detect_pattern
+    from ._sharded import load_sharded as load_sharded
     from ._stacked import load_stacked as load_stacked
     from ._stacked import save_stacked as save_stacked
 
@@ -44,6 +46,7 @@ _SOURCES = {
     "flatten_names": ".._tree",
     "inspect_checkpoint": "._inspect",
     "load_flat": "._io",
+    "load_sharded": "._sharded",
     "load_stacked": "._stacked",
     "save_flat": "._io",
     "save_stacked": "._stacked",

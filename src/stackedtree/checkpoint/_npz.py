@@ -79,12 +79,8 @@ def object_error(path: Path, name: str) -> ValueError:
     )
 
 
-def npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
-    """`(shape, dtype, header size)` of a `.npy` stream, reading its header alone.
-
-    Raises:
-        ValueError: not a `.npy` header, or an unsafe or malformed one.
-    """
+def _npy_dict(f: BinaryIO) -> dict:
+    """The parsed header dictionary of a `.npy` stream, which is left at its data."""
     head = f.read(8)
     if len(head) < 8 or head[:6] != b"\x93NUMPY":
         raise ValueError("it is not a .npy array")
@@ -107,7 +103,7 @@ def npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
         d = ast.literal_eval(raw.decode("utf8" if version == (3, 0) else "latin1"))
         if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
             raise TypeError
-        dtype = np.lib.format.descr_to_dtype(d["descr"])
+        d["descr"] = np.lib.format.descr_to_dtype(d["descr"])
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         raise ValueError("its .npy header is malformed") from None
     shape = d["shape"]
@@ -118,9 +114,20 @@ def npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
         or type(d["fortran_order"]) is not bool
     ):
         raise ValueError(f"its .npy header is malformed (shape {shape!r:.80})")
-    if dtype.shape:
-        raise ValueError(f"its .npy header has the subarray dtype {dtype}")
-    return shape, dtype, 8 + size + length
+    if d["descr"].shape:
+        raise ValueError(f"its .npy header has the subarray dtype {d['descr']}")
+    d["size"] = 8 + size + length
+    return d
+
+
+def npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
+    """`(shape, dtype, header size)` of a `.npy` stream, reading its header alone.
+
+    Raises:
+        ValueError: not a `.npy` header, or an unsafe or malformed one.
+    """
+    d = _npy_dict(f)
+    return d["shape"], d["descr"], d["size"]
 
 
 def _member_problem(info: zipfile.ZipInfo, zf: zipfile.ZipFile) -> str | None:
@@ -263,6 +270,43 @@ def _extra(
                 f"stored as {stored}",
             )
     return found["dtypes"], found["metadata"]
+
+
+def data_offsets(path: Path) -> dict[str, int]:
+    """Where each array's raw data starts in the archive, for arrays that can be read
+    in place: stored uncompressed, in C order, little-endian or byte-sized.
+
+    Other arrays (deflated, Fortran-ordered, big-endian) are absent: read them whole
+    with `read_member`. The headers are checked as `npz_header` checks them.
+
+    Raises:
+        ValueError: a malformed or hostile archive.
+        OSError: the file cannot be read.
+    """
+    found: dict[str, int] = {}
+    try:
+        with open_regular(path) as raw, _zip(path, raw) as zf:
+            for name, array in _arrays(path, zf).items():
+                info = array.info
+                if info.compress_type != zipfile.ZIP_STORED:
+                    continue
+                local = pread(raw, 30, info.header_offset)
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    raise _error(path, f"member {quote(info.filename)} has no header")
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                start = info.header_offset + 30 + name_len + extra_len
+                with zf.open(info) as f:
+                    d = _npy_dict(f)  # type: ignore[arg-type]
+                    skip = f.tell()
+                dtype = array.dtype
+                if not d["fortran_order"] and dtype.byteorder != ">":
+                    found[name] = start + skip
+    except _CORRUPT as e:
+        if _ours(e, path):
+            raise
+        raise _error(path, str(e)) from None
+    found.pop(META, None)
+    return found
 
 
 def npz_header(path: Path) -> tuple[dict[str, Array], dict[str, str]]:

@@ -1,0 +1,605 @@
+"""`load_sharded`: a checkpoint straight into sharded jax arrays, stacked on the fly.
+
+Every output array is built by `jax.make_array_from_callback` from the blocks its
+sharding gives this process's devices (`addressable_devices_indices_map`), so with
+`jax.distributed` each process touches only its own part of the global arrays. A block
+of a stacked tensor `(N, ...)` is assembled from the per-layer tensors of its layers:
+each layer's part of the block is read with positioned reads (`os.preadv`, through
+`_io.read_into`) straight into the block's buffer, so the process's read counters show
+exactly the bytes its devices hold.
+
+Two ways to read a block whose rows are split across devices (a weight split along a
+non-leading dimension, where each row of the file holds a piece for every device):
+
+- *strided*: each block on its own, one read per contiguous run of the file. No
+  memory beyond the block, but one system call per run, so short runs are slow.
+- *rows*: when the process's blocks tile one box, the box is read in chunks of whole
+  (process-local) rows, each a few large reads, and each chunk's columns are copied
+  into the blocks. Each byte is still read once; the chunk costs at most
+  `CHUNK_BYTES` (or one row) of memory.
+
+Runs of `STRIDED_MIN_RUN` bytes or more are read strided, shorter ones by rows
+(`benchmarks/bench_load.py` measures both). A block that several devices replicate is
+read once. Pieces of a block (or chunks of rows) are read on `WORKERS` threads. Buffers are 64-byte aligned, which lets the XLA CPU client adopt them
+without a copy; on an accelerator each block's host buffer is freed once it is
+transferred, so host memory beyond the arrays stays about one block.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import threading
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TypeAlias
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec, Sharding
+
+from .._check import fail
+from .._sharding import sharding_problems
+from ._files import open_regular
+from ._io import Checkpoint, Paths, TensorInfo, read_checkpoint, read_into
+from ._names import group_names
+from ._npz import data_offsets, read_member
+from ._pattern import LayerPattern
+from ._stacked import META_PATTERN, split_stacked
+
+Shardings: TypeAlias = (
+    Sharding
+    | Mapping[str, Sharding]
+    | Callable[[str, tuple[int, ...], np.dtype], Sharding]
+)
+Box: TypeAlias = tuple[tuple[int, int], ...]
+"""A block of an array: `(start, stop)` per dimension."""
+
+STRIDED_MIN_RUN = 1 << 16
+"""Contiguous runs at least this long (bytes) are read strided, shorter ones by rows."""
+
+CHUNK_BYTES = 4 << 20
+"""The scratch memory for reading by rows, shared by the reading threads (a chunk
+holds at least one row); also the smallest piece of a block a thread reads."""
+
+WORKERS = min(8, os.cpu_count() or 1)
+"""How many threads read at once."""
+
+_ALIGN = 64  # XLA's CPU client adopts host buffers aligned so, without a copy
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one output array's data lives.
+
+    Attributes:
+        shape: the output shape; `(N, *per_layer_shape)` when `layered`.
+        dtype: the output dtype.
+        parts: `(name, info)` of the checkpoint tensors: one per layer when
+            `layered`, else the one tensor holding the whole array.
+        layered: the array is stacked on the fly from per-layer tensors.
+        stacked: its first dimension is the layer axis (stacked on the fly, or
+            stored stacked).
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    parts: tuple[tuple[str, TensorInfo], ...]
+    layered: bool
+    stacked: bool
+
+
+# --------------------------------------------------------------------- the plan
+
+
+def _native(dtype: np.dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    return dtype.newbyteorder("=") if dtype.byteorder in "<>" else dtype
+
+
+def plan_sources(ckpt: Checkpoint, pattern: str | None) -> dict[str, Source]:
+    """The output arrays of a checkpoint, by name, in checkpoint order.
+
+    A stacked checkpoint's tensors are loaded as stored. With a `pattern`, the layer
+    tensors of a per-layer checkpoint become one stacked array per key, named by its
+    stacked name and placed where layer 0's tensor was.
+    """
+    tensors = ckpt.tensors
+
+    def whole(name: str, stacked: bool = False) -> Source:
+        info = tensors[name]
+        return Source(info.shape, _native(info.dtype), ((name, info),), False, stacked)
+
+    if META_PATTERN in ckpt.metadata:
+        recorded, _, keys, _ = split_stacked(ckpt)
+        if pattern is not None and str(LayerPattern.parse(pattern)) != recorded:
+            raise ValueError(
+                f"the checkpoint is stacked with pattern {recorded!r} (its layer "
+                f"tensors are already stacked); `pattern` {pattern!r} differs: leave "
+                f"it out."
+            )
+        stacked_names = set(keys.values())
+        return {name: whole(name, name in stacked_names) for name in tensors}
+    if pattern is None:
+        return {name: whole(name) for name in tensors}
+
+    lp = LayerPattern.parse(pattern)
+    g = group_names({n: (t.shape, t.dtype) for n, t in tensors.items()}, str(lp))
+    stacked_at: dict[str, str] = {}
+    layered: dict[str, Source] = {}
+    for j, key in enumerate(g.keys):
+        names = [g.names[i][j] for i in range(g.num_layers)]
+        first = tensors[names[0]]
+        stacked = lp.stacked_name(key)
+        stacked_at[names[0]] = stacked
+        layered[stacked] = Source(
+            (g.num_layers, *first.shape),
+            _native(first.dtype),
+            tuple((n, tensors[n]) for n in names),
+            True,
+            True,
+        )
+    clash = [name for name in g.rest if name in layered]
+    if clash:
+        fail(
+            [repr(name) for name in clash],
+            "the checkpoint holds both per-layer tensors and stacked tensors of the "
+            "same names",
+        )
+    rest = set(g.rest)
+    out: dict[str, Source] = {}
+    for name in tensors:
+        if name in stacked_at:
+            out[stacked_at[name]] = layered[stacked_at[name]]
+        elif name in rest:
+            out[name] = whole(name)
+    return out
+
+
+def resolve_shardings(
+    sources: Mapping[str, Source], shardings: Shardings, stacked: bool
+) -> dict[str, Sharding]:
+    """One sharding per output array, or one `ValueError` listing every problem."""
+    if isinstance(shardings, Sharding):
+        given: dict[str, Any] = dict.fromkeys(sources, shardings)
+        extra: list[str] = []
+    elif isinstance(shardings, Mapping):
+        given = {n: shardings[n] for n in sources if n in shardings}
+        extra = [n for n in shardings if n not in sources]
+    elif callable(shardings):
+        given = {n: shardings(n, s.shape, s.dtype) for n, s in sources.items()}
+        given = {n: s for n, s in given.items() if s is not None}
+        extra = []
+    else:
+        raise TypeError(
+            "`shardings` must be a jax.sharding.Sharding, a mapping of names to "
+            "shardings or a callable (name, shape, dtype) -> Sharding, got "
+            f"{type(shardings).__name__}."
+        )
+    wrong = [
+        f"`shardings` gives `{n}` {_what(s)}, not a jax.sharding.Sharding"
+        + (
+            ": wrap it, NamedSharding(mesh, spec)"
+            if isinstance(s, PartitionSpec)
+            else ""
+        )
+        for n, s in given.items()
+        if not isinstance(s, Sharding)
+    ]
+    if wrong:
+        fail(
+            wrong,
+            title="`shardings` must give jax.sharding.Sharding values",
+            error=TypeError,
+        )
+
+    problems = [_extra_line(n, sources, stacked) for n in extra]
+    for name, src in sources.items():
+        if name not in given:
+            problems.append(
+                f"checkpoint tensor `{name}` {src.dtype}{list(src.shape)} has no "
+                f"sharding in `shardings`"
+            )
+            continue
+        problems += sharding_problems(
+            f"`{name}`", src.shape, given[name], layer_axis=src.stacked
+        )
+        if jax.dtypes.canonicalize_dtype(src.dtype) != src.dtype:
+            problems.append(
+                f"`{name}` has dtype {src.dtype}, which jax holds only with "
+                "`jax.config.update('jax_enable_x64', True)`"
+            )
+    if problems:
+        fail(problems, "`shardings` does not fit the checkpoint")
+    return given
+
+
+def _what(x: Any) -> str:
+    return repr(x) if isinstance(x, PartitionSpec) else f"a {type(x).__name__}"
+
+
+def _extra_line(name: Any, sources: Mapping[str, Source], stacked: bool) -> str:
+    line = f"`{name}` is in `shardings` but not in the checkpoint"
+    if not isinstance(name, str):
+        return line
+    like = [n for n in sources if n.endswith("." + name) or name.endswith("." + n)]
+    if like:
+        return line + f" (did you mean `{like[0]}`?)"
+    if "{i}" in name and not stacked and not any(s.layered for s in sources.values()):
+        return line + " (pass `pattern` to stack the per-layer tensors)"
+    return line
+
+
+# --------------------------------------------------------------------- reading
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+class Reader:
+    """Open files, npz data offsets, scratch buffers and reading threads, for one load.
+
+    Reads run on up to `WORKERS` threads: positioned reads of one file descriptor
+    from several threads are safe, and the kernel's copies (and page faults) into
+    the buffers, as numpy's, run outside the GIL.
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[Path, BinaryIO] = {}
+        self._npz: dict[Path, dict[str, int]] = {}
+        self._member: tuple[str, Path, np.ndarray] | None = None
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(WORKERS) if WORKERS > 1 else None
+
+    def file(self, path: Path) -> BinaryIO:
+        with self._lock:
+            if path not in self._files:
+                self._files[path] = open_regular(path)
+            return self._files[path]
+
+    def offset(self, name: str, info: TensorInfo) -> int | None:
+        """Where `info`'s data starts, or None for a compressed npz member."""
+        if info.offset >= 0:
+            return info.offset
+        with self._lock:
+            if info.file not in self._npz:
+                self._npz[info.file] = data_offsets(info.file)
+            return self._npz[info.file].get(name)
+
+    def member(self, name: str, info: TensorInfo) -> np.ndarray:
+        """A compressed npz member, whole (the last one read is kept)."""
+        with self._lock:
+            if self._member is None or self._member[:2] != (name, info.file):
+                self._member = None
+                with open_regular(info.file) as raw, zipfile.ZipFile(raw) as zf:
+                    arr = read_member(info.file, zf, name + ".npy", name)
+                arr = arr.astype(_native(arr.dtype), copy=False)
+                self._member = (name, info.file, arr.view(_native(info.dtype)))
+            return self._member[2]
+
+    def scratch(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """This thread's scratch buffer, viewed as `shape` and `dtype`."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.nbytes < nbytes:
+            self._local.buf = None  # free the old one first
+            buf = self._local.buf = np.empty(nbytes, np.uint8)
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+    def run(self, tasks: Sequence[Callable[[], None]]) -> None:
+        """Runs `tasks` on the reading threads; the first failure is raised."""
+        if self._pool is None or len(tasks) < 2:
+            for task in tasks:
+                task()
+            return
+        futures = [self._pool.submit(task) for task in tasks]
+        for future in futures:
+            future.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _split_dim(shape: tuple[int, ...], box: Box) -> int:
+    """The last dimension that `box` does not span whole (-1 when it spans all)."""
+    k = len(shape) - 1
+    while k >= 0 and box[k] == (0, shape[k]):
+        k -= 1
+    return k
+
+
+def run_bytes(shape: tuple[int, ...], box: Box, itemsize: int) -> float:
+    """The length of the contiguous runs that `box` of a C-ordered array is made of
+    (infinite when it is a single run)."""
+    k = _split_dim(shape, box)
+    if k < 0 or all(b - a == 1 for a, b in box[:k]):
+        return math.inf
+    return (box[k][1] - box[k][0]) * math.prod(shape[k + 1 :]) * itemsize
+
+
+def read_box(
+    reader: Reader, name: str, info: TensorInfo, box: Box, out: np.ndarray
+) -> None:
+    """Reads block `box` of checkpoint tensor `info` into `out` (C-contiguous)."""
+    if out.size == 0:
+        return
+    shape = info.shape
+    base = reader.offset(name, info)
+    if base is None:
+        out[...] = reader.member(name, info)[tuple(slice(a, b) for a, b in box)]
+        return
+    f = reader.file(info.file)
+    k = _split_dim(shape, box)
+    if k < 0:
+        read_into(f, base, out)
+        return
+    itemsize = out.dtype.itemsize
+    inner = math.prod(shape[k + 1 :])
+    strides = [math.prod(shape[j + 1 :]) for j in range(k)]
+    # The element offset of every run: the outer dimensions' index grid, in C order.
+    starts = np.asarray(box[k][0] * inner, np.int64)
+    for j in range(k):
+        starts = np.add.outer(starts, np.arange(*box[j], dtype=np.int64) * strides[j])
+    offsets = base + starts.reshape(-1) * itemsize
+    runs = out.reshape(len(offsets), -1)
+    for row, offset in zip(runs, offsets.tolist(), strict=True):
+        read_into(f, offset, row)
+
+
+def read_block(reader: Reader, src: Source, box: Box, out: np.ndarray) -> None:
+    """Reads block `box` of output array `src` into `out`."""
+    if src.layered:
+        (a, b), inner = box[0], box[1:]
+        for layer in range(a, b):
+            name, info = src.parts[layer]
+            read_box(reader, name, info, inner, out[layer - a])
+    else:
+        name, info = src.parts[0]
+        read_box(reader, name, info, box, out)
+
+
+def _shape(box: Box) -> tuple[int, ...]:
+    return tuple(b - a for a, b in box)
+
+
+def _within(lo: Sequence[int], hi: Sequence[int], box: Box) -> tuple[slice, ...]:
+    """The slices of block `[lo, hi)` inside an array holding block `box`."""
+    return tuple(slice(a - b[0], z - b[0]) for a, z, b in zip(lo, hi, box, strict=True))
+
+
+def _slabs(box: Box, itemsize: int, budget: int) -> Iterator[Box]:
+    """`box` cut along its first dimension into slabs of at most `budget` bytes
+    (at least one index of that dimension each)."""
+    if not box:
+        yield box
+        return
+    row = math.prod(_shape(box[1:])) * itemsize
+    step = max(1, budget // max(row, 1))
+    (a, b), rest = box[0], box[1:]
+    for start in range(a, b, step):
+        yield ((start, min(start + step, b)), *rest)
+
+
+def _read_by_rows(
+    reader: Reader, src: Source, boxes: Sequence[Box]
+) -> dict[Box, np.ndarray] | None:
+    """Reads blocks that tile one box, chunk by chunk of whole rows of that box (each
+    chunk into a thread's scratch buffer, then its columns copied to the blocks);
+    None when the blocks do not tile one box."""
+    bbox = _bounding_box(boxes)
+    if sum(math.prod(_shape(b)) for b in boxes) != math.prod(_shape(bbox)):
+        return None
+    out = {b: _aligned_empty(_shape(b), src.dtype) for b in boxes}
+    itemsize = src.dtype.itemsize
+    budget = CHUNK_BYTES // WORKERS
+    chunks: list[Box]
+    if src.layered:
+        chunks = [
+            ((layer, layer + 1), *c)
+            for layer in range(*bbox[0])
+            for c in _slabs(bbox[1:], itemsize, budget)
+        ]
+    else:
+        chunks = list(_slabs(bbox, itemsize, budget))
+
+    def one(chunk: Box) -> None:
+        buf = reader.scratch(_shape(chunk), src.dtype)
+        read_block(reader, src, chunk, buf)
+        for b, dest in out.items():
+            lo = [max(x[0], c[0]) for x, c in zip(b, chunk, strict=True)]
+            hi = [min(x[1], c[1]) for x, c in zip(b, chunk, strict=True)]
+            if all(low < h for low, h in zip(lo, hi, strict=True)):
+                dest[_within(lo, hi, b)] = buf[_within(lo, hi, chunk)]
+
+    reader.run([functools.partial(one, c) for c in chunks])
+    return out
+
+
+def _read_in_place(reader: Reader, src: Source, box: Box) -> np.ndarray:
+    """Reads one block straight into its buffer, slabs of it on the reading threads."""
+    out = _aligned_empty(_shape(box), src.dtype)
+    if out.size == 0:
+        return out
+    budget = max(CHUNK_BYTES, out.nbytes // (4 * WORKERS))
+    start = box[0][0] if box else 0
+
+    def one(slab: Box) -> None:
+        view = out[slab[0][0] - start : slab[0][1] - start] if slab else out
+        read_block(reader, src, slab, view)
+
+    reader.run(
+        [
+            functools.partial(one, slab)
+            for slab in _slabs(box, src.dtype.itemsize, budget)
+        ]
+    )
+    return out
+
+
+def _bounding_box(boxes: Sequence[Box]) -> Box:
+    return tuple(
+        (min(b[d][0] for b in boxes), max(b[d][1] for b in boxes))
+        for d in range(len(boxes[0]))
+    )
+
+
+def read_blocks(
+    reader: Reader, src: Source, boxes: Sequence[Box]
+) -> Iterator[tuple[Box, np.ndarray]]:
+    """Each of `boxes` (distinct blocks of `src`) with its data, read as the module
+    docstring says: in place one by one, or together by rows."""
+    per_layer = src.shape[1:] if src.layered else src.shape
+    itemsize = src.dtype.itemsize
+    runs = [run_bytes(per_layer, b[1:] if src.layered else b, itemsize) for b in boxes]
+    if len(boxes) > 1 and min(runs) < STRIDED_MIN_RUN:
+        bbox = _bounding_box(boxes)
+        whole = run_bytes(per_layer, bbox[1:] if src.layered else bbox, itemsize)
+        if whole > min(runs):
+            by_rows = _read_by_rows(reader, src, boxes)
+            if by_rows is not None:
+                yield from by_rows.items()
+                return
+    for box in boxes:
+        yield box, _read_in_place(reader, src, box)
+
+
+def _box(index: Any, shape: tuple[int, ...]) -> Box:
+    return tuple(
+        (s.indices(d)[0], s.indices(d)[1]) for s, d in zip(index, shape, strict=True)
+    )
+
+
+def _place(
+    reader: Reader, src: Source, devices: Mapping[Box, Sequence[Any]]
+) -> dict[Box, list[jax.Array]]:
+    """Each block read and put on its devices; each host buffer dropped once put (on
+    an accelerator, the host copy goes once transferred)."""
+    return {
+        box: [jax.device_put(host, d) for d in devices[box]]
+        for box, host in read_blocks(reader, src, list(devices))
+    }
+
+
+def load_array(reader: Reader, src: Source, sharding: Sharding) -> jax.Array:
+    """One output array, its blocks read and placed on this process's devices."""
+    if sharding.is_fully_replicated:
+        if not sharding.addressable_devices:
+            # No device of this process holds it: nothing to read (the callback's
+            # value is asked for once, and dropped).
+            return jax.make_array_from_callback(
+                src.shape, sharding, lambda _: np.zeros((), src.dtype), dtype=src.dtype
+            )
+        host = _read_in_place(reader, src, tuple((0, d) for d in src.shape))
+        # One host buffer for all devices: JAX transfers it to each.
+        return jax.make_array_from_callback(
+            src.shape, sharding, lambda _: host, dtype=src.dtype
+        )
+    devices: dict[Box, list[Any]] = {}
+    for device, index in sharding.addressable_devices_indices_map(src.shape).items():
+        devices.setdefault(_box(index, src.shape), []).append(device)
+    placed = _place(reader, src, devices)
+    # make_array_from_callback asks for the blocks in the order of
+    # addressable_devices_indices_map, the order `placed` lists each block's devices.
+    return jax.make_array_from_callback(
+        src.shape,
+        sharding,
+        lambda index: placed[_box(index, src.shape)].pop(0),
+        dtype=src.dtype,
+    )
+
+
+def load_sharded(
+    paths: Paths, shardings: Shardings, /, *, pattern: str | None = None
+) -> dict[str, jax.Array]:
+    """Loads a checkpoint straight into sharded jax arrays, stacking layers on the fly.
+
+    Each array is created with `jax.make_array_from_callback` from the blocks that
+    its sharding gives this process's devices, and each block is read from disk with
+    positioned reads (no mmap) of exactly its byte ranges: a device holding layers
+    4-7 of `mlp.up_proj` reads those four layers' ranges of the per-layer tensors,
+    and a block that several devices replicate is read once. When a weight's
+    columns are split too (each row of the file then holds pieces for several
+    devices), the process still reads each byte once: long runs in place, short
+    ones as whole rows whose columns are handed to each device. Host memory beyond
+    the arrays themselves stays about one block: blocks are read into the buffers
+    that become the device arrays (on CPU without a copy; on an accelerator each is
+    freed once transferred), and rows read whole pass through a few MiB.
+
+    With `jax.distributed.initialize(...)` done, every process calls `load_sharded`
+    with the same arguments and reads only what its own devices hold; the results
+    are the same global arrays in every process.
+
+    Args:
+        paths: a checkpoint, as in `load_flat`: a `.safetensors` file, several
+            shards, a `*.safetensors.index.json`, or an `.npz` archive (read with
+            positioned reads when stored uncompressed, as `save_flat` writes it).
+            Per-layer or stacked (as `save_stacked` or `stackedtree stack` write it).
+        shardings: where each array goes: one `jax.sharding.Sharding` for all, a
+            mapping name -> `Sharding`, or a callable `(name, shape, dtype) ->
+            Sharding`. Layer tensors are named by their stacked name
+            (`model.layers.{i}.mlp.up_proj.weight`) with their stacked shape
+            `(N, ...)`; `layer_shardings` builds their shardings from one layer's
+            specs.
+        pattern: the layer pattern of a per-layer checkpoint, e.g.
+            `"model.layers.{i}."`: its layer tensors come back stacked, one array
+            `(N, ...)` per per-layer key. Without one, a per-layer checkpoint's
+            tensors come back under their own names. A stacked checkpoint needs
+            none (its layer tensors come back stacked, as stored).
+
+    Returns:
+        The arrays by name, in checkpoint order (a stacked array where its layer
+        0 tensor was), each a global `jax.Array` with its sharding.
+
+    Raises:
+        OSError: a file is missing or unreadable.
+        ValueError: as in `load_flat` (unknown format, a truncated or corrupt
+            file, a tensor name in two files) and `stack_by_name` (the pattern
+            matches nothing, missing layers, layers that differ); and, in one
+            error listing them all: a name in `shardings` that the checkpoint
+            lacks, a checkpoint tensor with no sharding, a dimension that the
+            mesh axes of its sharding do not divide, a 64-bit tensor while
+            `jax_enable_x64` is off.
+        TypeError: `shardings` is not a sharding, mapping or callable, or gives
+            something other than a `Sharding`.
+
+    Examples:
+        >>> import os, tempfile, jax, numpy as np
+        >>> from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+        >>> from stackedtree.checkpoint import save_flat
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+        >>> save_flat(path, {f"h.{i}.w": np.full((8, 4), i, np.float32)
+        ...                  for i in range(4)})
+        >>> mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+        >>> params = load_sharded(path, NamedSharding(mesh, P(None, "fsdp")),
+        ...                       pattern="h.{i}.")
+        >>> w = params["h.{i}.w"]
+        >>> w.shape, w.addressable_shards[0].data.shape, float(w[3, 0, 0])
+        ((4, 8, 4), (4, 1, 4), 3.0)
+    """
+    ckpt = read_checkpoint(paths)
+    sources = plan_sources(ckpt, pattern)
+    placing = resolve_shardings(sources, shardings, META_PATTERN in ckpt.metadata)
+    with Reader() as reader:
+        return {
+            name: load_array(reader, src, placing[name])
+            for name, src in sources.items()
+        }
