@@ -147,14 +147,18 @@ def on_bits(f: Any, arrays: Sequence[Any], *rest: Any) -> Any:
     XLA on the CPU computes some narrow float types (bfloat16) in float32, which turns
     a signalling NaN into a quiet one even in a copy, so stacking, concatenating or
     updating such arrays would not be bit-exact. Viewed as unsigned integers of the same
-    width they move unchanged; `f` must only rearrange elements.
+    width they move unchanged; `f` must only rearrange elements. Tracers (under `jit`
+    or `grad`) take the plain path: a bitcast would cut the gradient.
     """
-    jnp = _jax().numpy
+    jax = _jax()
+    jnp = jax.numpy
     dtype = jnp.result_type(*arrays)
-    if not jnp.issubdtype(dtype, jnp.floating):
+    traced = any(isinstance(x, jax.core.Tracer) for x in (*arrays, *rest))
+    if traced or not jnp.issubdtype(dtype, jnp.floating):
+        # Traced values are being computed on anyway, and a bitcast has no gradient.
         return f(arrays, *rest)
     bits = np.dtype(f"uint{np.dtype(dtype).itemsize * 8}")
-    lax = _jax().lax
+    lax = jax.lax
     as_bits = [lax.bitcast_convert_type(jnp.asarray(x, dtype), bits) for x in arrays]
     rest = tuple(
         lax.bitcast_convert_type(jnp.asarray(x, dtype), bits) if is_array(x) else x
