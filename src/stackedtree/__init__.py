@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ._pipeline import pipeline_layers as pipeline_layers
     from ._pipeline import stage_layers as stage_layers
     from ._pipeline import unstage_layers as unstage_layers
+    from ._scan import Remat as Remat
     from ._scan import scan_layers as scan_layers
     from ._sharding import layer_shardings as layer_shardings
     from ._sharding import layer_specs as layer_specs
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 _SOURCES = {
     "PyTree": "._tree",
+    "Remat": "._scan",
     "assert_stacked": "._validate",
     "concat_layers": "._index",
     "describe": "._describe",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,10 @@ _POLICY_NAMES = (
     "checkpoint_dots_with_no_batch_dims",
 )
 
-Remat = bool | str | Callable[..., bool]
+Remat: TypeAlias = bool | str | Callable[..., bool]
+"""What to rematerialise in a layer's backward pass: `False` (nothing), `True`
+(everything), the name of a `jax.checkpoint_policies` policy such as
+`"dots_saveable"`, or a policy callable."""
 
 
 def _valid_policy_names() -> list[str]:

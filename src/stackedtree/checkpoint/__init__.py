@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from ._convert import Conversion as Conversion
     from ._convert import convert_stack as convert_stack
     from ._convert import convert_unstack as convert_unstack
+    from ._files import PathLike as PathLike
+    from ._files import Paths as Paths
     from ._inspect import inspect_checkpoint as inspect_checkpoint
     from ._io import load_flat as load_flat
     from ._io import save_flat as save_flat
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 
 _SOURCES = {
     "Conversion": "._convert",
+    "PathLike": "._files",
+    "Paths": "._files",
     "Rule": "._mapping",
     "Transform": "._mapping",
     "convert_stack": "._convert",

@@ -20,7 +20,12 @@ from typing import BinaryIO, TypeAlias
 from ._limits import quote
 
 PathLike: TypeAlias = str | os.PathLike[str]
+"""A file or folder path: a `str` or a `pathlib.Path`."""
+
 Paths: TypeAlias = PathLike | Sequence[PathLike]
+"""A checkpoint: a `.safetensors` file, several (shards of one checkpoint), a
+`*.safetensors.index.json` naming its shards, a model folder (its index, else its one
+`.safetensors` file), an `.npz` archive, or a list mixing these."""
 
 # --------------------------------------------------------------------------- inputs
 
