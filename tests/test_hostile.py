@@ -649,7 +649,7 @@ def test_inspect_prints_names_escaped(tmp_path: Path, capsys: Any) -> None:
     assert "metadata: k\\x1b='v\\x1b'" in out
     # An error that quotes a name escapes it too.
     save_flat(
-        tmp_path / "s.safetensors", {"h.0.\x1b": np.zeros(1), "h.1.w": np.zeros(1)}
+        tmp_path / "s.safetensors", {"h.0.\x1b": np.zeros(1), "h.1.\x1b": np.zeros(2)}
     )
     assert (
         main(["stack", str(tmp_path / "s.safetensors"), "-o", str(tmp_path / "o.npz")])
