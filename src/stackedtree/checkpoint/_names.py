@@ -82,7 +82,12 @@ class Kinds:
 # ------------------------------------------------------------------- `layers` checks
 
 
-def check_layers(layers: Any, arg: str = "`layers`") -> tuple[int, ...]:
+def _plural(word: str, items: Sequence[int]) -> str:
+    """`layer 3`, `layers 3, 5`: the word, plural with several, and their ranges."""
+    return f"{word}{'s' if len(items) != 1 else ''} {ranges(items)}"
+
+
+def check_layers(layers: Any, arg: str = "layers") -> tuple[int, ...]:
     """`layers` as a tuple of distinct layer indices (ints, 0 or more).
 
     Raises:
@@ -93,31 +98,33 @@ def check_layers(layers: Any, arg: str = "`layers`") -> tuple[int, ...]:
         layers, Sequence | np.ndarray
     ):
         raise TypeError(
-            f"{arg} must be a sequence of layer indices, got {type(layers).__name__}."
+            f"`{arg}` must be a sequence of layer indices, got {type(layers).__name__}."
         )
     found: list[int] = []
     for j, i in enumerate(layers):
         if isinstance(i, bool) or not isinstance(i, int | np.integer):
             raise TypeError(
-                f"{arg} must hold int layer indices, but {arg}[{j}] is "
+                f"`{arg}` must hold int layer indices, but `{arg}[{j}]` is "
                 f"{type(i).__name__} {i!r}."
             )
         if i < 0:
             raise ValueError(
-                f"{arg}[{j}] is {i}, but layer indices are 0 or more (they name "
+                f"`{arg}[{j}]` is {i}, but layer indices are 0 or more (they name "
                 "layers, and do not count from the end)."
             )
         found.append(int(i))
     if not found:
-        raise ValueError(f"{arg} is empty; list the layers to stack.")
+        raise ValueError(f"`{arg}` is empty; list the layers to stack.")
     repeated = sorted(i for i, c in Counter(found).items() if c > 1)
     if repeated:
-        raise ValueError(f"{arg} repeats layers {ranges(repeated)}; list each once.")
+        raise ValueError(
+            f"`{arg}` repeats {_plural('layer', repeated)}; list each layer once."
+        )
     return tuple(found)
 
 
 def check_kinds(
-    layers: Mapping[Any, Any], arg: str = "`layers`"
+    layers: Mapping[Any, Any], arg: str = "layers"
 ) -> dict[str, tuple[int, ...]]:
     """A mapping of kind labels to their layers, no layer in two kinds.
 
@@ -127,12 +134,12 @@ def check_kinds(
             `check_layers` refuses; a layer is in two kinds.
     """
     if not layers:
-        raise ValueError(f"{arg} is an empty mapping; give each kind its layers.")
+        raise ValueError(f"`{arg}` is an empty mapping; give each kind its layers.")
     kinds: dict[str, tuple[int, ...]] = {}
     owner: dict[int, str] = {}
     problems: list[str] = []
     for label, value in layers.items():
-        check_label(label, arg)
+        check_label(label, f"`{arg}`")
         kinds[label] = check_layers(value, f"{arg}[{label!r}]")
         for i in kinds[label]:
             if i in owner:
@@ -140,7 +147,7 @@ def check_kinds(
             else:
                 owner[i] = label
     if problems:
-        fail(problems, f"{arg} gives a layer to two kinds")
+        fail(problems, f"`{arg}` gives a layer to two kinds")
     return kinds
 
 
@@ -256,8 +263,8 @@ def group_names(
         absent = [i for i in order if i not in found]
         if absent:
             raise ValueError(
-                f"`layers` lists layers {ranges(absent)}, which pattern {pattern!r} "
-                f"finds no tensor of; it finds layers {ranges(found)}."
+                f"`layers` lists {_plural('layer', absent)}, which pattern "
+                f"{pattern!r} finds no tensor of; it finds layers {ranges(found)}."
             )
         what = f"layers {ranges(order)}"
     keys = _same_keys(

@@ -277,7 +277,7 @@ def stacked_layout(ckpt: Checkpoint) -> StackedLayout:
             says = (
                 f"the metadata says {n} layers"
                 if label is None
-                else f"kind {label} holds {count} layers"
+                else f"kind {label} holds {count} layer{'s' if count != 1 else ''}"
             )
             raise ValueError(
                 f"{where}: stacked tensor {quote(name)} has shape {info.shape}, but "
