@@ -445,6 +445,7 @@ def _kinds_file(
             r"gives kind B layer 3, but the layers are 0\.\.2",
         ),
         ('{"A":[0,1],"B":[true]}', 3, {}, r"gives kind B layer true"),
+        ('{"A":[0],"B":[1]}', 10**12, {}, r"gives 2 layers to its kinds, but"),
         ('{"A":[0,1],"B":[]}', 3, {}, r"gives kind B \[\], not a list of layers"),
         ('{"A":[0,1],"B":2}', 3, {}, r"gives kind B 2, not a list of layers"),
         ('{"A":[0,1]}', 3, {}, r"gives 2 layers to its kinds, but `stackedtree\.num_"),

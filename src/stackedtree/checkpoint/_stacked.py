@@ -182,7 +182,7 @@ class StackedLayout:
         return {str(k.label): list(k.layers) for k in self.kinds}
 
 
-def _decode_kinds(where: str, text: str, n: int) -> dict[str, tuple[int, ...]]:
+def _decode_kinds(where: str, text: str, n: int) -> dict[str, list[int]]:
     """The recorded kinds, checked: labels, and layers `0..n-1` each in one kind."""
 
     def bad(why: str) -> ValueError:
@@ -194,8 +194,7 @@ def _decode_kinds(where: str, text: str, n: int) -> dict[str, tuple[int, ...]]:
         raise bad(f"is not JSON ({e})") from None
     if not isinstance(value, tuple) or not value:
         raise bad(f"must map kind labels to lists of layers, got {brief(value)}")
-    kinds: dict[str, tuple[int, ...]] = {}
-    owner: dict[int, str] = {}
+    kinds: dict[str, list[int]] = {}
     for label, layers in value:
         try:
             check_label(label, f"metadata `{META_KINDS}`")
@@ -205,20 +204,25 @@ def _decode_kinds(where: str, text: str, n: int) -> dict[str, tuple[int, ...]]:
             raise bad(f"repeats kind {label}")
         if not isinstance(layers, list) or not layers:
             raise bad(f"gives kind {label} {brief(layers)}, not a list of layers")
+        kinds[label] = layers
+    total = sum(map(len, kinds.values()))
+    if total != n:
+        raise bad(
+            f"gives {total} layers to its kinds, but `{META_NUM_LAYERS}` says {n}"
+        )
+    # n layers in all, each in 0..n-1 and none twice: every layer in one kind.
+    seen = bytearray(n)
+    for label, layers in kinds.items():
         for i in layers:
             if type(i) is not int or not 0 <= i < n:
                 raise bad(
                     f"gives kind {label} layer {brief(i)}, but the layers are "
                     f"0..{n - 1}"
                 )
-            if i in owner:
-                raise bad(f"gives layer {i} to kinds {owner[i]} and {label}")
-            owner[i] = label
-        kinds[label] = tuple(layers)
-    if len(owner) != n:
-        raise bad(
-            f"gives {len(owner)} layers to its kinds, but `{META_NUM_LAYERS}` says {n}"
-        )
+            if seen[i]:
+                other = next(k for k, found in kinds.items() if i in found)
+                raise bad(f"gives layer {i} to kinds {other} and {label}")
+            seen[i] = 1
     return kinds
 
 
