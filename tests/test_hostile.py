@@ -649,7 +649,7 @@ def test_inspect_prints_names_escaped(tmp_path: Path, capsys: Any) -> None:
     assert "metadata: k\\x1b='v\\x1b'" in out
     # An error that quotes a name escapes it too.
     save_flat(
-        tmp_path / "s.safetensors", {"h.0.\x1b": np.zeros(1), "h.1.w": np.zeros(1)}
+        tmp_path / "s.safetensors", {"h.0.\x1b": np.zeros(1), "h.1.\x1b": np.zeros(2)}
     )
     assert (
         main(["stack", str(tmp_path / "s.safetensors"), "-o", str(tmp_path / "o.npz")])
@@ -703,15 +703,16 @@ def test_model_folders_are_read_through_their_index_or_one_file(
 def test_inspect_lists_tensors_when_the_detected_pattern_does_not_fit(
     tmp_path: Path,
 ) -> None:
-    save_flat(tmp_path / "a.safetensors", {"h.0.w": np.zeros(1), "h.1.v": np.zeros(1)})
+    save_flat(tmp_path / "a.safetensors", {"h.0.w": np.zeros(1), "h.1.w": np.zeros(2)})
     assert inspect_checkpoint(tmp_path / "a.safetensors").splitlines()[1:] == [
-        "layer pattern: none (pattern 'h.{i}.': the 2 layers do not hold the same "
-        "keys: layer 0 is missing keys 'v'; layer 1 is missing keys 'w')",
+        "layer pattern: none (pattern 'h.{i}.': tensors differ in shape or dtype "
+        "across layers: `h.1.w` has shape (2,) dtype float64, expected shape (1,) "
+        "dtype float64 like `h.0.w`)",
         "tensors:",
         "  h.0.w  f64[1]",
-        "  h.1.v  f64[1]",
+        "  h.1.w  f64[2]",
     ]
-    with pytest.raises(ValueError, match="do not hold the same keys"):
+    with pytest.raises(ValueError, match="differ in shape or dtype"):
         inspect_checkpoint(tmp_path / "a.safetensors", pattern="h.{i}.")
 
 

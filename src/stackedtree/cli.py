@@ -26,6 +26,7 @@ from typing import Any
 
 from stackedtree.checkpoint import convert_stack, convert_unstack, inspect_checkpoint
 from stackedtree.checkpoint._inspect import human_bytes, printable
+from stackedtree.checkpoint._pattern import ranges
 
 _PROG = "stackedtree"
 
@@ -54,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         "stack",
         help="per-layer checkpoint -> stacked checkpoint",
         description="Stack the per-layer tensors of a checkpoint into tensors with a "
-        "leading layer axis, streaming tensor by tensor.",
+        "leading layer axis, streaming tensor by tensor. Layers holding different "
+        "keys (dense and MoE layers) form kinds, labelled A, B, ... in the order of "
+        "their first layers, each stacked on its own.",
     )
     p.add_argument(
         "src", nargs="+", metavar="SRC", help="files, shards, an index or a folder"
@@ -195,10 +198,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Stopped as e:
         _error(f"stopped by {signal.Signals(e.signum).name}; no output written")
         return 128 + e.signum
+    kinds = "" if done.kinds is None else f" in {len(done.kinds)} kinds: "
+    if done.kinds is not None:
+        kinds += ", ".join(
+            f"{label} ({ranges(layers)})" for label, layers in done.kinds.items()
+        )
     return _print(
         printable(
             f"wrote {args.output}: {done.num_tensors} tensors, "
             f"{human_bytes(done.nbytes)}, {done.num_layers} layers by pattern "
-            f"{done.pattern!r}"
+            f"{done.pattern!r}{kinds}"
         )
     )

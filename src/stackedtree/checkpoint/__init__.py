@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ._mapping import split_axis as split_axis
     from ._mapping import transpose as transpose
     from ._mapping import unflatten_by_rules as unflatten_by_rules
+    from ._names import detect_kinds as detect_kinds
     from ._names import stack_by_name as stack_by_name
     from ._names import unstack_by_name as unstack_by_name
     from ._pattern import detect_pattern as detect_pattern
@@ -45,6 +46,7 @@ _SOURCES = {
     "Transform": "._mapping",
     "convert_stack": "._convert",
     "convert_unstack": "._convert",
+    "detect_kinds": "._names",
     "detect_pattern": "._pattern",
     "flatten_by_rules": "._mapping",
     "flatten_names": ".._tree",

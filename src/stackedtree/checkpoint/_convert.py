@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ._files import atomic_write, check_output, open_regular, output_kind
 from ._io import (
+    Checkpoint,
     PathLike,
     Paths,
     TensorInfo,
@@ -31,14 +32,16 @@ from ._io import (
     save_flat,
 )
 from ._limits import MAX_TENSORS
-from ._names import group_names, stack_by_name, unstack_by_name
+from ._names import group_kinds, stack_by_name, unstack_by_name
 from ._pattern import LayerPattern
 from ._stacked import (
-    META_NUM_LAYERS,
+    META_KEYS,
     META_PATTERN,
+    StackedLayout,
     load_stacked,
+    looks_stacked,
     save_stacked,
-    split_stacked,
+    stacked_layout,
     stacked_metadata,
 )
 
@@ -62,6 +65,8 @@ class Conversion(NamedTuple):
         nbytes: the number of tensor bytes written.
         streamed: whether it streamed byte ranges (safetensors to safetensors)
             rather than loading the checkpoint into memory (npz).
+        kinds: each kind's label -> its layers, when the layers are of several
+            kinds; None when they are of one.
     """
 
     pattern: str
@@ -69,6 +74,7 @@ class Conversion(NamedTuple):
     num_tensors: int
     nbytes: int
     streamed: bool
+    kinds: dict[str, list[int]] | None = None
 
 
 # --------------------------------------------------------------------------- streaming
@@ -179,9 +185,14 @@ def convert_stack(
 ) -> Conversion:
     """Converts a per-layer checkpoint into a stacked one, streaming tensor by tensor.
 
-    The result loads with `load_stacked` as exactly
-    `stack_by_name(load_flat(src), pattern)`. Between safetensors files nothing is
-    held in memory but a copy buffer; from or to `.npz` the checkpoint is loaded.
+    The layers are divided into kinds, layers holding the same set of keys
+    (`detect_kinds`), and each kind is stacked on its own. When every layer holds
+    the same keys (one kind), the result loads with `load_stacked` as exactly
+    `stack_by_name(load_flat(src), pattern)`; with several kinds, as
+    `stack_by_name(load_flat(src), pattern, layers=kinds)`, its tensors named
+    `model.layers.{i:A}.key`, `model.layers.{i:B}.key`, ... and the kinds recorded
+    in its metadata. Between safetensors files nothing is held in memory but a copy
+    buffer; from or to `.npz` the checkpoint is loaded.
 
     Args:
         src: the per-layer checkpoint, as in `load_flat`.
@@ -191,11 +202,13 @@ def convert_stack(
         progress: show a progress bar on stderr (when it is a terminal).
 
     Returns:
-        The pattern, N and amounts written.
+        The pattern, N, kinds and amounts written.
 
     Raises:
-        ValueError: the source is already stacked; the pattern is missing and cannot
-            be detected, or does not fit (as in `stack_by_name`); `out` is not a
+        ValueError: the source is already stacked, or holds a name that would read
+            back as a stacked tensor; the pattern is missing and cannot be
+            detected, or does not fit (as in `stack_by_name`); layers with the
+            same keys differ in a tensor's shape or dtype; `out` is not a
             `.safetensors` or `.npz` name; as in `load_flat`.
         FileExistsError: `out` exists and `overwrite` is False; `out` is checked,
             as its folder is, before any tensor is read.
@@ -211,31 +224,43 @@ def convert_stack(
         )
     if pattern is None:
         pattern = str(LayerPattern.detect(ckpt.tensors))
+    lp = LayerPattern.parse(pattern)
     specs = {name: (t.shape, t.dtype) for name, t in ckpt.tensors.items()}
-    g = group_names(specs, pattern)
-    metadata = stacked_metadata(pattern, g.num_layers, ckpt.metadata)
+    g = group_kinds(specs, pattern)
+    looks_stacked(lp, g.rest)
+    kinds = g.layers if len(g.kinds) > 1 else None
+    metadata = stacked_metadata(pattern, g.num_layers, ckpt.metadata, kinds)
     if not (ckpt.streamable and streams):
-        stacked, rest = stack_by_name(load_flat(src), pattern)
+        stacked, rest = stack_by_name(load_flat(src), pattern, layers=kinds)
         save_stacked(
-            out, stacked, pattern, rest, overwrite=overwrite, metadata=metadata
+            out,
+            stacked,
+            pattern,
+            rest,
+            layers=kinds,
+            overwrite=overwrite,
+            metadata=metadata,
         )
         nbytes = sum(t.nbytes for t in ckpt.tensors.values())
-        return Conversion(
-            pattern, g.num_layers, len(stacked) + len(rest), nbytes, False
-        )
+        count = len(rest) + sum(len(k.keys) for k in g.kinds)
+        return Conversion(pattern, g.num_layers, count, nbytes, False, kinds)
 
-    first = {names: j for j, names in enumerate(g.names[0])}
+    # Each kind's stacked tensors go where its first layer's tensors were.
+    first = {
+        names: (kind, j) for kind in g.kinds for j, names in enumerate(kind.names[0])
+    }
     rest_names = set(g.rest)
     items: list[_Item] = []
     for name, t in ckpt.tensors.items():
         if name in first:
-            j = first[name]
-            layers = [ckpt.tensors[g.names[i][j]] for i in range(g.num_layers)]
+            kind, j = first[name]
+            layers = [ckpt.tensors[names[j]] for names in kind.names]
+            label = None if kinds is None else kind.label
             items.append(
                 _Item(
-                    LayerPattern.parse(pattern).stacked_name(g.keys[j]),
+                    lp.stacked_name(kind.keys[j], label),
                     t.dtype,
-                    (g.num_layers, *t.shape),
+                    (len(layers), *t.shape),
                     [_whole(layer) for layer in layers],
                 )
             )
@@ -244,7 +269,7 @@ def convert_stack(
     nbytes = _stream(
         items, out, metadata, overwrite=overwrite, progress=progress, desc="stack"
     )
-    return Conversion(pattern, g.num_layers, len(items), nbytes, True)
+    return Conversion(pattern, g.num_layers, len(items), nbytes, True, kinds)
 
 
 def convert_unstack(
@@ -252,9 +277,9 @@ def convert_unstack(
 ) -> Conversion:
     """Converts a stacked checkpoint back to per-layer tensors, streaming.
 
-    The inverse of `convert_stack`: the pattern and N come from the source's
-    metadata, and the result equals the original per-layer checkpoint bit for bit
-    (layer-major order: all of layer 0's tensors, then layer 1's, ...).
+    The inverse of `convert_stack`: the pattern, N and kinds come from the
+    source's metadata, and the result equals the original per-layer checkpoint bit
+    for bit (layer-major order: all of layer 0's tensors, then layer 1's, ...).
 
     Args:
         src: the stacked checkpoint, as in `load_flat`.
@@ -263,7 +288,7 @@ def convert_unstack(
         progress: show a progress bar on stderr (when it is a terminal).
 
     Returns:
-        The pattern, N and amounts written.
+        The pattern, N, kinds and amounts written.
 
     Raises:
         ValueError: the source is not a stacked checkpoint, or disagrees with its
@@ -276,31 +301,31 @@ def convert_unstack(
     streams = output_kind(Path(out)) == "safetensors"
     check_output(out, overwrite=overwrite)
     ckpt = read_checkpoint(src)
-    pattern, n, keys, rest = split_stacked(ckpt)
+    layout = stacked_layout(ckpt)
+    pattern, n, rest = layout.pattern, layout.num_layers, layout.rest
     # N is only bounded by the bytes of the stacked tensors, and empty ones have none.
-    count = n * len(keys) + len(rest)
+    stacked_count = sum(len(k.layers) * len(k.names) for k in layout.kinds)
+    count = stacked_count + len(rest)
     if count > MAX_TENSORS:
         where = ", ".join(f"`{f}`" for f in ckpt.files)
+        keys = sum(len(k.names) for k in layout.kinds)
         raise ValueError(
             f"{where}: its metadata says {n} layers, which would unstack its "
-            f"{len(keys)} stacked tensors into {count} tensors, more than the "
+            f"{keys} stacked tensors into {count} tensors, more than the "
             f"{MAX_TENSORS} a file may hold"
         )
-    metadata = {
-        k: v
-        for k, v in ckpt.metadata.items()
-        if k not in (META_PATTERN, META_NUM_LAYERS)
-    }
+    metadata = {k: v for k, v in ckpt.metadata.items() if k not in META_KEYS}
+    kinds = layout.layers
+    lp = LayerPattern.parse(pattern)
     if not (ckpt.streamable and streams):
-        stacked, rest_flat, _ = load_stacked(src)
-        flat = unstack_by_name(stacked, pattern, rest_flat)
+        loaded = load_stacked(src)
+        flat = unstack_by_name(loaded[0], pattern, loaded[1], layers=kinds)
         save_flat(out, flat, overwrite=overwrite, metadata=metadata)
         nbytes = sum(t.nbytes for t in ckpt.tensors.values())
-        return Conversion(pattern, n, len(flat), nbytes, False)
+        return Conversion(pattern, n, len(flat), nbytes, False, kinds)
 
     # The layers go where the first stacked tensor was, layer by layer.
-    lp = LayerPattern.parse(pattern)
-    stacked_names = set(keys.values())
+    stacked_names = {name for k in layout.kinds for name in k.names.values()}
     items: list[_Item] = []
     emitted = False
     for name, t in ckpt.tensors.items():
@@ -308,15 +333,24 @@ def convert_unstack(
             items.append(_Item(name, t.dtype, t.shape, [_whole(t)]))
         elif not emitted:
             emitted = True
-            for i in range(n):
-                for key, sname in keys.items():
-                    s = ckpt.tensors[sname]
-                    size = s.nbytes // n
-                    piece = _Piece(s.file, s.offset + i * size, size)
-                    items.append(
-                        _Item(lp.layer_name(i, key), s.dtype, s.shape[1:], [piece])
-                    )
+            items += _layer_items(ckpt, layout, lp)
     nbytes = _stream(
         items, out, metadata, overwrite=overwrite, progress=progress, desc="unstack"
     )
-    return Conversion(pattern, n, len(items), nbytes, True)
+    return Conversion(pattern, n, len(items), nbytes, True, kinds)
+
+
+def _layer_items(
+    ckpt: Checkpoint, layout: StackedLayout, lp: LayerPattern
+) -> list[_Item]:
+    """Every layer's tensors, layer by layer, as slices of the stacked tensors."""
+    owner = {i: (kind, j) for kind in layout.kinds for j, i in enumerate(kind.layers)}
+    items: list[_Item] = []
+    for i in range(layout.num_layers):
+        kind, j = owner[i]
+        for key, sname in kind.names.items():
+            s = ckpt.tensors[sname]
+            size = s.nbytes // len(kind.layers)
+            piece = _Piece(s.file, s.offset + j * size, size)
+            items.append(_Item(lp.layer_name(i, key), s.dtype, s.shape[1:], [piece]))
+    return items

@@ -7,11 +7,13 @@ sequence or carriage return in a name reaches the terminal.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .._leaf import short_dtype
 from ._io import Checkpoint, Paths, TensorInfo, read_checkpoint
-from ._names import group_names
-from ._pattern import detect_pattern
-from ._stacked import META_PATTERN, split_stacked
+from ._names import group_kinds
+from ._pattern import detect_pattern, ranges
+from ._stacked import META_PATTERN, stacked_layout
 
 _MAX_LISTED = 40
 
@@ -72,7 +74,10 @@ def inspect_checkpoint(paths: Paths, /, *, pattern: str | None = None) -> str:
 
     Gives the number of tensors and bytes; for a per-layer checkpoint the layer
     pattern (given, or detected when unambiguous), N, and one layer's names, shapes
-    and dtypes; for a stacked checkpoint its recorded pattern and N. Tensors are
+    and dtypes; for a stacked checkpoint its recorded pattern and N. When the layers
+    are of several kinds (layers holding different keys, which `stackedtree stack`
+    stacks each on its own), it gives each kind's layers, as ranges (`0-2`), and
+    one layer's names, shapes and dtypes (stacked, in a stacked file). Tensors are
     listed in name order, whatever the order of the files, with every character
     that is not printable escaped (`\\x1b`).
 
@@ -94,12 +99,7 @@ def inspect_checkpoint(paths: Paths, /, *, pattern: str | None = None) -> str:
         f"{files}, {len(ckpt.tensors)} tensors, {human_bytes(total)} ({total} bytes)"
     ]
     if META_PATTERN in ckpt.metadata:
-        found, n, keys, rest = split_stacked(ckpt)
-        lines.append(f"stacked checkpoint: pattern {found!r}, {n} layers")
-        lines.append(f"stacked tensors ({len(keys)}), leading axis = layer:")
-        lines += _table([(name, ckpt.tensors[name]) for name in keys.values()])
-        lines.append(f"other tensors ({len(rest)}):")
-        lines += _table([(name, ckpt.tensors[name]) for name in rest])
+        lines += _stacked(ckpt)
     else:
         lines += _per_layer(ckpt, pattern)
     other = {k: v for k, v in ckpt.metadata.items() if not k.startswith("stackedtree.")}
@@ -116,7 +116,7 @@ def _per_layer(ckpt: Checkpoint, pattern: str | None) -> list[str]:
         if pattern is None:
             how = "detected"
             pattern = detect_pattern(ckpt.tensors)
-        g = group_names(specs, pattern)
+        g = group_kinds(specs, pattern)
     except ValueError as e:
         if how == "given":
             raise
@@ -127,15 +127,52 @@ def _per_layer(ckpt: Checkpoint, pattern: str | None) -> list[str]:
             "tensors:",
             *_table(list(ckpt.tensors.items())),
         ]
-    per_layer = sum(ckpt.tensors[name].nbytes for name in g.names[0])
-    layer = [
-        (key, ckpt.tensors[name]) for key, name in zip(g.keys, g.names[0], strict=True)
-    ]
-    return [
-        f"layer pattern: {pattern!r} ({how}), {g.num_layers} layers of "
-        f"{len(g.keys)} tensors ({human_bytes(per_layer)} each)",
-        "layer 0:",
-        *_table(layer),
-        f"other tensors ({len(g.rest)}):",
-        *_table([(name, ckpt.tensors[name]) for name in g.rest]),
-    ]
+    lines = [f"layer pattern: {pattern!r} ({how}), {g.num_layers} layers"]
+    for kind in g.kinds:
+        per_layer = sum(ckpt.tensors[name].nbytes for name in kind.names[0])
+        shape = f"{len(kind.keys)} tensors ({human_bytes(per_layer)} each)"
+        layer = [
+            (key, ckpt.tensors[name])
+            for key, name in zip(kind.keys, kind.names[0], strict=True)
+        ]
+        if len(g.kinds) == 1:
+            lines[0] += f" of {shape}"
+            lines.append("layer 0:")
+        else:
+            lines.append(
+                f"kind {kind.label}: {_layers(kind.layers)} of {shape}; "
+                f"layer {kind.layers[0]}:"
+            )
+        lines += _table(layer)
+    if len(g.kinds) > 1:
+        lines[0] += f" of {len(g.kinds)} kinds"
+    lines.append(f"other tensors ({len(g.rest)}):")
+    lines += _table([(name, ckpt.tensors[name]) for name in g.rest])
+    return lines
+
+
+def _layers(layers: Sequence[int]) -> str:
+    """`[0, 1, 2]` -> `"3 layers (0-2)"`."""
+    return f"{len(layers)} layer{'s' if len(layers) != 1 else ''} ({ranges(layers)})"
+
+
+def _stacked(ckpt: Checkpoint) -> list[str]:
+    layout = stacked_layout(ckpt)
+    head = f"stacked checkpoint: pattern {layout.pattern!r}, {layout.num_layers} layers"
+    if layout.layers is None:
+        names = layout.kinds[0].names
+        lines = [head, f"stacked tensors ({len(names)}), leading axis = layer:"]
+        lines += _table([(name, ckpt.tensors[name]) for name in names.values()])
+    else:
+        lines = [head + f" of {len(layout.kinds)} kinds"]
+        for kind in layout.kinds:
+            lines.append(
+                f"kind {kind.label}: {_layers(kind.layers)}, {len(kind.names)} "
+                f"stacked tensors, leading axis = layer:"
+            )
+            lines += _table(
+                [(name, ckpt.tensors[name]) for name in kind.names.values()]
+            )
+    lines.append(f"other tensors ({len(layout.rest)}):")
+    lines += _table([(name, ckpt.tensors[name]) for name in layout.rest])
+    return lines

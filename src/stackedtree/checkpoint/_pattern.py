@@ -6,6 +6,14 @@ around `{i}` and `key` the per-layer name (`self_attn.q_proj.weight`). In a stac
 checkpoint the tensor `key` is stored once under the *stacked name*, the per-layer name
 with the literal `{i}` kept (`model.layers.{i}.self_attn.q_proj.weight`), which no
 per-layer name can equal.
+
+When the layers are of several *kinds* (layers holding different keys, as DeepSeek's
+dense and MoE layers), each kind is stacked on its own and its stacked names carry its
+label: `model.layers.{i:B}.input_layernorm.weight` is `input_layernorm.weight` of the
+layers of kind `B`. The label sits where the index goes, so such a name can equal
+neither a per-layer name (digits there), nor a uniform stacked name (`{i}`), nor
+another kind's. Labels are words (`[A-Za-z0-9_]+`); detected kinds are labelled `A`,
+`B`, ... in the order their first layers come (`kind_label`).
 """
 
 from __future__ import annotations
@@ -16,6 +24,41 @@ from dataclasses import dataclass
 
 _DIGITS = re.compile(r"[0-9]+")
 _CANONICAL_INT = re.compile(r"0|[1-9][0-9]*")
+_LABEL = re.compile(r"[A-Za-z0-9_]+")
+
+
+def kind_label(j: int) -> str:
+    """The label of the `j`-th kind found: `A`, ..., `Z`, then `AA`, `AB`, ...
+
+    Examples:
+        >>> [kind_label(j) for j in (0, 1, 25, 26, 27)]
+        ['A', 'B', 'Z', 'AA', 'AB']
+    """
+    label = ""
+    j += 1
+    while j:
+        j, r = divmod(j - 1, 26)
+        label = chr(ord("A") + r) + label
+    return label
+
+
+def check_label(label: object, arg: str) -> str:
+    """`label` if it is a kind label, a non-empty word of `[A-Za-z0-9_]`.
+
+    Raises:
+        TypeError: `label` is not a str.
+        ValueError: it is empty or holds another character.
+    """
+    if not isinstance(label, str):
+        raise TypeError(
+            f"{arg} must have str kind labels, got {type(label).__name__} {label!r}."
+        )
+    if not _LABEL.fullmatch(label):
+        raise ValueError(
+            f"{arg} has kind label {label!r}; a label is a non-empty word of letters, "
+            f"digits and `_`, such as 'dense' or 'A'."
+        )
+    return label
 
 
 def ranges(indices: Iterable[int]) -> str:
@@ -86,14 +129,42 @@ class LayerPattern:
         """Layer `i`'s name for `key`: `model.layers.3.mlp.up_proj.weight`."""
         return f"{self.before}{i}{self.after}{key}"
 
-    def stacked_name(self, key: str) -> str:
-        """The stacked tensor's name for `key`: `model.layers.{i}.mlp.up_proj.weight`."""
-        return str(self) + key
+    def stacked_name(self, key: str, kind: str | None = None) -> str:
+        """The stacked tensor's name for `key`, of the layers of kind `kind`.
+
+        `model.layers.{i}.mlp.up_proj.weight` when all layers are of one kind
+        (`kind` None); `model.layers.{i:B}.mlp.up_proj.weight` for kind `B`.
+        """
+        index = "{i}" if kind is None else "{i:" + kind + "}"
+        return self.before + index + self.after + key
 
     def stacked_key(self, name: str) -> str | None:
-        """The per-layer key of stacked name `name`, or None if it is not one."""
+        """The per-layer key of uniform stacked name `name` (with `{i}`), or None."""
         prefix = str(self)
         return name[len(prefix) :] if name.startswith(prefix) else None
+
+    def stacked_match(self, name: str) -> tuple[str | None, str] | None:
+        """`(kind, key)` when `name` is a stacked name, else None.
+
+        `kind` is None for a uniform stacked name (`model.layers.{i}.w`) and the
+        label for a kind's (`model.layers.{i:B}.w` gives `("B", "w")`).
+        """
+        start = len(self.before) + 2
+        if not name.startswith(self.before + "{i"):
+            return None
+        kind: str | None = None
+        if name.startswith("}", start):
+            end = start + 1
+        else:
+            label = _LABEL.match(name, start + 1)
+            if not name.startswith(":", start) or label is None:
+                return None
+            if not name.startswith("}", label.end()):
+                return None
+            kind, end = label.group(), label.end() + 1
+        if not name.startswith(self.after, end):
+            return None
+        return kind, name[end + len(self.after) :]
 
     def claimed(self, names: Iterable[str]) -> list[str]:
         """The names this pattern reads as a layer's tensor."""

@@ -5,28 +5,62 @@ with a leading layer axis, under their stacked name (`LayerPattern.stacked_name`
 `model.layers.{i}.mlp.up_proj.weight`, shape `(N, ...)`); every other tensor keeps its
 name. Its metadata records the pattern and N (`stackedtree.pattern`,
 `stackedtree.num_layers`), so unstacking needs no pattern.
+
+A checkpoint whose layers are of several *kinds* (layers holding different keys)
+stacks each kind on its own, under the kind's stacked names
+(`model.layers.{i:B}.mlp.up_proj.weight`, shape `(len(layers of B), ...)`), and
+records the kinds in `stackedtree.kinds`: a JSON object mapping each label to its
+layers, in the order of the layer axis (`{"A":[0,1,2],"B":[3,4,5]}`). Every layer
+`0..N-1` is in exactly one kind. A file of one kind has no `stackedtree.kinds`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .._check import fail
 from ._io import Checkpoint, PathLike, Paths, load_flat, read_checkpoint, save_flat
-from ._names import check_rest, num_stacked_layers
-from ._pattern import LayerPattern
+from ._limits import brief, load_json, quote
+from ._names import check_kinds, check_rest, layer_owners, num_stacked_layers
+from ._pattern import LayerPattern, check_label, ranges
 
 META_PATTERN = "stackedtree.pattern"
 META_NUM_LAYERS = "stackedtree.num_layers"
+META_KINDS = "stackedtree.kinds"
+META_KEYS = (META_PATTERN, META_NUM_LAYERS, META_KINDS)
 
 
 def stacked_metadata(
-    pattern: str, n: int, metadata: Mapping[str, str] | None
+    pattern: str,
+    n: int,
+    metadata: Mapping[str, str] | None,
+    kinds: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, str]:
-    return {**(metadata or {}), META_PATTERN: pattern, META_NUM_LAYERS: str(n)}
+    """The metadata of a stacked file: `metadata`, the pattern, N, and the kinds."""
+    out = {k: v for k, v in (metadata or {}).items() if k != META_KINDS}
+    out.update({META_PATTERN: pattern, META_NUM_LAYERS: str(n)})
+    if kinds is not None:
+        out[META_KINDS] = json.dumps(
+            {label: list(layers) for label, layers in kinds.items()},
+            separators=(",", ":"),
+        )
+    return out
+
+
+def looks_stacked(lp: LayerPattern, names: Sequence[str] | Mapping[str, Any]) -> None:
+    """No name of `names` would be read back as a stacked tensor."""
+    clash = [name for name in names if lp.stacked_match(name) is not None]
+    if clash:
+        fail(
+            [repr(name) for name in clash],
+            f"names that are not layer tensors would be read back as stacked "
+            f"tensors of pattern {str(lp)!r}",
+        )
 
 
 def save_stacked(
@@ -36,6 +70,7 @@ def save_stacked(
     /,
     rest: Mapping[str, Any] | None = None,
     *,
+    layers: Mapping[str, Sequence[int]] | None = None,
     overwrite: bool = False,
     metadata: Mapping[str, str] | None = None,
 ) -> None:
@@ -43,41 +78,163 @@ def save_stacked(
 
     The file is what `stackedtree stack` writes: `stacked[key]` is stored under
     `pattern` with the literal `{i}` kept (`model.layers.{i}.mlp.up_proj.weight`),
-    `rest` under its own names, and the pattern and N in the metadata.
+    `rest` under its own names, and the pattern and N in the metadata. With
+    `layers`, the layers of several kinds: `stacked[label][key]` is stored under
+    `model.layers.{i:label}.mlp.up_proj.weight`, and the kinds in the metadata.
 
     Args:
         path: a `.safetensors` or `.npz` path.
-        stacked: maps per-layer keys to arrays of shape `(N, ...)`.
+        stacked: maps per-layer keys to arrays of shape `(N, ...)`; with `layers`,
+            maps each kind's label to such a mapping.
         pattern: the layer pattern, with one `{i}`.
         rest: the other tensors.
+        layers: each kind's label -> its layers, in the order of its layer axis,
+            as given to `stack_by_name`; together they must be `0..N-1`, each
+            once.
         overwrite: replace an existing file.
         metadata: extra strings to record.
 
     Raises:
-        ValueError: as in `save_flat`; `stacked` is empty or its tensors disagree on N;
-            a name of `rest` matches `pattern`.
+        TypeError: `layers` is not a mapping of str labels to sequences of ints.
+        ValueError: as in `save_flat`; `stacked` is empty or its tensors disagree on
+            N (or with `layers`); the kinds of `layers` are not those of `stacked`,
+            or do not hold every layer `0..N-1` once; a name of `rest` matches
+            `pattern`, or would be read back as a stacked name.
         FileExistsError: `path` exists and `overwrite` is False.
         OSError: the file cannot be written.
     """
     lp = LayerPattern.parse(pattern)
-    n = num_stacked_layers(stacked)
     rest = {} if rest is None else rest
+    kinds = None
+    if layers is None:
+        n = num_stacked_layers(stacked)
+        flat = {lp.stacked_name(key): x for key, x in stacked.items()}
+    else:
+        if not isinstance(layers, Mapping):
+            raise TypeError(
+                "`layers` must map kind labels to their layers (a file holds every "
+                f"layer), got {type(layers).__name__}."
+            )
+        kinds = check_kinds(layers)
+        owners = layer_owners(stacked, kinds)
+        n = len(owners)
+        if max(owners) != n - 1:
+            raise ValueError(
+                f"`layers` must hold the layers 0..N-1 of a checkpoint, each once, "
+                f"but holds layers {ranges(owners)}."
+            )
+        flat = {
+            lp.stacked_name(key, label): x
+            for label in kinds
+            for key, x in stacked[label].items()
+        }
     check_rest(lp, rest)
-    flat = {lp.stacked_name(key): x for key, x in stacked.items()}
-    clash = [name for name in rest if name in flat]
-    if clash:
-        fail([repr(name) for name in clash], "`rest` repeats stacked names")
+    looks_stacked(lp, rest)
     flat.update(rest)
     save_flat(
         path,
         flat,
         overwrite=overwrite,
-        metadata=stacked_metadata(str(lp), n, metadata),
+        metadata=stacked_metadata(str(lp), n, metadata, kinds),
     )
 
 
-def split_stacked(ckpt: Checkpoint) -> tuple[str, int, dict[str, str], list[str]]:
-    """`(pattern, N, {key: stacked name}, rest names)` of a stacked checkpoint."""
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class StackedKind:
+    """The stacked tensors of one kind of layers in a stacked checkpoint.
+
+    Attributes:
+        label: the kind's label; None in a file of one kind (`{i}` names).
+        layers: the layer of each index of the layer axis.
+        names: each per-layer key -> its stacked tensor's name, in file order.
+    """
+
+    label: str | None
+    layers: Sequence[int]
+    names: dict[str, str]
+
+
+@dataclass(frozen=True)
+class StackedLayout:
+    """How a stacked checkpoint's tensors divide into kinds of layers and the rest.
+
+    Attributes:
+        pattern: the recorded layer pattern.
+        num_layers: N, the layers of all kinds.
+        kinds: the kinds, in recorded order; one, labelled None, when the file
+            records no kinds.
+        rest: the names of the other tensors, in file order.
+    """
+
+    pattern: str
+    num_layers: int
+    kinds: tuple[StackedKind, ...]
+    rest: list[str]
+
+    @property
+    def layers(self) -> dict[str, list[int]] | None:
+        """Each kind's label -> its layers; None in a file of one kind."""
+        if self.kinds[0].label is None:
+            return None
+        return {str(k.label): list(k.layers) for k in self.kinds}
+
+
+def _decode_kinds(where: str, text: str, n: int) -> dict[str, list[int]]:
+    """The recorded kinds, checked: labels, and layers `0..n-1` each in one kind."""
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{where}: metadata `{META_KINDS}` {why}.")
+
+    try:
+        value = load_json(text.encode("utf-8"))
+    except (ValueError, UnicodeEncodeError) as e:
+        raise bad(f"is not JSON ({e})") from None
+    if not isinstance(value, tuple) or not value:
+        raise bad(f"must map kind labels to lists of layers, got {brief(value)}")
+    kinds: dict[str, list[int]] = {}
+    for label, layers in value:
+        try:
+            check_label(label, f"metadata `{META_KINDS}`")
+        except ValueError:
+            raise bad(f"has kind label {quote(label)}, which is not a word") from None
+        if label in kinds:
+            raise bad(f"repeats kind {label}")
+        if not isinstance(layers, list) or not layers:
+            raise bad(f"gives kind {label} {brief(layers)}, not a list of layers")
+        kinds[label] = layers
+    total = sum(map(len, kinds.values()))
+    if total != n:
+        raise bad(
+            f"gives {total} layers to its kinds, but `{META_NUM_LAYERS}` says {n}"
+        )
+    # n layers in all, each in 0..n-1 and none twice: every layer in one kind.
+    seen = bytearray(n)
+    for label, layers in kinds.items():
+        for i in layers:
+            if type(i) is not int or not 0 <= i < n:
+                raise bad(
+                    f"gives kind {label} layer {brief(i)}, but the layers are "
+                    f"0..{n - 1}"
+                )
+            if seen[i]:
+                other = next(k for k, found in kinds.items() if i in found)
+                raise bad(f"gives layer {i} to kinds {other} and {label}")
+            seen[i] = 1
+    return kinds
+
+
+def stacked_layout(ckpt: Checkpoint) -> StackedLayout:
+    """The layout of a stacked checkpoint, from its metadata and names.
+
+    Raises:
+        ValueError: the checkpoint records no pattern (it is not stacked), or a
+            malformed one, N or kinds; a stacked tensor's leading length is not
+            the number of its kind's layers; a stacked name of no recorded kind;
+            a kind with no tensor; a name the pattern reads as a layer's tensor.
+    """
     where = ", ".join(f"`{f}`" for f in ckpt.files)
     pattern = ckpt.metadata.get(META_PATTERN)
     if pattern is None:
@@ -96,47 +253,131 @@ def split_stacked(ckpt: Checkpoint) -> tuple[str, int, dict[str, str], list[str]
             f"{where}: metadata `{META_NUM_LAYERS}` must be a positive integer, got "
             f"{ckpt.metadata.get(META_NUM_LAYERS)!r}."
         )
-    keys: dict[str, str] = {}
+    text = ckpt.metadata.get(META_KINDS)
+    kinds: dict[str | None, Sequence[int]] = {None: range(n)}
+    if text is not None:
+        kinds = dict(_decode_kinds(where, text, n).items())
+    names: dict[str | None, dict[str, str]] = {label: {} for label in kinds}
     rest: list[str] = []
     for name, info in ckpt.tensors.items():
-        key = lp.stacked_key(name)
-        if key is None:
-            rest.append(name)
-        elif info.shape[:1] != (n,):
-            raise ValueError(
-                f"{where}: stacked tensor `{name}` has shape {info.shape}, but the "
-                f"metadata says {n} layers."
-            )
+        m: tuple[str | None, str] | None
+        if text is None:
+            key = lp.stacked_key(name)
+            m = None if key is None else (None, key)
         else:
-            keys[key] = name
+            m = lp.stacked_match(name)
+        if m is None:
+            rest.append(name)
+            continue
+        label, key = m
+        if label not in kinds:
+            raise ValueError(
+                f"{where}: tensor {quote(name)} is stacked by its name, but "
+                f"metadata `{META_KINDS}` records no such kind (it records "
+                f"{', '.join(map(str, kinds))})."
+            )
+        count = len(kinds[label])
+        if info.shape[:1] != (count,):
+            says = (
+                f"the metadata says {n} layers"
+                if label is None
+                else f"kind {label} holds {count} layer{'s' if count != 1 else ''}"
+            )
+            raise ValueError(
+                f"{where}: stacked tensor {quote(name)} has shape {info.shape}, but "
+                f"{says}."
+            )
+        names[label][key] = name
+    if text is not None:
+        empty = [str(label) for label, found in names.items() if not found]
+        if empty:
+            raise ValueError(
+                f"{where}: metadata `{META_KINDS}` records kinds "
+                f"{', '.join(empty)}, of which the file holds no tensor."
+            )
     check_rest(lp, rest)
-    return pattern, n, keys, rest
+    return StackedLayout(
+        pattern,
+        n,
+        tuple(StackedKind(label, kinds[label], names[label]) for label in kinds),
+        rest,
+    )
+
+
+def describe_kinds(kinds: Mapping[str, Sequence[int]]) -> str:
+    """`{"A": [0, 1, 2], "B": [3, 4]}` -> `"A (layers 0-2), B (layers 3-4)"`."""
+    return ", ".join(
+        f"{label} (layer{'s' if len(layers) > 1 else ''} {ranges(layers)})"
+        for label, layers in kinds.items()
+    )
+
+
+def split_stacked(ckpt: Checkpoint) -> tuple[str, int, dict[str, str], list[str]]:
+    """`(pattern, N, {key: stacked name}, rest names)` of a stacked checkpoint.
+
+    Raises:
+        ValueError: as `stacked_layout`; the file holds layers of several kinds
+            (read those with `stacked_layout`).
+    """
+    layout = stacked_layout(ckpt)
+    if layout.layers is not None:
+        where = ", ".join(f"`{f}`" for f in ckpt.files)
+        raise ValueError(
+            f"{where} holds layers of {len(layout.kinds)} kinds, "
+            f"{describe_kinds(layout.layers)}, each stacked on its own; load it "
+            f"with `load_stacked` or `load_flat`."
+        )
+    return layout.pattern, layout.num_layers, layout.kinds[0].names, layout.rest
 
 
 def load_stacked(
     path_or_paths: Paths, /
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+) -> (
+    tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]
+    | tuple[
+        dict[str, dict[str, np.ndarray]],
+        dict[str, np.ndarray],
+        str,
+        dict[str, list[int]],
+    ]
+):
     """Loads a stacked checkpoint, as written by `save_stacked` or `stackedtree stack`.
 
     Args:
         path_or_paths: as in `load_flat`.
 
     Returns:
-        `(stacked, rest, pattern)`, exactly `stack_by_name(flat, pattern)` of the
-        per-layer checkpoint `flat` plus its pattern, so that
-        `unstack_by_name(stacked, pattern, rest)` gives `flat` back.
+        `(stacked, rest, pattern)` for a checkpoint of one kind of layers: exactly
+        `stack_by_name(flat, pattern)` of the per-layer checkpoint `flat` plus its
+        pattern, so that `unstack_by_name(stacked, pattern, rest)` gives `flat`
+        back.
+
+        `(stacked, rest, pattern, layers)` for one of several kinds: `layers` maps
+        each kind's label to its layers, and `(stacked, rest)` is exactly
+        `stack_by_name(flat, pattern, layers=layers)`, with `stacked[label]` the
+        stacked tensors of kind `label`; so
+        `unstack_by_name(stacked, pattern, rest, layers=layers)` gives `flat`
+        back, and `save_stacked(path, stacked, pattern, rest, layers=layers)`
+        writes the same tensors and kinds.
 
     Raises:
         ValueError: the checkpoint is not stacked (no recorded pattern), or its
-            stacked tensors disagree with the recorded number of layers; as in
-            `load_flat`.
+            stacked tensors disagree with the recorded number of layers or kinds;
+            as in `load_flat`.
         OSError: a file is missing or unreadable.
     """
-    ckpt = read_checkpoint(path_or_paths)
-    pattern, _, keys, rest_names = split_stacked(ckpt)
+    layout = stacked_layout(read_checkpoint(path_or_paths))
     flat = load_flat(path_or_paths)
+    rest = {name: flat[name] for name in layout.rest}
+    per_kind = {
+        kind.label: {key: flat[name] for key, name in kind.names.items()}
+        for kind in layout.kinds
+    }
+    if layout.layers is None:
+        return per_kind[None], rest, layout.pattern
     return (
-        {key: flat[name] for key, name in keys.items()},
-        {name: flat[name] for name in rest_names},
-        pattern,
+        {str(label): part for label, part in per_kind.items()},
+        rest,
+        layout.pattern,
+        layout.layers,
     )
