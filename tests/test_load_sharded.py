@@ -25,12 +25,15 @@ from jax.sharding import PartitionSpec as P
 from stackedtree import layer_shardings
 from stackedtree.checkpoint import (
     _sharded,
+    convert_stack,
     load_sharded,
+    load_stacked,
     save_flat,
     save_stacked,
     stack_by_name,
 )
 from stackedtree.checkpoint._io import read_checkpoint
+from stackedtree.checkpoint._pattern import LayerPattern
 
 PATTERN = "model.layers.{i}."
 N = 8
@@ -503,6 +506,36 @@ def test_bad_checkpoints_as_for_load_flat(ckpt: Any, tmp_path: Path) -> None:
         ValueError, match=r"layer 3 is missing keys 'mlp\.up_proj\.weight'"
     ):
         load_sharded(tmp_path / "gap.safetensors", one, pattern=PATTERN)
+
+
+def test_a_stacked_file_of_several_kinds_loads_per_kind(tmp_path: Path) -> None:
+    # Dense layers 0-1, then "MoE" layers 2-4 holding other keys: `stackedtree stack`
+    # stacks each kind under its own names, and load_sharded loads them as stored.
+    rng = np.random.default_rng(0)
+    flat = {"embed": rng.normal(size=(6, 8)).astype(np.float32)}
+    for i in range(5):
+        keys = ("norm", "mlp") if i < 2 else ("norm", "experts")
+        for key in keys:
+            flat[f"h.{i}.{key}"] = rng.normal(size=(8, 4)).astype(np.float32)
+    save_flat(tmp_path / "per_layer.safetensors", flat)
+    convert_stack(tmp_path / "per_layer.safetensors", tmp_path / "stacked.safetensors")
+    stacked, rest, pattern, layers = load_stacked(tmp_path / "stacked.safetensors")
+    assert layers == {"A": [0, 1], "B": [2, 3, 4]}
+    want = {
+        LayerPattern.parse(pattern).stacked_name(key, label): x
+        for label, kind in stacked.items()
+        for key, x in kind.items()
+    }
+    want.update(rest)
+
+    def how(name: str, shape: tuple[int, ...], dtype: Any) -> Sharding:
+        return NamedSharding(
+            mesh(2, names=("x",)), P(None, "x") if len(shape) == 3 else P()
+        )
+
+    got = load_sharded(tmp_path / "stacked.safetensors", how)
+    assert "h.{i:B}.experts" in got and got["h.{i:B}.experts"].shape == (3, 8, 4)
+    check_loaded(got, want, how)
 
 
 # --------------------------------------------------------------------- two processes

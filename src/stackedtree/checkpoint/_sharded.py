@@ -49,7 +49,7 @@ from ._io import Checkpoint, Paths, TensorInfo, read_checkpoint, read_into
 from ._names import group_names
 from ._npz import data_offsets, read_member
 from ._pattern import LayerPattern
-from ._stacked import META_PATTERN, split_stacked
+from ._stacked import META_PATTERN, stacked_layout
 
 Shardings: TypeAlias = (
     Sharding
@@ -104,9 +104,12 @@ def _native(dtype: np.dtype) -> np.dtype:
 def plan_sources(ckpt: Checkpoint, pattern: str | None) -> dict[str, Source]:
     """The output arrays of a checkpoint, by name, in checkpoint order.
 
-    A stacked checkpoint's tensors are loaded as stored. With a `pattern`, the layer
-    tensors of a per-layer checkpoint become one stacked array per key, named by its
-    stacked name and placed where layer 0's tensor was.
+    A stacked checkpoint's tensors are loaded as stored, those of a file with layers
+    of several kinds under their per-kind names (`model.layers.{i:B}.mlp.gate.weight`).
+    With a `pattern`, the layer tensors of a per-layer checkpoint become one stacked
+    array per key, named by its stacked name and placed where layer 0's tensor was;
+    its layers must hold the same keys, as in `stack_by_name` (`stackedtree stack`
+    stacks the layers of several kinds separately, into a file loaded as stored).
     """
     tensors = ckpt.tensors
 
@@ -115,14 +118,14 @@ def plan_sources(ckpt: Checkpoint, pattern: str | None) -> dict[str, Source]:
         return Source(info.shape, _native(info.dtype), ((name, info),), False, stacked)
 
     if META_PATTERN in ckpt.metadata:
-        recorded, _, keys, _ = split_stacked(ckpt)
-        if pattern is not None and str(LayerPattern.parse(pattern)) != recorded:
+        layout = stacked_layout(ckpt)
+        if pattern is not None and str(LayerPattern.parse(pattern)) != layout.pattern:
             raise ValueError(
-                f"the checkpoint is stacked with pattern {recorded!r} (its layer "
+                f"the checkpoint is stacked with pattern {layout.pattern!r} (its layer "
                 f"tensors are already stacked); `pattern` {pattern!r} differs: leave "
                 f"it out."
             )
-        stacked_names = set(keys.values())
+        stacked_names = {n for kind in layout.kinds for n in kind.names.values()}
         return {name: whole(name, name in stacked_names) for name in tensors}
     if pattern is None:
         return {name: whole(name) for name in tensors}
