@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ._index import set_layer as set_layer
     from ._index import slice_layers as slice_layers
     from ._index import ungroup_layers as ungroup_layers
+    from ._pattern import scan_pattern as scan_pattern
     from ._scan import scan_layers as scan_layers
     from ._stack import init_stacked as init_stacked
     from ._stack import layer_keys as layer_keys
@@ -38,6 +39,7 @@ _SOURCES = {
     "layer_keys": "._stack",
     "num_layers": "._stack",
     "scan_layers": "._scan",
+    "scan_pattern": "._pattern",
     "set_layer": "._index",
     "slice_layers": "._index",
     "stack": "._stack",
