@@ -365,8 +365,9 @@ def scan_pattern(
     for i, kind in enumerate(pattern):
         j = i if shared else seen[kind]; seen[kind] += 1
         layer = get_layer(layers if shared else layers[kind], j)
-        carry, y = fns[kind](carry, layer, *([get_layer(xs..., j)] if xs is given else []),
-                             **({"key": keys[i]} if key is not None else {}))
+        x = [get_layer(xs..., j)] if xs is given else []
+        k = {"key": keys[i]} if key is not None else {}
+        carry, y = fns[kind](carry, layer, *x, **k)
     return carry, {kind: stack(that kind's ys, in order)}
     ```
 

@@ -1,0 +1,401 @@
+"""scan_pattern against a Python loop and a hand-written super-block scan.
+
+On the Gemma-3-like decoder of `examples/gemma_pattern.py` (local and global attention
+layers sharing one parameter stack, pattern `"LLLLLG"` repeated and cut at N):
+
+(a) compile time (trace + lower + XLA compile) of `jax.grad` of a loss through N layers
+    at N = 26, 62 and 122, for a Python loop over the layers, `scan_pattern`, and the
+    MaxText-style super-block scan written by hand (a `jax.lax.scan` over the k whole
+    periods whose body applies the period's six layers in order, then the remaining
+    layers one by one). The two scans are compiled alternately, several times each;
+    the loop once per N (it is slow and grows with N).
+(b) step time of the jitted gradient at N = 62 (Gemma 3 27B's depth), `scan_pattern`
+    against the super-block scan, the two run alternately.
+
+Every variant's loss and gradient are checked against the loop's before anything is
+timed. Ratios are of medians of interleaved repeats in one process.
+
+Run `python benchmarks/bench_pattern.py [--quick] [--json PATH]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+
+if "--quick" in sys.argv[1:]:
+    # A smoke run checks that everything runs, not how fast: cheaper XLA compiles.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    ).strip()
+
+import gemma_pattern as gemma  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import stackedtree  # noqa: E402
+
+PERIOD = "LLLLLG"
+FULL = gemma.Config(vocab=256, d_model=128, heads=4, head_dim=32, d_ff=256, window=16)
+QUICK = gemma.Config(vocab=64, d_model=32, heads=2, head_dim=16, d_ff=64, window=4)
+BATCH, SEQ = 4, 64
+QUICK_BATCH, QUICK_SEQ = 2, 16
+
+Loss = Callable[[dict[str, Any], jax.Array], jax.Array]
+Layers = Callable[[jax.Array, Any], jax.Array]
+
+# ----------------------------------------------------------------------- the variants
+
+
+def make_loss(
+    cfg: gemma.Config, run_layers: Callable[[dict, jax.Array, Any], Any]
+) -> Loss:
+    """Next-token loss of the decoder whose layers run as `run_layers(fns, x, layers)`.
+
+    Each call builds fresh layer functions, so no trace cache is shared between two
+    compilations being timed.
+    """
+
+    def loss(params: dict[str, Any], tokens: jax.Array) -> jax.Array:
+        fns = gemma.layer_fns(cfg)
+        x = params["embed"][tokens[:, :-1]] * np.sqrt(cfg.d_model)
+        x = run_layers(fns, x, params["layers"])
+        x = gemma.rms_norm(x, params["final_norm"], cfg.eps)
+        logp = jax.nn.log_softmax(x @ params["embed"].T, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+    return loss
+
+
+def python_loop(cfg: gemma.Config) -> Loss:
+    """Every layer written out: the compiled program grows with N."""
+    pattern = gemma.gemma_pattern(cfg.num_layers)
+
+    def run(fns: dict, x: jax.Array, layers: Any) -> jax.Array:
+        for i, kind in enumerate(pattern):
+            x, _ = fns[kind](x, jax.tree.map(lambda a, i=i: a[i], layers))
+        return x
+
+    return make_loss(cfg, run)
+
+
+def super_block(cfg: gemma.Config) -> Loss:
+    """MaxText's way, by hand: one `lax.scan` over the whole periods, whose body applies
+    the period's layers in order, then the remaining layers one by one."""
+    n = cfg.num_layers
+    p = len(PERIOD)
+    k = n // p
+    main = k * p
+    pattern = gemma.gemma_pattern(n)
+
+    def run(fns: dict, x: jax.Array, layers: Any) -> jax.Array:
+        blocks = jax.tree.map(lambda a: a[:main].reshape(k, p, *a.shape[1:]), layers)
+
+        def body(x: jax.Array, block: Any) -> tuple[jax.Array, None]:
+            for t, kind in enumerate(PERIOD):
+                x, _ = fns[kind](x, jax.tree.map(lambda a, t=t: a[t], block))
+            return x, None
+
+        x, _ = jax.lax.scan(body, x, blocks)
+        for i in range(main, n):
+            x, _ = fns[pattern[i]](x, jax.tree.map(lambda a, i=i: a[i], layers))
+        return x
+
+    return make_loss(cfg, run)
+
+
+def scan_pattern(cfg: gemma.Config) -> Loss:
+    pattern = gemma.gemma_pattern(cfg.num_layers)
+
+    def run(fns: dict, x: jax.Array, layers: Any) -> jax.Array:
+        return stackedtree.scan_pattern(fns, x, layers, pattern)[0]
+
+    return make_loss(cfg, run)
+
+
+VARIANTS: dict[str, Callable[[gemma.Config], Loss]] = {
+    "python_loop": python_loop,
+    "super_block": super_block,
+    "scan_pattern": scan_pattern,
+}
+
+
+def setup(n: int, quick: bool) -> tuple[gemma.Config, dict[str, Any], jax.Array]:
+    cfg = (QUICK if quick else FULL)._replace(num_layers=n)
+    batch, seq = (QUICK_BATCH, QUICK_SEQ) if quick else (BATCH, SEQ)
+    params = gemma.init_model(jax.random.key(0), cfg)
+    tokens = gemma.make_batch(jax.random.key(1), cfg, batch=batch, seq=seq + 1)
+    return cfg, params, tokens
+
+
+# ----------------------------------------------------------------------- timing
+
+
+def compile_seconds(
+    make: Callable[[], Callable[..., Any]], *args: Any
+) -> tuple[float, Any]:
+    """Trace + lower + compile seconds of `jax.jit(make())`, and the executable."""
+    fn = make()
+    gc.collect()
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return time.perf_counter() - t0, compiled
+
+
+def interleaved(
+    run: Callable[[str], float], names: Sequence[str], repeats: int
+) -> dict[str, list[float]]:
+    """`run(name)` for each name in turn, `repeats` rounds, the order rotated each round
+    so drifts of a shared machine hit every variant alike."""
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = list(names[r % len(names) :]) + list(names[: r % len(names)])
+        for name in order:
+            out[name].append(run(name))
+    return out
+
+
+def step_seconds(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0
+
+
+def summary(times: Sequence[float]) -> dict[str, Any]:
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "times_s": list(times),
+    }
+
+
+def ratio(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """a / b: of medians (the headline), of minima, and the median of per-round ratios."""
+    return {
+        "median_ratio": statistics.median(a) / statistics.median(b),
+        "min_ratio": min(a) / min(b),
+        "paired_median_ratio": statistics.median(
+            x / y for x, y in zip(a, b, strict=True)
+        ),
+    }
+
+
+def log(*args: Any) -> None:
+    print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------- measurements
+
+
+def check_equal(n: int, quick: bool) -> dict[str, Any]:
+    """Every variant gives the loop's loss and gradient (at full matmul precision)."""
+    cfg, params, tokens = setup(n, quick)
+    out = {}
+    with jax.default_matmul_precision("highest"):
+        for name, make in VARIANTS.items():
+            loss, grads = jax.jit(jax.value_and_grad(make(cfg)))(params, tokens)
+            out[name] = (float(loss), grads)
+    want_loss, want_grads = out["python_loop"]
+    for name, (loss, grads) in out.items():
+        err = max(
+            float(jnp.max(jnp.abs(a - b)))
+            for a, b in zip(
+                jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True
+            )
+        )
+        log(f"  {name:12s} loss {loss:.6f}  max |grad - loop's| {err:.1e}")
+        if not np.isclose(loss, want_loss, rtol=1e-5) or err > 1e-4:
+            raise AssertionError(f"{name} disagrees with the loop; not timing it")
+    return {"n": n, "losses": {k: v[0] for k, v in out.items()}, "all_equal": True}
+
+
+def compile_vs_n(ns: list[int], quick: bool, repeats: int) -> dict[str, Any]:
+    """(a) gradient compile seconds against N; also the scans' last executables."""
+    seconds: dict[str, dict[str, Any]] = {name: {} for name in VARIANTS}
+    ratios, executables = {}, {}
+    for n in ns:
+        cfg, params, tokens = setup(n, quick)
+        compiled: dict[str, Any] = {}
+
+        def timed(
+            name: str,
+            cfg: gemma.Config = cfg,
+            args: tuple = (params, tokens),
+            compiled: dict[str, Any] = compiled,
+        ) -> float:
+            make = VARIANTS[name]
+            took, compiled[name] = compile_seconds(lambda: jax.grad(make(cfg)), *args)
+            return took
+
+        scans = interleaved(timed, ["super_block", "scan_pattern"], repeats)
+        for name, ts in scans.items():
+            seconds[name][str(n)] = summary(ts)
+        seconds["python_loop"][str(n)] = summary([timed("python_loop")])
+        ratios[str(n)] = ratio(scans["scan_pattern"], scans["super_block"])
+        executables[n] = {k: v for k, v in compiled.items() if k != "python_loop"}
+        log(
+            f"  N={n:3d}  compile of grad (median): "
+            + "  ".join(f"{k} {seconds[k][str(n)]['median_s']:.2f}s" for k in VARIANTS)
+            + f"  scan_pattern/super_block {ratios[str(n)]['median_ratio']:.3f}"
+        )
+    out = {"ns": ns, "repeats": repeats, "seconds": seconds, "ratio": ratios}
+    return out, executables
+
+
+def step_time(n: int, quick: bool, repeats: int) -> dict[str, Any]:
+    """(b) step seconds of the jitted gradient, scan_pattern against the super-block."""
+    cfg, params, tokens = setup(n, quick)
+    compiled = {
+        name: compile_seconds(
+            lambda make=VARIANTS[name]: jax.grad(make(cfg)), params, tokens
+        )[1]
+        for name in ("super_block", "scan_pattern")
+    }
+    for c in compiled.values():  # warm up
+        for _ in range(2):
+            jax.block_until_ready(c(params, tokens))
+    gc.collect()
+    gc.disable()
+    try:
+        steps = interleaved(
+            lambda name: step_seconds(lambda: compiled[name](params, tokens)),
+            list(compiled),
+            repeats,
+        )
+    finally:
+        gc.enable()
+    out = {
+        "n": n,
+        "repeats": repeats,
+        "seconds": {k: summary(v) for k, v in steps.items()},
+        "ratio": ratio(steps["scan_pattern"], steps["super_block"]),
+    }
+    log(
+        f"  N={n}: step scan_pattern/super_block {out['ratio']['median_ratio']:.3f} "
+        f"(medians {statistics.median(steps['scan_pattern']) * 1e3:.1f} ms / "
+        f"{statistics.median(steps['super_block']) * 1e3:.1f} ms, {repeats} each)"
+    )
+    return out
+
+
+# ----------------------------------------------------------------------- report
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2f}" if x < 100 else f"{x:.0f}"
+
+
+def report(results: dict[str, Any]) -> str:
+    """The markdown section of this benchmark."""
+    a, b = results["compile_vs_n"], results["step"]
+    model = results["model"]
+    lines = [
+        "### Layer patterns: `scan_pattern`",
+        "",
+        f"Gemma-3-like decoder (`examples/gemma_pattern.py`: d_model {model['d_model']}, "
+        f"{model['heads']} heads, batch {model['batch']}, seq {model['seq']}, float32), "
+        'pattern `"LLLLLG"` repeated and cut at N. Gradient compile time '
+        "(trace + lower + compile; median of "
+        f"{a['repeats']} alternating compiles for the scans, one for the loop) against "
+        "the hand-written super-block scan:",
+        "",
+        "| N | loop / super-block | scan_pattern / super-block | super-block (s) |",
+        "|---:|---:|---:|---:|",
+    ]
+    for n in a["ns"]:
+        s = a["seconds"]
+        block = s["super_block"][str(n)]["median_s"]
+        loop = s["python_loop"][str(n)]["median_s"]
+        lines.append(
+            f"| {n} | {loop / block:.2f} | {a['ratio'][str(n)]['median_ratio']:.3f} "
+            f"| {_fmt(block)} |"
+        )
+    lines += [
+        "",
+        f"Step time of the jitted gradient at N = {b['n']}, scan_pattern / super-block "
+        f"(median of {b['repeats']} alternating steps each): "
+        f"**{b['ratio']['median_ratio']:.3f}**.",
+    ]
+    if results.get("quick"):
+        lines += [
+            "",
+            "(`--quick`: tiny sizes and cheap compiles; the numbers mean nothing.)",
+        ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    args = parser.parse_args(argv)
+    q = args.quick
+    t_start = time.perf_counter()
+    dev = jax.devices()[0]
+    log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+
+    log("checking the loop, the super-block scan and scan_pattern agree")
+    check = check_equal(8 if q else 26, q)
+    log("(a) compile time of the gradient against N")
+    a, executables = compile_vs_n([8] if q else [26, 62, 122], q, repeats=1 if q else 5)
+    log("(b) step time of the gradient")
+    step_n = 8 if q else 62
+    b = step_time(step_n, q, repeats=3 if q else 30, compiled=executables.get(step_n))
+
+    cfg = QUICK if q else FULL
+    results = {
+        "benchmark": "bench_pattern",
+        "quick": q,
+        "machine": {
+            "device_kind": dev.device_kind,
+            "backend": jax.default_backend(),
+            "jax": jax.__version__,
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+        },
+        "model": {
+            **{
+                f: getattr(cfg, f)
+                for f in ("d_model", "heads", "head_dim", "d_ff", "window")
+            },
+            "batch": QUICK_BATCH if q else BATCH,
+            "seq": QUICK_SEQ if q else SEQ,
+        },
+        "equality_check": check,
+        "compile_vs_n": a,
+        "step": b,
+        "headline": {
+            "scan_pattern_over_super_block_compile": {
+                n: r["median_ratio"] for n, r in a["ratio"].items()
+            },
+            "scan_pattern_over_super_block_step": b["ratio"]["median_ratio"],
+        },
+        "wall_s": time.perf_counter() - t_start,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+    log("\n" + report(results) + "\n")
+    log(f"done in {results['wall_s']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
