@@ -8,7 +8,8 @@ layers sharing one parameter stack, pattern `"LLLLLG"` repeated and cut at N):
     MaxText-style super-block scan written by hand (a `jax.lax.scan` over the k whole
     periods whose body applies the period's six layers in order, then the remaining
     layers one by one). The two scans are compiled alternately, several times each;
-    the loop once per N (it is slow and grows with N).
+    the loop once per N (it is slow and grows with N). Also whether XLA's optimised
+    HLO of the two scans is identical.
 (b) step time of the jitted gradient at N = 62 (Gemma 3 27B's depth), `scan_pattern`
     against the super-block scan, the two run alternately.
 
@@ -25,6 +26,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -146,13 +148,36 @@ def setup(n: int, quick: bool) -> tuple[gemma.Config, dict[str, Any], jax.Array]
 
 def compile_seconds(
     make: Callable[[], Callable[..., Any]], *args: Any
-) -> tuple[float, Any]:
-    """Trace + lower + compile seconds of `jax.jit(make())`, and the executable."""
+) -> tuple[dict[str, float], Any]:
+    """Seconds to trace + lower and to compile `jax.jit(make())`, and the executable.
+
+    `make` builds a fresh function (new closures), so no trace cache is reused.
+    `cpu_s` is this process's CPU time for both: unlike wall time, it barely moves
+    when other processes load a shared machine (XLA compiles on several threads, so
+    it exceeds the wall time on a quiet one).
+    """
     fn = make()
     gc.collect()
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    return time.perf_counter() - t0, compiled
+    t0, c0 = time.perf_counter(), time.process_time()
+    lowered = jax.jit(fn).lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2, c2 = time.perf_counter(), time.process_time()
+    times = {"total_s": t2 - t0, "lower_s": t1 - t0, "cpu_s": c2 - c0}
+    return times, compiled
+
+
+def _strip_hlo(text: str) -> str:
+    """Optimised HLO without metadata and names, to compare two programs' structure
+    (as `bench_scan.py` does)."""
+    text = re.sub(r",?\s*metadata=\{[^}]*\}", "", text)
+    text = re.sub(
+        r"^(FileNames|FunctionNames|FileLocations|StackFrames)$", "", text, flags=re.M
+    )
+    text = re.sub(r"^\s*\d+ [{\"].*$", "", text, flags=re.M)
+    text = re.sub(r"%[\w.\-]+", "%v", text)
+    text = re.sub(r"^HloModule \S+", "HloModule", text, flags=re.M)
+    return "\n".join(line for line in text.splitlines() if line.strip())
 
 
 def interleaved(
@@ -222,48 +247,82 @@ def check_equal(n: int, quick: bool) -> dict[str, Any]:
     return {"n": n, "losses": {k: v[0] for k, v in out.items()}, "all_equal": True}
 
 
-def compile_vs_n(ns: list[int], quick: bool, repeats: int) -> dict[str, Any]:
+def compile_vs_n(
+    ns: list[int], quick: bool, repeats: int
+) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
     """(a) gradient compile seconds against N; also the scans' last executables."""
+    scans = ["super_block", "scan_pattern"]
     seconds: dict[str, dict[str, Any]] = {name: {} for name in VARIANTS}
-    ratios, executables = {}, {}
+    ratios: dict[str, Any] = {}
+    same_hlo: dict[str, bool] = {}
+    executables: dict[int, dict[str, Any]] = {}
     for n in ns:
         cfg, params, tokens = setup(n, quick)
         compiled: dict[str, Any] = {}
+        times: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
 
         def timed(
             name: str,
             cfg: gemma.Config = cfg,
             args: tuple = (params, tokens),
             compiled: dict[str, Any] = compiled,
+            times: dict[str, list[dict[str, float]]] = times,
         ) -> float:
             make = VARIANTS[name]
             took, compiled[name] = compile_seconds(lambda: jax.grad(make(cfg)), *args)
-            return took
+            times[name].append(took)
+            return took["total_s"]
 
-        scans = interleaved(timed, ["super_block", "scan_pattern"], repeats)
-        for name, ts in scans.items():
-            seconds[name][str(n)] = summary(ts)
-        seconds["python_loop"][str(n)] = summary([timed("python_loop")])
-        ratios[str(n)] = ratio(scans["scan_pattern"], scans["super_block"])
-        executables[n] = {k: v for k, v in compiled.items() if k != "python_loop"}
-        log(
-            f"  N={n:3d}  compile of grad (median): "
-            + "  ".join(f"{k} {seconds[k][str(n)]['median_s']:.2f}s" for k in VARIANTS)
-            + f"  scan_pattern/super_block {ratios[str(n)]['median_ratio']:.3f}"
+        interleaved(timed, scans, repeats)
+        timed("python_loop")
+        for name, ts in times.items():
+            seconds[name][str(n)] = {
+                key: summary([t[key] for t in ts]) for key in ts[0]
+            }
+        ratios[str(n)] = {
+            key: ratio(
+                [t[key] for t in times["scan_pattern"]],
+                [t[key] for t in times["super_block"]],
+            )
+            for key in ("total_s", "lower_s", "cpu_s")
+        }
+        same_hlo[str(n)] = _strip_hlo(compiled["super_block"].as_text()) == _strip_hlo(
+            compiled["scan_pattern"].as_text()
         )
-    out = {"ns": ns, "repeats": repeats, "seconds": seconds, "ratio": ratios}
+        executables[n] = {name: compiled[name] for name in scans}
+        med = {k: seconds[k][str(n)]["total_s"]["median_s"] for k in VARIANTS}
+        log(
+            f"  N={n:3d}  compile of grad (median s): "
+            + "  ".join(f"{k} {v:.2f}" for k, v in med.items())
+            + f"; scan_pattern/super_block wall "
+            f"{ratios[str(n)]['total_s']['median_ratio']:.3f}, cpu "
+            f"{ratios[str(n)]['cpu_s']['median_ratio']:.3f}, trace+lower "
+            f"{ratios[str(n)]['lower_s']['median_ratio']:.3f}; "
+            f"same optimised HLO: {same_hlo[str(n)]}"
+        )
+    out = {
+        "ns": ns,
+        "repeats": repeats,
+        "seconds": seconds,
+        "ratio": ratios,
+        "optimized_hlo_identical": same_hlo,
+    }
     return out, executables
 
 
-def step_time(n: int, quick: bool, repeats: int) -> dict[str, Any]:
-    """(b) step seconds of the jitted gradient, scan_pattern against the super-block."""
+def step_time(
+    n: int, quick: bool, repeats: int, compiled: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """(b) step seconds of the jitted gradient, scan_pattern against the super-block
+    (`compiled`: their executables at this N, when (a) made them)."""
     cfg, params, tokens = setup(n, quick)
-    compiled = {
-        name: compile_seconds(
-            lambda make=VARIANTS[name]: jax.grad(make(cfg)), params, tokens
-        )[1]
-        for name in ("super_block", "scan_pattern")
-    }
+    if compiled is None:
+        compiled = {
+            name: compile_seconds(
+                lambda make=VARIANTS[name]: jax.grad(make(cfg)), params, tokens
+            )[1]
+            for name in ("super_block", "scan_pattern")
+        }
     for c in compiled.values():  # warm up
         for _ in range(2):
             jax.block_until_ready(c(params, tokens))
@@ -294,40 +353,49 @@ def step_time(n: int, quick: bool, repeats: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------- report
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.2f}" if x < 100 else f"{x:.0f}"
-
-
 def report(results: dict[str, Any]) -> str:
     """The markdown section of this benchmark."""
     a, b = results["compile_vs_n"], results["step"]
     model = results["model"]
+    first = str(a["ns"][0])
+
+    def median(name: str, n: str, key: str = "total_s") -> float:
+        return a["seconds"][name][n][key]["median_s"]
+
     lines = [
         "### Layer patterns: `scan_pattern`",
         "",
-        f"Gemma-3-like decoder (`examples/gemma_pattern.py`: d_model {model['d_model']}, "
-        f"{model['heads']} heads, batch {model['batch']}, seq {model['seq']}, float32), "
-        'pattern `"LLLLLG"` repeated and cut at N. Gradient compile time '
-        "(trace + lower + compile; median of "
-        f"{a['repeats']} alternating compiles for the scans, one for the loop) against "
-        "the hand-written super-block scan:",
+        f"A Gemma-3-like decoder (`examples/gemma_pattern.py`, d_model "
+        f"{model['d_model']}, {model['heads']} heads, batch {model['batch']}, seq "
+        f'{model["seq"]}, float32; layers `"LLLLLG"` repeated, cut at N) run by '
+        "a Python loop, by `scan_pattern`, and by the hand-written super-block "
+        "scan (*block*: a `lax.scan` over the whole periods, six layers applied in "
+        "order inside, then the remaining layers). Compile time of the gradient "
+        "(trace + lower + XLA compile, wall clock; medians of "
+        f"{a['repeats']} alternating compiles of the two scans, one of the loop):",
         "",
-        "| N | loop / super-block | scan_pattern / super-block | super-block (s) |",
-        "|---:|---:|---:|---:|",
+        f"| N | loop / block | pattern / block | pattern / pattern at N={first} "
+        "| same HLO |",
+        "|---:|---:|---:|---:|:---:|",
     ]
-    for n in a["ns"]:
-        s = a["seconds"]
-        block = s["super_block"][str(n)]["median_s"]
-        loop = s["python_loop"][str(n)]["median_s"]
+    for n in map(str, a["ns"]):
+        block = median("super_block", n)
         lines.append(
-            f"| {n} | {loop / block:.2f} | {a['ratio'][str(n)]['median_ratio']:.3f} "
-            f"| {_fmt(block)} |"
+            f"| {n} | {median('python_loop', n) / block:.2f} "
+            f"| {a['ratio'][n]['total_s']['median_ratio']:.3f} "
+            f"| {median('scan_pattern', n) / median('scan_pattern', first):.2f} "
+            f"| {'yes' if a['optimized_hlo_identical'][n] else 'no'} |"
         )
+    cpu = ", ".join(
+        f"{a['ratio'][n]['cpu_s']['median_ratio']:.3f}" for n in map(str, a["ns"])
+    )
     lines += [
         "",
-        f"Step time of the jitted gradient at N = {b['n']}, scan_pattern / super-block "
-        f"(median of {b['repeats']} alternating steps each): "
-        f"**{b['ratio']['median_ratio']:.3f}**.",
+        "*same HLO*: whether XLA's optimised program of `scan_pattern` is the "
+        "super-block's, op for op. In process CPU time, which other load on the machine disturbs "
+        f"less, pattern / block is {cpu} at these N. Step time of the jitted "
+        f"gradient at N = {b['n']}, pattern / block (median of {b['repeats']} "
+        f"alternating steps each): **{b['ratio']['median_ratio']:.3f}**.",
     ]
     if results.get("quick"):
         lines += [
@@ -353,9 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     log("checking the loop, the super-block scan and scan_pattern agree")
     check = check_equal(8 if q else 26, q)
     log("(a) compile time of the gradient against N")
-    a, executables = compile_vs_n([8] if q else [26, 62, 122], q, repeats=1 if q else 5)
+    a, executables = compile_vs_n(
+        [14] if q else [26, 62, 122], q, repeats=1 if q else 7
+    )
     log("(b) step time of the gradient")
-    step_n = 8 if q else 62
+    step_n = 14 if q else 62
     b = step_time(step_n, q, repeats=3 if q else 30, compiled=executables.get(step_n))
 
     cfg = QUICK if q else FULL
@@ -382,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         "step": b,
         "headline": {
             "scan_pattern_over_super_block_compile": {
-                n: r["median_ratio"] for n, r in a["ratio"].items()
+                n: r["total_s"]["median_ratio"] for n, r in a["ratio"].items()
             },
             "scan_pattern_over_super_block_step": b["ratio"]["median_ratio"],
         },

@@ -102,7 +102,7 @@ def init_model(key: jax.Array, cfg: Config) -> dict[str, Any]:
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     scale = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-    return x * scale * (1.0 + weight)
+    return x * scale * (1.0 + weight)[(None,) * (x.ndim - 1)]
 
 
 def rope(x: jax.Array, base: float) -> jax.Array:

@@ -3,9 +3,10 @@
 The pattern is split once into a prefix, a period repeated k times and a remainder
 (`split_pattern`). The period runs as one `jax.lax.scan` over k whose body applies the
 period's layers in order (the super-block scan MaxText writes by hand); the prefix and
-the remainder run as one short scan per run of layers of one kind. Each kind's function
-is therefore traced a number of times set by the shape of the pattern, not by N. The
-per-layer step is `_scan.layer_step`, as in `scan_layers`.
+the remainder run as one short scan per run of layers of one kind, a run of one or two
+layers being applied directly. Each kind's function is therefore traced a number of
+times set by the shape of the pattern, not by N. The per-layer step is
+`_scan.layer_step`, as in `scan_layers`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._check import count_layers, fail, leading_shapes, tree_problems
 from ._leaf import dtype_of, is_array, shape_of
@@ -27,6 +29,7 @@ from ._stack import check_key, layer_keys
 from ._tree import PyTree, map_arrays, merge_static, path_str, split_static
 
 Kind = Hashable
+UNROLL = 2
 LayerFn = Callable[..., tuple[PyTree, PyTree]]
 
 
@@ -38,7 +41,7 @@ class Split(NamedTuple):
 
     Layers `[0, start)` run first, then `period` layers repeated `repeats` times (one
     `jax.lax.scan` over `repeats`), then layers `[start + period * repeats, N)`. The
-    layers outside the period run as one scan per run of one kind. `period == 0` (and
+    layers outside the period run in runs of one kind (`run_cost`). `period == 0` (and
     `repeats == 0`) when no repeated period pays: every layer then runs in runs.
     """
 
@@ -65,37 +68,51 @@ def kind_runs(
     return runs
 
 
+def run_cost(length: int) -> int:
+    """Traced calls of a run of `length` layers of one kind outside the period: one
+    scan, except that a run of one or two layers is applied directly (XLA would unroll
+    so short a loop anyway, after compiling it as one)."""
+    return length if length <= UNROLL else 1
+
+
 def traced_calls(kinds: Sequence[Kind], split: Split) -> int:
-    """How many layer calls a split traces: the period's length, one per other run."""
-    return (
-        split.period
-        + len(kind_runs(kinds, 0, split.start))
-        + len(kind_runs(kinds, split.stop, len(kinds)))
+    """How many layer calls a split traces: the period's length, plus its runs'."""
+    outside = kind_runs(kinds, 0, split.start) + kind_runs(
+        kinds, split.stop, len(kinds)
     )
+    return split.period + sum(run_cost(stop - start) for _, start, stop in outside)
 
 
 @functools.lru_cache(maxsize=256)
 def split_pattern(kinds: tuple[Kind, ...]) -> Split:
-    """The split of a pattern that traces the fewest layer calls.
+    """The split of a pattern that traces the fewest layer calls (`traced_calls`).
 
     A period of length p repeated k >= 2 times traces p calls (its body applies its
-    layers in order), and every run of one kind before or after it traces one. Among
-    the cheapest splits, the one whose period covers the most layers wins, then the
-    shortest period, then the earliest start. For Gemma 3's `"LLLLLG" * 10 + "LL"` that
-    is the period `"LLLLLG"` from layer 0, repeated 10 times, then one run `"LL"`: seven
+    layers in order); the runs of one kind before and after it trace `run_cost` each.
+    Among the cheapest splits, the one whose period covers the most layers wins, then
+    the shortest period, then the earliest start. For Gemma 3's `"LLLLLG" * 10 + "LL"`
+    that is the period `"LLLLLG"` from layer 0, repeated 10 times, then `"LL"`: eight
     calls, whatever the number of repeats.
     """
     n = len(kinds)
-    # runs_before[s]: runs in kinds[:s]; a run cut at s counts on both sides.
-    runs_before = [0] * (n + 1)
-    for i in range(n):
-        runs_before[i + 1] = runs_before[i] + (i == 0 or kinds[i] != kinds[i - 1])
+    runs = kind_runs(kinds, 0, n)
+    run_of = [r for r, (_, start, stop) in enumerate(runs) for _ in range(start, stop)]
+    whole = [run_cost(stop - start) for _, start, stop in runs]
+    before = [sum(whole[:r]) for r in range(len(runs) + 1)]  # cost of runs[:r]
 
-    def runs_from(s: int) -> int:
-        cut = 0 < s < n and kinds[s] == kinds[s - 1]
-        return runs_before[n] - runs_before[s] + cut
+    def cost_before(s: int) -> int:  # of kinds[:s], a run cut at s counted up to s
+        if s == 0:
+            return 0
+        r = run_of[s - 1]
+        return before[r] + run_cost(s - runs[r][1])
 
-    best, best_rank = Split(0, 0, 0), (runs_before[n], 0, 0, 0)
+    def cost_from(s: int) -> int:  # of kinds[s:], a run cut at s counted from s
+        if s == n:
+            return 0
+        r = run_of[s]
+        return before[-1] - before[r + 1] + run_cost(runs[r][2] - s)
+
+    best, best_rank = Split(0, 0, 0), (before[-1], 0, 0, 0)
     for p in range(1, n // 2 + 1):
         # agree[i]: how many consecutive layers from i equal the layer p further on, so
         # kinds[a:a + k * p] is k copies of its first p exactly when agree[a] >= (k-1)p.
@@ -103,12 +120,15 @@ def split_pattern(kinds: tuple[Kind, ...]) -> Split:
         for i in range(n - p - 1, -1, -1):
             agree[i] = agree[i + 1] + 1 if kinds[i] == kinds[i + p] else 0
         for a in range(n - 2 * p + 1):
-            k = 1 + agree[a] // p
-            if k < 2:
-                continue
-            rank = (p + runs_before[a] + runs_from(a + k * p), -k * p, p, a)
-            if rank < best_rank:
-                best, best_rank = Split(a, p, k), rank
+            most = 1 + agree[a] // p
+            # Fewer repeats than the most add whole periods to the remainder; one
+            # fewer can pay (a remainder run of two may join the period's last run
+            # into one scan), two fewer never do.
+            for k in range(max(2, most - 1), most + 1):
+                cost = p + cost_before(a) + cost_from(a + k * p)
+                rank = (cost, -k * p, p, a)
+                if rank < best_rank:
+                    best, best_rank = Split(a, p, k), rank
     return best
 
 
@@ -137,6 +157,8 @@ def _check_kinds(fns: Any, pattern: Any) -> tuple[Kind, ...]:
     ]
     if bad:
         fail(bad, "every value of `fns` must be a layer function", TypeError)
+    if isinstance(pattern, np.ndarray) and pattern.ndim == 1:
+        pattern = pattern.tolist()  # numpy scalars -> Python labels
     if (
         isinstance(pattern, bytes | Mapping | AbstractSet)
         or is_array(pattern)
@@ -206,6 +228,12 @@ class _Stacks:
 
     def static_of(self, kind: Kind) -> PyTree:
         return self.static[kind] if self.per_kind else self.static
+
+    def layer(self, kind: Kind, i: int) -> PyTree:
+        """The arrays of layer `i`, of kind `kind`."""
+        if not self.per_kind:
+            return _index(self.arrays, i)
+        return _index(self.arrays[kind], self.ordinal[i])
 
     def run(self, kind: Kind, start: int, stop: int) -> PyTree:
         """The arrays of layers `[start, stop)`, all of kind `kind`."""
@@ -354,7 +382,7 @@ def scan_pattern(
     key: jax.Array | None = None,
     remat: Remat = False,
 ) -> tuple[PyTree, dict[Kind, PyTree]]:
-    """Runs layers of several kinds, in the order of `pattern`, compiling each kind once.
+    """Runs layers of several kinds in the order of `pattern`, compiled once for any depth.
 
     Equivalent to this Python loop (`get_layer`, `stack` and `layer_keys` from this
     package), where `shared` says whether `layers` is one stack (and `xs`, which is read
@@ -373,10 +401,10 @@ def scan_pattern(
 
     The pattern is split into a prefix, a period repeated k times and a remainder: the
     period runs as one `jax.lax.scan` over k whose body applies the period's layers in
-    order, and the prefix and remainder as one short scan per run of one kind. Gemma 3's
-    `"LLLLLG" * 10 + "LL"` runs as a scan over 10 periods of six layers, then a scan
-    over the last two; each kind's function is traced as many times for 26 layers as
-    for 62.
+    order, and the prefix and remainder as one short scan per run of one kind (a run of
+    one or two layers is applied directly). Gemma 3's `"LLLLLG" * 10 + "LL"` runs as a
+    scan over 10 periods of six layers, then the last two layers; each kind's function
+    is traced as many times for 26 layers as for 62.
 
     Args:
         fns: Maps each kind of layer to its function, called as in `scan_layers`:
@@ -458,10 +486,20 @@ def scan_pattern(
     pieces: dict[Kind, list[_Piece]] = {kind: [] for kind in fns}
 
     def run(carry: PyTree, kind: Kind, start: int, stop: int) -> PyTree:
-        body, y_static = step(kind)
-        seq = tuple(None if s is None else s.run(kind, start, stop) for s in sources)
-        carry, ys = jax.lax.scan(body, carry, seq)
-        pieces[kind].append(_Piece(start, ys, y_static[0], 1))
+        if run_cost(stop - start) == 1:
+            body, y_static = step(kind)
+            seq = tuple(
+                None if s is None else s.run(kind, start, stop) for s in sources
+            )
+            carry, ys = jax.lax.scan(body, carry, seq)
+            pieces[kind].append(_Piece(start, ys, y_static[0], 1))
+            return carry
+        for i in range(start, stop):
+            body, y_static = step(kind)
+            layer = tuple(None if s is None else s.layer(kind, i) for s in sources)
+            carry, y = body(carry, layer)
+            ys = jax.tree.map(lambda y: y[None], y)
+            pieces[kind].append(_Piece(i, ys, y_static[0], 1))
         return carry
 
     def period(carry: PyTree, split: Split) -> PyTree:
