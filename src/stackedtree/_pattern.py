@@ -29,7 +29,7 @@ from ._stack import check_key, layer_keys
 from ._tree import PyTree, map_arrays, merge_static, path_str, split_static
 
 Kind = Hashable
-UNROLL = 2
+UNROLL = 2  # runs of up to this many layers outside the period are not scanned
 LayerFn = Callable[..., tuple[PyTree, PyTree]]
 
 
