@@ -149,9 +149,8 @@ def layer_fns(cfg: Config) -> dict[str, Callable[..., tuple[jax.Array, None]]]:
         return y, None
 
     def global_(x: jax.Array, layer: Layer) -> tuple[jax.Array, None]:
-        return decoder_layer(
-            layer, x, cfg, window=None, rope_base=cfg.global_rope_base
-        ), None
+        y = decoder_layer(layer, x, cfg, window=None, rope_base=cfg.global_rope_base)
+        return y, None
 
     return {"L": local, "G": global_}
 
