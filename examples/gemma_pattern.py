@@ -232,11 +232,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"step {step:3d}  loss {float(loss):.4f}")
     print()
 
-    # scan_pattern equals the written-out loop, forward and gradient.
+    # scan_pattern (with remat, as trained) equals the written-out loop, forward and
+    # gradient.
     tokens = make_batch(jax.random.key(1), cfg)
-    scan_loss, scan_grads = jax.jit(
-        jax.value_and_grad(lambda p, t: loss_fn(p, t, cfg))
-    )(params, tokens)
+    scan_loss, scan_grads = grad_fn(params, tokens)
     loop_loss, loop_grads = jax.jit(
         jax.value_and_grad(lambda p, t: loss_fn(p, t, cfg, loop=True))
     )(params, tokens)
