@@ -448,8 +448,10 @@ def scan_pattern(
     Examples:
         >>> import jax.numpy as jnp
         >>> from stackedtree import scan_pattern
-        >>> fns = {"a": lambda c, p: (c + p["w"], None), "m": lambda c, p: (c * p["w"], c)}
+        >>> add = lambda c, p: (c + p["w"], None)  # kind "a": no output
+        >>> mul = lambda c, p: (c * p["w"], c)  # kind "m": outputs its input
         >>> layers = {"w": jnp.arange(1.0, 6.0)}  # one stack of 5 layers
+        >>> fns = {"a": add, "m": mul}
         >>> carry, ys = scan_pattern(fns, jnp.array(0.0), layers, "aamam")
         >>> float(carry), ys["a"], ys["m"].tolist()
         (65.0, None, [3.0, 13.0])
