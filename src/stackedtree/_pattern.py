@@ -243,7 +243,7 @@ class _Stacks:
         return _slice(self.arrays[kind], first, first + stop - start)
 
     def block(self, kinds: Sequence[Kind], split: Split) -> PyTree:
-        """The arrays of the repeated period, with leading axes (repeats, per period)."""
+        """The arrays of the repeated period, leading axes (repeats, per period)."""
         a, k = split.start, split.repeats
         if not self.per_kind:
             return _fold(_slice(self.arrays, a, split.stop), k)
@@ -326,7 +326,7 @@ class _Piece(NamedTuple):
 
 def _join_ys(kind: Kind, pieces: list[_Piece]) -> PyTree:
     """A kind's outputs stacked in layer order, as the reference loop's `stack` does;
-    outputs of different structure, shapes, dtypes or static leaves are a `TypeError`."""
+    outputs of other structures, shapes, dtypes or static leaves are a `TypeError`."""
 
     def one_layer(piece: _Piece) -> PyTree:
         layer = map_arrays(
@@ -347,8 +347,8 @@ def _join_ys(kind: Kind, pieces: list[_Piece]) -> PyTree:
     if problems:
         fail(
             problems,
-            f"`fns[{kind!r}]` must return a `y` of the same structure, shapes and dtypes "
-            "at every layer (a kind's outputs are stacked)",
+            f"`fns[{kind!r}]` must return a `y` of the same structure, shapes and "
+            "dtypes at every layer (a kind's outputs are stacked)",
             TypeError,
         )
     flat = [
@@ -382,7 +382,7 @@ def scan_pattern(
     key: jax.Array | None = None,
     remat: Remat = False,
 ) -> tuple[PyTree, dict[Kind, PyTree]]:
-    """Runs layers of several kinds in the order of `pattern`, compiled once for any depth.
+    """Runs layers of several kinds in the order of `pattern`, compiled once for any N.
 
     Equivalent to this Python loop (`get_layer`, `stack` and `layer_keys` from this
     package), where `shared` says whether `layers` is one stack (and `xs`, which is read
@@ -414,15 +414,17 @@ def scan_pattern(
             structure, shapes and dtypes.
         layers: One stacked tree of N layers, layer `i` being `pattern[i]`'s, when all
             kinds have the same parameter structure (Gemma 3); or a mapping from each
-            kind to a stack of that kind's layers in order, when kinds differ (DeepSeek's
-            dense and MoE layers). A mapping whose keys are exactly the kinds of `fns` is
-            read as per-kind; anything else (a dict of parameters included) as one stack.
+            kind to a stack of that kind's layers in order, when kinds differ
+            (DeepSeek's dense and MoE layers). A mapping whose keys are exactly the
+            kinds of `fns` is read as per-kind; anything else (a dict of parameters
+            included) as one stack.
         pattern: The kind of each layer, in order: a str (one character per layer, as
             `"LLLLLG"`) or a list of labels (`["dense"] * 3 + ["moe"] * 58`).
         xs: Optional per-layer inputs (e.g. KV caches): one stack of N entries, or a
             mapping from each kind to that kind's entries, by the same rule as `layers`
             but read on its own (Gemma's local and global layers may share parameters
-            and have caches of different lengths). Passed as a third positional argument.
+            and have caches of different lengths). Passed as a third positional
+            argument.
         key: Optional PRNG key (typed or raw). Layer `i` gets `jax.random.fold_in(key,
             i)`, `i` counting all layers, as the keyword argument `key=`, so a model's
             keys do not change when it is written as a pattern; without a key, the
@@ -436,8 +438,8 @@ def scan_pattern(
         function returns `y=None`).
 
     Raises:
-        TypeError: if `fns` is not a mapping of functions, `pattern` not a str or list of
-            hashable labels, `key` not a PRNG key or `remat` of the wrong type; if a
+        TypeError: if `fns` is not a mapping of functions, `pattern` not a str or list
+            of hashable labels, `key` not a PRNG key or `remat` of the wrong type; if a
             function does not return `(carry, y)` with a carry matching `init`, or
             returns outputs that cannot be stacked.
         ValueError: if `pattern` is empty, names a kind without a function or leaves a
