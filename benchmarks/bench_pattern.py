@@ -208,7 +208,7 @@ def summary(times: Sequence[float]) -> dict[str, Any]:
 
 
 def ratio(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """a / b: of medians (the headline), of minima, and the median of per-round ratios."""
+    """a / b: of medians (the headline), of minima, and the median of round ratios."""
     return {
         "median_ratio": statistics.median(a) / statistics.median(b),
         "min_ratio": min(a) / min(b),
@@ -305,7 +305,8 @@ def compile_vs_n(
             + "  ".join(f"{k} {v:.2f}" for k, v in med.items())
             + f"; scan_pattern/super_block wall {r['total_s']['median_ratio']:.3f}, "
             f"cpu {r['cpu_s']['median_ratio']:.3f}, trace+lower "
-            f"{r['lower_s']['median_ratio']:.3f}; same optimised HLO: {same_hlo[str(n)]}"
+            f"{r['lower_s']['median_ratio']:.3f}; "
+            f"same optimised HLO: {same_hlo[str(n)]}"
         )
     out = {
         "ns": ns,
@@ -400,10 +401,14 @@ def report(results: dict[str, Any]) -> str:
     lines += [
         "",
         "*same HLO*: whether XLA's optimised program of `scan_pattern` is the "
-        "super-block's, op for op. In process CPU time, which other load on the machine disturbs "
-        f"less, pattern / block is {cpu} at these N. Step time of the jitted "
-        f"gradient at N = {b['n']}, pattern / block (median of {b['repeats']} "
-        f"alternating steps each): **{b['ratio']['median_ratio']:.3f}**.",
+        "super-block's, op for op. In process CPU time, which other load on the "
+        f"machine disturbs less, pattern / block is {cpu} at these N.",
+        "",
+        f"Step time of the jitted gradient at N = {b['n']}, pattern / block: "
+        f"**{b['ratio']['median_ratio']:.3f}** (ratio of the medians of "
+        f"{b['repeats']} alternating steps each; median of the per-round ratios "
+        f"{b['ratio']['paired_median_ratio']:.3f}, ratio of the fastest steps "
+        f"{b['ratio']['min_ratio']:.3f}).",
     ]
     if results.get("quick"):
         lines += [

@@ -164,7 +164,7 @@ def forward(
     loop: bool = False,
     fns: dict[str, Callable[..., Any]] | None = None,
 ) -> jax.Array:
-    """Logits for `tokens: (batch, seq)`; `loop=True` runs the written-out Python loop."""
+    """Logits for `tokens: (batch, seq)`; `loop=True` runs the written-out loop."""
     fns = layer_fns(cfg) if fns is None else fns
     pattern = gemma_pattern(cfg.num_layers)
     x = params["embed"][tokens] * np.sqrt(cfg.d_model)

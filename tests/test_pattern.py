@@ -501,7 +501,8 @@ def test_kind_without_function_and_function_never_used():
         scan_pattern(fns, INIT, layers, "GGLXGLXGLLGL")
     with pytest.raises(
         ValueError,
-        match=r"^`fns` and `pattern` disagree:\n  `pattern` has kind 'X'.*\n  `fns\['G'\]` is never used",
+        match=r"^`fns` and `pattern` disagree:\n  `pattern` has kind 'X'.*\n"
+        r"  `fns\['G'\]` is never used",
     ):
         scan_pattern(fns, INIT, layers, "X" + "L" * 11)
     with pytest.raises(
@@ -527,7 +528,9 @@ def test_per_kind_stack_of_the_wrong_length():
     # Both kinds wrong: every problem is listed, once.
     with pytest.raises(
         ValueError,
-        match=r"(?s)^`layers` does not match `pattern`:\n  `layers\['D'\]` has 3 layers, but `pattern` has 2 'D' layers\n  `layers\['M'\]` has 5 layers, but `pattern` has 6 'M' layers$",
+        match=r"^`layers` does not match `pattern`:\n"
+        r"  `layers\['D'\]` has 3 layers, but `pattern` has 2 'D' layers\n"
+        r"  `layers\['M'\]` has 5 layers, but `pattern` has 6 'M' layers$",
     ):
         scan_pattern(fns, INIT, layers, "DD" + "M" * 6)
 
@@ -537,7 +540,8 @@ def test_per_kind_stack_whose_leaves_disagree_names_the_path():
     layers["M"]["gate"] = layers["M"]["gate"][:4]
     with pytest.raises(
         ValueError,
-        match=r"^`layers\['M'\]` at \['w'\] has leading length 5, but \['gate'\] has 4\.$",
+        match=r"^`layers\['M'\]` at \['w'\] has leading length 5, "
+        r"but \['gate'\] has 4\.$",
     ):
         scan_pattern(fns, INIT, layers, pattern)
 
@@ -546,7 +550,8 @@ def test_mapping_with_other_keys_is_one_stack_and_says_so():
     fns, layers, pattern = deepseek_args()
     with pytest.raises(
         ValueError,
-        match=r"read as one stack per kind only when its keys are exactly the kinds of `fns`: 'D', 'M'",
+        match=r"read as one stack per kind only when its keys are exactly the kinds "
+        r"of `fns`: 'D', 'M'",
     ):
         scan_pattern(fns, INIT, {"D": layers["D"], "moe": layers["M"]}, pattern)
 
@@ -642,7 +647,9 @@ def test_outputs_that_cannot_be_stacked():
 
     with pytest.raises(
         TypeError,
-        match=r"`fns\['L'\]` must return a `y` of the same structure, shapes and dtypes at every layer .*: layer 3's `y` differs from layer 2's at \['call'\]: static leaf 2 != 1",
+        match=r"`fns\['L'\]` must return a `y` of the same structure, shapes and "
+        r"dtypes at every layer .*: layer 3's `y` differs from layer 2's at "
+        r"\['call'\]: static leaf 2 != 1",
     ):
         scan_pattern({**fns, "L": moody}, INIT, layers, pattern)
 
