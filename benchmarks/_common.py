@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -294,6 +295,19 @@ def title(m: dict[str, Any]) -> str:
 # Timing
 
 
+def strip_hlo(text: str) -> str:
+    """Optimised HLO without metadata and names, to compare two programs' structure."""
+    text = re.sub(r",?\s*metadata=\{[^}]*\}", "", text)
+    # Debug tables (file names, source locations) differ with the Python call stack.
+    text = re.sub(
+        r"^(FileNames|FunctionNames|FileLocations|StackFrames)$", "", text, flags=re.M
+    )
+    text = re.sub(r"^\s*\d+ [{\"].*$", "", text, flags=re.M)
+    text = re.sub(r"%[\w.\-]+", "%v", text)
+    text = re.sub(r"^HloModule \S+", "HloModule", text, flags=re.M)
+    return "\n".join(line for line in text.splitlines() if line.strip())
+
+
 def block(x: Any) -> Any:
     return jax.block_until_ready(x)
 
@@ -369,11 +383,12 @@ def interleaved_steps(
     return out
 
 
-def summary(times: Sequence[float]) -> dict[str, float]:
+def summary(times: Sequence[float]) -> dict[str, Any]:
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
         "repeats": len(times),
+        "times_s": list(times),
     }
 
 

@@ -18,7 +18,6 @@ it prints `report(results)`, the markdown section `run_all.py` publishes.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from typing import Any
@@ -28,20 +27,6 @@ import jax
 import numpy as np
 
 from stackedtree._scan import sqrt_group_size
-
-
-def _strip_hlo(text: str) -> str:
-    """Optimised HLO without metadata and names, to compare two programs' structure."""
-    text = re.sub(r",?\s*metadata=\{[^}]*\}", "", text)
-    # Debug tables (file names, source locations) differ with the Python call stack.
-    text = re.sub(
-        r"^(FileNames|FunctionNames|FileLocations|StackFrames)$", "", text, flags=re.M
-    )
-    text = re.sub(r"^\s*\d+ [{\"].*$", "", text, flags=re.M)
-    text = re.sub(r"%[\w.\-]+", "%v", text)
-    text = re.sub(r"^HloModule \S+", "HloModule", text, flags=re.M)
-    return "\n".join(line for line in text.splitlines() if line.strip())
-
 
 LLAMA_VARIANTS = {
     "python_loop": C.llama_python_loop,
@@ -133,7 +118,7 @@ def scan_layers_vs_lax_scan(
     compile_times, compiled = C.interleaved_compile(
         makers, (params, x), compile_repeats
     )
-    same_hlo = _strip_hlo(compiled["scan_layers"].as_text()) == _strip_hlo(
+    same_hlo = C.strip_hlo(compiled["scan_layers"].as_text()) == C.strip_hlo(
         compiled["lax_scan"].as_text()
     )
     steps = C.interleaved_steps(

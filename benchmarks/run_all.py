@@ -35,6 +35,7 @@ SCRIPTS = [
     "bench_scan",
     "bench_peers",
     "bench_memory",
+    "bench_pattern",
     "bench_stack",
     "bench_convert",
     "bench_pipeline",

@@ -237,7 +237,7 @@ def update_outputs(page: str) -> None:
             indent = FENCE.match(lines[expected.line - 1])["indent"]  # type: ignore[index]
             printed = stdout.getvalue().rstrip().splitlines()
             got = [indent + line if line else "" for line in printed]
-            end = expected.line + expected.code.count("\n")
+            end = expected.line + len(expected.code.rstrip("\n").splitlines())
             replacements.append((expected.line, end, got))
     for start, stop, got in reversed(replacements):
         lines[start:stop] = got

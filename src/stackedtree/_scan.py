@@ -161,6 +161,7 @@ def layer_step(
     has_xs: bool,
     checkpoint: bool,
     policy: Callable[..., bool] | None,
+    name: str = "fn",
 ) -> tuple[Callable[[PyTree, tuple[PyTree, PyTree, Any]], tuple[PyTree, PyTree]], list]:
     """The body of a scan over layers, and the box of `y`'s static leaves.
 
@@ -168,6 +169,7 @@ def layer_step(
     back, calls `fn` as the reference loop does (`key=` only with a key), checks the
     pair it returns and its carry, and returns the array leaves of `y`; the static
     leaves of `y` are kept once (as the reference loop's `stack` keeps them).
+    `name` is how errors refer to `fn` (`` fns['L'] `` in `scan_pattern`).
     """
 
     y_arrays, y_static = arrays_only(lambda y: y)
@@ -182,10 +184,10 @@ def layer_step(
         out = fn(*args) if k is None else fn(*args, key=k)
         if not isinstance(out, tuple | list) or len(out) != 2:
             raise TypeError(
-                "`fn` must return a pair `(carry, y)` like a `jax.lax.scan` body "
+                f"`{name}` must return a pair `(carry, y)` like a `jax.lax.scan` body "
                 f"(use `(carry, None)` for no output), got {_short_type(out)}."
             )
-        check_carry(init, out[0])
+        check_carry(init, out[0], name)
         return out[0], out[1]
 
     def body(
