@@ -61,37 +61,13 @@ save_file({**stacked, **rest}, out)
 """
 
 
-def llama_names(
-    d: int, f: int, vocab: int, n: int
-) -> list[tuple[str, tuple[int, ...]]]:
-    """HF Llama tensor names and shapes (`(out, in)` layouts)."""
-    specs: list[tuple[str, tuple[int, ...]]] = [
-        ("model.embed_tokens.weight", (vocab, d))
-    ]
-    for i in range(n):
-        p = f"model.layers.{i}."
-        specs += [
-            (p + "input_layernorm.weight", (d,)),
-            (p + "self_attn.q_proj.weight", (d, d)),
-            (p + "self_attn.k_proj.weight", (d, d)),
-            (p + "self_attn.v_proj.weight", (d, d)),
-            (p + "self_attn.o_proj.weight", (d, d)),
-            (p + "post_attention_layernorm.weight", (d,)),
-            (p + "mlp.gate_proj.weight", (f, d)),
-            (p + "mlp.up_proj.weight", (f, d)),
-            (p + "mlp.down_proj.weight", (d, f)),
-        ]
-    specs += [("model.norm.weight", (d,)), ("lm_head.weight", (vocab, d))]
-    return specs
-
-
 def write_checkpoint(path: Path, size_bytes: int, dtype: np.dtype, quick: bool) -> int:
     """Writes random bits in a Llama-shaped checkpoint of at least `size_bytes`."""
     d, f, vocab = (256, 688, 1000) if quick else (1024, 2752, 32000)
     per_layer = (4 * d * d + 3 * d * f + 2 * d) * dtype.itemsize
     fixed = (2 * vocab * d + d) * dtype.itemsize
     n = max(2, -(-(size_bytes - fixed) // per_layer))
-    specs = llama_names(d, f, vocab, n)
+    specs = C.hf_llama_names(d, f, vocab, n)
     rng = np.random.default_rng(0)
     with open(path, "wb") as out:
         out.write(safetensors_header([(name, dtype, shape) for name, shape in specs]))

@@ -56,29 +56,6 @@ SHARDINGS = ("layer", "hidden", "replicated")
 # ----------------------------------------------------------------- the checkpoint
 
 
-def llama_specs(
-    d: int, f: int, vocab: int, n: int
-) -> list[tuple[str, tuple[int, ...]]]:
-    """HF Llama tensor names and shapes (`nn.Linear` weights are `(out, in)`)."""
-    specs: list[tuple[str, tuple[int, ...]]] = [
-        ("model.embed_tokens.weight", (vocab, d))
-    ]
-    for i in range(n):
-        p = PATTERN.format(i=i)
-        specs += [
-            (p + "input_layernorm.weight", (d,)),
-            (p + "self_attn.q_proj.weight", (d, d)),
-            (p + "self_attn.k_proj.weight", (d, d)),
-            (p + "self_attn.v_proj.weight", (d, d)),
-            (p + "self_attn.o_proj.weight", (d, d)),
-            (p + "post_attention_layernorm.weight", (d,)),
-            (p + "mlp.gate_proj.weight", (f, d)),
-            (p + "mlp.up_proj.weight", (f, d)),
-            (p + "mlp.down_proj.weight", (d, f)),
-        ]
-    return [*specs, ("model.norm.weight", (d,)), ("lm_head.weight", (vocab, d))]
-
-
 def write_checkpoint(folder: Path, size_bytes: float, quick: bool) -> dict[str, Any]:
     """Random bits in a bfloat16 Llama-shaped checkpoint: 4 shards and an index."""
     import ml_dtypes
@@ -92,7 +69,9 @@ def write_checkpoint(folder: Path, size_bytes: float, quick: bool) -> dict[str, 
     per_layer = (4 * d * d + 3 * d * f + 2 * d) * 2
     fixed = (2 * vocab * d + d) * 2
     n = max(DEVICES, DEVICES * math.ceil((size_bytes - fixed) / per_layer / DEVICES))
-    specs = llama_specs(d, f, vocab, n)
+    import _common as C  # imports jax: only in the parent, never in a child
+
+    specs = C.hf_llama_names(d, f, vocab, n)
     shards = [specs[k::4] for k in range(4)]
     rng = np.random.default_rng(0)
     weight_map = {}
