@@ -8,8 +8,11 @@ bits (NaN payloads and all), and random other tensors the pattern does not match
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import ml_dtypes
@@ -17,6 +20,7 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
+import stackedtree
 from stackedtree.checkpoint._pattern import LayerPattern
 
 DTYPES = [
@@ -131,3 +135,21 @@ def unwritable_dir(tmp_path: Any) -> str:
         os.close(fd)
         os.unlink(name)
     pytest.skip("no unwritable folder available to root")
+
+
+SRC_ROOT = str(Path(stackedtree.__file__).resolve().parent.parent)
+
+
+def run_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m stackedtree ARGS` in a subprocess, importing this checkout's code."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": SRC_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "stackedtree", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )

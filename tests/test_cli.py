@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,27 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from ckptgen import assert_same_flat, unwritable_dir
+from ckptgen import assert_same_flat, run_command, unwritable_dir
 
-import stackedtree
 from stackedtree.checkpoint import load_flat, load_stacked, save_flat, stack_by_name
 from stackedtree.cli import main
 
-SRC_ROOT = str(Path(stackedtree.__file__).resolve().parent.parent)
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": SRC_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "stackedtree", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+run = run_command
 
 
 def llama(n: int = 3) -> dict[str, np.ndarray]:

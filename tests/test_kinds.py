@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,11 +12,18 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from ckptgen import NAME_CHARS, _draw_array, assert_same_flat, patterns, same, specs
+from ckptgen import (
+    NAME_CHARS,
+    _draw_array,
+    assert_same_flat,
+    patterns,
+    run_command,
+    same,
+    specs,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import stackedtree
 from stackedtree.checkpoint import (
     convert_stack,
     convert_unstack,
@@ -537,21 +541,7 @@ def test_inspect_shows_kinds(tmp_path: Path) -> None:
     )
 
 
-SRC_ROOT = str(Path(stackedtree.__file__).resolve().parent.parent)
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": SRC_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "stackedtree", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+run = run_command
 
 
 def test_the_command_stacks_and_unstacks_kinds(tmp_path: Path) -> None:
