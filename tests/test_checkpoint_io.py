@@ -357,3 +357,31 @@ def test_bad_values_names_and_dtypes(tmp_path: Path) -> None:
         save_flat(tmp_path / "a.pt", {"a": np.zeros(2)})
     assert files_in(tmp_path) == []
     save_flat(tmp_path / "a.npz", {"b": np.zeros(2, np.complex128)})  # npz stores it
+
+
+def test_npz_bfloat16_stored_big_endian_loads_its_values(tmp_path: Path) -> None:
+    # An ml_dtypes array is stored as unsigned ints; another writer may have stored
+    # them big-endian, and the bits must be read in that order.
+    values = np.array([1, 2, -3.5], ml_dtypes.bfloat16)
+    meta = json.dumps({"dtypes": {"w": "bfloat16"}, "metadata": {}})
+    with zipfile.ZipFile(tmp_path / "be.npz", "w") as zf:
+        with zf.open("w.npy", "w") as m:
+            np.lib.format.write_array(m, values.view(np.uint16).astype(">u2"))
+        with zf.open("__stackedtree__.npy", "w") as m:
+            np.lib.format.write_array(m, np.asarray(meta))
+    got = load_flat(tmp_path / "be.npz")["w"]
+    assert got.dtype == values.dtype
+    np.testing.assert_array_equal(got.astype(np.float32), values.astype(np.float32))
+
+
+def test_safetensors_entry_must_be_an_object_not_a_list_of_pairs(
+    tmp_path: Path,
+) -> None:
+    entry = [["dtype", "F32"], ["shape", [2]], ["data_offsets", [0, 8]]]
+    header = json.dumps({"w": entry}).encode()
+    header += b" " * (-len(header) % 8)
+    data = np.array([1, 2], np.float32).tobytes()
+    path = tmp_path / "pairs.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    with pytest.raises(ValueError, match=r"tensor `w` has a malformed entry: expected"):
+        load_flat(path)

@@ -376,3 +376,20 @@ def test_ungroup_layers_errors() -> None:
         "`grouped` at ['c'] has shape (5,): a grouped leaf needs two leading axes"
         in msg
     )
+
+
+def test_set_layer_numpy_stack_with_a_jax_layer_traced_or_not() -> None:
+    ints = {"w": np.zeros((3, 2), np.int32)}
+    got = set_layer(ints, 1, {"w": jnp.ones(2, jnp.int32)})
+    np.testing.assert_array_equal(got["w"], [[0, 0], [1, 1], [0, 0]])
+    floats = {"w": np.zeros((3, 2), np.float32)}
+
+    def update(v: jax.Array) -> jax.Array:
+        return set_layer(floats, 1, {"w": v})["w"]
+
+    np.testing.assert_array_equal(
+        jax.jit(update)(jnp.ones(2)), [[0, 0], [1, 1], [0, 0]]
+    )
+    np.testing.assert_array_equal(
+        jax.grad(lambda v: update(v).sum())(jnp.ones(2)), [1.0, 1.0]
+    )

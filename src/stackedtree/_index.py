@@ -127,7 +127,7 @@ def set_layer(stacked: PyTree, index: int | jax.Array, layer: PyTree, /) -> PyTr
             out = s.copy()
             out[i] = v
             return out
-        return on_bits(lambda xs, v: xs[0].at[i].set(v), [s], v)
+        return on_bits(lambda xs, v: jnp.asarray(xs[0]).at[i].set(v), [s], v)
 
     flat, treedef = flatten(stacked)
     values = jax.tree.leaves(layer)

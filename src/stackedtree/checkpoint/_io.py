@@ -346,6 +346,10 @@ def _parse_header(
             continue
         # The checks are inline, as this loop may run a million times.
         try:
+            # The parser gives a JSON object as a tuple of pairs; a JSON array of
+            # pairs is a list, which the format does not allow.
+            if type(entry) is not tuple:
+                raise TypeError
             (k1, code), (k2, shape), (k3, offsets) = entry
             if k1 != "dtype" or k2 != "shape" or k3 != "data_offsets":
                 raise ValueError

@@ -341,7 +341,10 @@ def load_npz(
             for name, (dtype, shape) in specs.items():
                 arr = read_member(path, zf, members[name], name)
                 if arr.dtype != dtype:
-                    arr = arr.view(dtype)
+                    # An ml_dtypes array is stored as unsigned ints, in either byte
+                    # order: make it native before viewing its bits as `dtype`.
+                    native = arr.dtype.newbyteorder("=")
+                    arr = arr.astype(native, copy=False).view(dtype)
                 if arr.shape != shape:
                     raise _error(path, "it changed while it was being read")
                 out[name] = arr
