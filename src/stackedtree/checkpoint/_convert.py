@@ -26,6 +26,7 @@ from ._io import (
     PathLike,
     Paths,
     TensorInfo,
+    dtype_code,
     load_flat,
     read_checkpoint,
     safetensors_header,
@@ -40,7 +41,6 @@ from ._stacked import (
     StackedLayout,
     load_stacked,
     looks_stacked,
-    save_stacked,
     stacked_layout,
     stacked_metadata,
 )
@@ -230,21 +230,6 @@ def convert_stack(
     looks_stacked(lp, g.rest)
     kinds = g.layers if len(g.kinds) > 1 else None
     metadata = stacked_metadata(pattern, g.num_layers, ckpt.metadata, kinds)
-    if not (ckpt.streamable and streams):
-        stacked, rest = stack_by_name(load_flat(src), pattern, layers=kinds)
-        save_stacked(
-            out,
-            stacked,
-            pattern,
-            rest,
-            layers=kinds,
-            overwrite=overwrite,
-            metadata=metadata,
-        )
-        nbytes = sum(t.nbytes for t in ckpt.tensors.values())
-        count = len(rest) + sum(len(k.keys) for k in g.kinds)
-        return Conversion(pattern, g.num_layers, count, nbytes, False, kinds)
-
     # Each kind's stacked tensors go where its first layer's tensors were.
     first = {
         names: (kind, j) for kind in g.kinds for j, names in enumerate(kind.names[0])
@@ -266,10 +251,22 @@ def convert_stack(
             )
         elif name in rest_names:
             items.append(_Item(name, t.dtype, t.shape, [_whole(t)]))
-    nbytes = _stream(
-        items, out, metadata, overwrite=overwrite, progress=progress, desc="stack"
-    )
-    return Conversion(pattern, g.num_layers, len(items), nbytes, True, kinds)
+    if ckpt.streamable and streams:
+        nbytes = _stream(
+            items, out, metadata, overwrite=overwrite, progress=progress, desc="stack"
+        )
+        return Conversion(pattern, g.num_layers, len(items), nbytes, True, kinds)
+
+    # From or to npz the tensors are loaded, and written in the order streaming gives.
+    _check_storable(items, streams)
+    stacked, rest = stack_by_name(load_flat(src), pattern, layers=kinds)
+    arrays = dict(rest)
+    for kind in g.kinds:
+        label = None if kinds is None else kind.label
+        part = stacked if label is None else stacked[label]
+        arrays.update({lp.stacked_name(key, label): part[key] for key in kind.keys})
+    nbytes = _save_items(items, arrays, out, metadata, overwrite=overwrite)
+    return Conversion(pattern, g.num_layers, len(items), nbytes, False, kinds)
 
 
 def convert_unstack(
@@ -317,13 +314,6 @@ def convert_unstack(
     metadata = {k: v for k, v in ckpt.metadata.items() if k not in META_KEYS}
     kinds = layout.layers
     lp = LayerPattern.parse(pattern)
-    if not (ckpt.streamable and streams):
-        loaded = load_stacked(src)
-        flat = unstack_by_name(loaded[0], pattern, loaded[1], layers=kinds)
-        save_flat(out, flat, overwrite=overwrite, metadata=metadata)
-        nbytes = sum(t.nbytes for t in ckpt.tensors.values())
-        return Conversion(pattern, n, len(flat), nbytes, False, kinds)
-
     # The layers go where the first stacked tensor was, layer by layer.
     stacked_names = {name for k in layout.kinds for name in k.names.values()}
     items: list[_Item] = []
@@ -334,10 +324,39 @@ def convert_unstack(
         elif not emitted:
             emitted = True
             items += _layer_items(ckpt, layout, lp)
-    nbytes = _stream(
-        items, out, metadata, overwrite=overwrite, progress=progress, desc="unstack"
-    )
-    return Conversion(pattern, n, len(items), nbytes, True, kinds)
+    if ckpt.streamable and streams:
+        nbytes = _stream(
+            items, out, metadata, overwrite=overwrite, progress=progress, desc="unstack"
+        )
+        return Conversion(pattern, n, len(items), nbytes, True, kinds)
+
+    # From or to npz the tensors are loaded, and written in the order streaming gives.
+    _check_storable(items, streams)
+    loaded = load_stacked(src)
+    arrays = unstack_by_name(loaded[0], pattern, loaded[1], layers=kinds)
+    nbytes = _save_items(items, arrays, out, metadata, overwrite=overwrite)
+    return Conversion(pattern, n, len(items), nbytes, False, kinds)
+
+
+def _check_storable(items: Sequence[_Item], safetensors: bool) -> None:
+    """Refuses, before anything is loaded, a dtype a safetensors output cannot hold."""
+    if safetensors:
+        for it in items:
+            dtype_code(it.dtype, it.name)
+
+
+def _save_items(
+    items: Sequence[_Item],
+    arrays: Mapping[str, np.ndarray],
+    out: PathLike,
+    metadata: Mapping[str, str],
+    *,
+    overwrite: bool,
+) -> int:
+    """Saves `arrays` under the names of `items`, in their order; the bytes written."""
+    flat = {it.name: arrays[it.name] for it in items}
+    save_flat(out, flat, overwrite=overwrite, metadata=metadata)
+    return sum(x.nbytes for x in flat.values())
 
 
 def _layer_items(
