@@ -668,3 +668,20 @@ def test_gemma_example_equals_its_loop():
     scan = jax.jit(lambda p, t: ex.forward(p, t, cfg))(params, tokens)
     loop = ex.forward(params, tokens, cfg, loop=True)  # eagerly: compiles faster
     np.testing.assert_allclose(scan, loop, rtol=1e-4, atol=1e-4)
+
+
+def test_an_eager_call_finds_a_later_layers_mistake_before_computing() -> None:
+    # Runs of one or two layers are applied layer by layer; called outside `jit`,
+    # a mistake of layer 3 must still be found before layer 2 computes anything.
+    computed = []
+
+    def add(c, p):
+        return c + p["w"], None
+
+    def mul(c, p):
+        computed.append(not isinstance(c, jax.core.Tracer))
+        return c * p["w"], jnp.ones(1 if len(computed) % 2 else 2)
+
+    with pytest.raises(TypeError, match=r"`fns\['b'\]` must return a `y` of the same"):
+        scan_pattern({"a": add, "b": mul}, jnp.array(1.0), {"w": jnp.ones(4)}, "aabb")
+    assert computed and not any(computed)

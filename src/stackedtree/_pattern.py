@@ -470,84 +470,108 @@ def scan_pattern(
         check_key(key)
     checkpoint, policy = resolve_remat(remat)
 
-    params = _Stacks(layers, per_kind_layers, ordinal)
-    inputs = None if xs is None else _Stacks(xs, per_kind_xs, ordinal)
-    keys = None if key is None else _Stacks(layer_keys(key, len(kinds)), False, ordinal)
-    sources = (params, inputs, keys)
-
-    def step(kind: Kind) -> tuple[Callable[..., tuple[PyTree, PyTree]], list]:
-        return layer_step(
-            fns[kind],
-            init,
-            params.static_of(kind),
-            None if inputs is None else inputs.static_of(kind),
-            has_xs=inputs is not None,
-            checkpoint=checkpoint,
-            policy=policy,
-            name=f"fns[{kind!r}]",
+    def compute(
+        init: PyTree, layers: PyTree, xs: PyTree, key: jax.Array | None
+    ) -> tuple[PyTree, dict[Kind, PyTree]]:
+        params = _Stacks(layers, per_kind_layers, ordinal)
+        inputs = None if xs is None else _Stacks(xs, per_kind_xs, ordinal)
+        keys = (
+            None
+            if key is None
+            else _Stacks(layer_keys(key, len(kinds)), False, ordinal)
         )
+        sources = (params, inputs, keys)
 
-    pieces: dict[Kind, list[_Piece]] = {kind: [] for kind in fns}
-
-    def run(carry: PyTree, kind: Kind, start: int, stop: int) -> PyTree:
-        if run_cost(stop - start) == 1:
-            body, y_static = step(kind)
-            seq = tuple(
-                None if s is None else s.run(kind, start, stop) for s in sources
+        def step(kind: Kind) -> tuple[Callable[..., tuple[PyTree, PyTree]], list]:
+            return layer_step(
+                fns[kind],
+                init,
+                params.static_of(kind),
+                None if inputs is None else inputs.static_of(kind),
+                has_xs=inputs is not None,
+                checkpoint=checkpoint,
+                policy=policy,
+                name=f"fns[{kind!r}]",
             )
-            carry, ys = jax.lax.scan(body, carry, seq)
-            pieces[kind].append(_Piece(start, ys, y_static[0], 1))
-            return carry
-        for i in range(start, stop):
-            body, y_static = step(kind)
-            layer = tuple(None if s is None else s.layer(kind, i) for s in sources)
-            carry, y = body(carry, layer)
-            ys = jax.tree.map(lambda y: y[None], y)
-            pieces[kind].append(_Piece(i, ys, y_static[0], 1))
-        return carry
 
-    def period(carry: PyTree, split: Split) -> PyTree:
-        layer_kinds = kinds[split.start : split.start + split.period]
-        within: Counter[Kind] = Counter()
-        offsets: list[tuple[int, int]] = []
-        for kind in layer_kinds:
-            offsets.append((len(offsets), within[kind]))
-            within[kind] += 1
-        steps = [step(kind) for kind in layer_kinds]
+        pieces: dict[Kind, list[_Piece]] = {kind: [] for kind in fns}
 
-        def body(carry: PyTree, block: tuple[PyTree, ...]) -> tuple[PyTree, tuple]:
-            ys = []
-            for kind, offset, (layer_fn, _) in zip(
-                layer_kinds, offsets, steps, strict=True
-            ):
-                sliced = tuple(
-                    None if s is None else s.pick(b, kind, offset)
-                    for s, b in zip(sources, block, strict=True)
+        def run(carry: PyTree, kind: Kind, start: int, stop: int) -> PyTree:
+            if run_cost(stop - start) == 1:
+                body, y_static = step(kind)
+                seq = tuple(
+                    None if s is None else s.run(kind, start, stop) for s in sources
                 )
-                carry, y = layer_fn(carry, sliced)
-                ys.append(y)
-            return carry, tuple(ys)
+                carry, ys = jax.lax.scan(body, carry, seq)
+                pieces[kind].append(_Piece(start, ys, y_static[0], 1))
+                return carry
+            for i in range(start, stop):
+                body, y_static = step(kind)
+                layer = tuple(None if s is None else s.layer(kind, i) for s in sources)
+                carry, y = body(carry, layer)
+                ys = jax.tree.map(lambda y: y[None], y)
+                pieces[kind].append(_Piece(i, ys, y_static[0], 1))
+            return carry
 
-        blocks = tuple(None if s is None else s.block(kinds, split) for s in sources)
-        carry, ys = jax.lax.scan(body, carry, blocks)
-        for kind in within:
-            at = [t for t, k in enumerate(layer_kinds) if k == kind]
-            sub = [_Piece(split.start + t, ys[t], steps[t][1][0], 1) for t in at]
-            if len(at) > 1:
-                _join_ys(kind, sub)  # the same output at every position, else an error
-            # (repeats, positions, ...) in row-major order is the kind's layer order.
-            stacked = jax.tree.map(
-                lambda *y: jnp.stack(y, axis=1), *(p.arrays for p in sub)
+        def period(carry: PyTree, split: Split) -> PyTree:
+            layer_kinds = kinds[split.start : split.start + split.period]
+            within: Counter[Kind] = Counter()
+            offsets: list[tuple[int, int]] = []
+            for kind in layer_kinds:
+                offsets.append((len(offsets), within[kind]))
+                within[kind] += 1
+            steps = [step(kind) for kind in layer_kinds]
+
+            def body(carry: PyTree, block: tuple[PyTree, ...]) -> tuple[PyTree, tuple]:
+                ys = []
+                for kind, offset, (layer_fn, _) in zip(
+                    layer_kinds, offsets, steps, strict=True
+                ):
+                    sliced = tuple(
+                        None if s is None else s.pick(b, kind, offset)
+                        for s, b in zip(sources, block, strict=True)
+                    )
+                    carry, y = layer_fn(carry, sliced)
+                    ys.append(y)
+                return carry, tuple(ys)
+
+            blocks = tuple(
+                None if s is None else s.block(kinds, split) for s in sources
             )
-            pieces[kind].append(_Piece(split.start + at[0], stacked, sub[0].static, 2))
-        return carry
+            carry, ys = jax.lax.scan(body, carry, blocks)
+            for kind in within:
+                at = [t for t, k in enumerate(layer_kinds) if k == kind]
+                sub = [_Piece(split.start + t, ys[t], steps[t][1][0], 1) for t in at]
+                if len(at) > 1:
+                    _join_ys(
+                        kind, sub
+                    )  # the same output at every position, else an error
+                # (repeats, positions, ...) in row-major order is the kind's layer order.
+                stacked = jax.tree.map(
+                    lambda *y: jnp.stack(y, axis=1), *(p.arrays for p in sub)
+                )
+                pieces[kind].append(
+                    _Piece(split.start + at[0], stacked, sub[0].static, 2)
+                )
+            return carry
 
-    split = split_pattern(kinds)
-    carry = init
-    for kind, start, stop in kind_runs(kinds, 0, split.start):
-        carry = run(carry, kind, start, stop)
-    if split.repeats:
-        carry = period(carry, split)
-    for kind, start, stop in kind_runs(kinds, split.stop, len(kinds)):
-        carry = run(carry, kind, start, stop)
-    return carry, {kind: _join_ys(kind, pieces[kind]) for kind in fns}
+        split = split_pattern(kinds)
+        carry = init
+        for kind, start, stop in kind_runs(kinds, 0, split.start):
+            carry = run(carry, kind, start, stop)
+        if split.repeats:
+            carry = period(carry, split)
+        for kind, start, stop in kind_runs(kinds, split.stop, len(kinds)):
+            carry = run(carry, kind, start, stop)
+        return carry, {kind: _join_ys(kind, pieces[kind]) for kind in fns}
+
+    if not any(
+        isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((init, layers, xs, key))
+    ):
+        # Called eagerly, the runs applied layer by layer would compute before a
+        # later layer's mistake is found: trace the whole pattern first.
+        arrays, static = split_static((init, layers, xs, key))
+        jax.eval_shape(
+            lambda a: split_static(compute(*merge_static(a, static)))[0], arrays
+        )
+    return compute(init, layers, xs, key)
