@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from stackedtree.checkpoint import (
     Rule,
     Transform,
+    _mapping,
     flatten_by_rules,
     load_flat,
     save_stacked,
@@ -488,3 +489,24 @@ def test_tree_to_names_to_tree_is_bit_exact(
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree), strict=True):
         assert same(a, b)
     assert_same_flat(flatten_by_rules(back, rules), flat)
+
+
+def test_a_shape_mismatch_is_found_before_any_tensor_is_stacked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    flat = {f"h.{i}.w": np.zeros((3, 2), np.float32) for i in range(4)}
+    like = {"w": np.zeros((4, 2, 3), np.float32)}  # wants the transpose
+    stacked_data = []
+    real = _mapping.stack_by_name
+
+    def counting(tensors, pattern, /, **kwargs):
+        if any(isinstance(x, np.ndarray) for x in tensors.values()):
+            stacked_data.append(pattern)
+        return real(tensors, pattern, **kwargs)
+
+    monkeypatch.setattr(_mapping, "stack_by_name", counting)
+    with pytest.raises(ValueError, match=r"w from 'h.{i}.w': shape \(4, 3, 2\) != "):
+        unflatten_by_rules(flat, [Rule("h.{i}.w", "w")], like)
+    assert stacked_data == []
+    tree = unflatten_by_rules(flat, [Rule("h.{i}.w", "w", transpose(1, 0))], like)
+    assert tree["w"].shape == (4, 2, 3) and stacked_data == ["h.{i}."]

@@ -480,16 +480,41 @@ def unflatten_by_rules(
     if problems:
         fail(problems, "`flat` and `like` do not match one to one under `rules`")
 
-    stacked: dict[str, Any] = {}
-    for pattern in dict.fromkeys(owners.values()):
-        names = {
-            n
-            for r in table
-            if r.pattern is not None and str(r.pattern) == pattern
-            for n in sources[r.name] or ()
-        }
-        part, _ = stack_by_name({n: flat[n] for n in flat if n in names}, pattern)
-        stacked.update({pattern + key: x for key, x in part.items()})
+    def stack_layers(tensors: Mapping[str, Any]) -> dict[str, Any]:
+        stacked: dict[str, Any] = {}
+        for pattern in dict.fromkeys(owners.values()):
+            names = {
+                n
+                for r in table
+                if r.pattern is not None and str(r.pattern) == pattern
+                for n in sources[r.name] or ()
+            }
+            part, _ = stack_by_name({n: tensors[n] for n in names}, pattern)
+            stacked.update({pattern + key: x for key, x in part.items()})
+        return stacked
+
+    # Shapes first, on abstract tensors: a rule that cannot fill its leaf (a missing
+    # transpose, say) is found before any tensor is stacked. Dtypes are checked on
+    # the data below: jax narrows 64-bit abstract values without x64.
+    abstract = {
+        n: jax.ShapeDtypeStruct(shape_of(x), dtype_of(x)) for n, x in flat.items()
+    }
+    planned = stack_layers(abstract)
+    for r in table:
+        x = planned[r.name] if sources[r.name] is not None else abstract[r.name]
+        try:
+            got = shape_of(_run(x, r.transforms, inverse=False))
+        except Exception:  # a transform only numpy can run: checked below, on data
+            continue
+        want = shape_of(leaves[r.path])
+        if got != want:
+            problems.append(
+                f"{r.path} from {r.name!r}: shape {fmt_shape(got)} != {fmt_shape(want)}"
+            )
+    if problems:
+        fail(problems, "`flat` does not fit `like` under `rules`")
+
+    stacked = stack_layers(flat)
     out = {}
     for r in table:
         x = stacked[r.name] if sources[r.name] is not None else flat[r.name]
