@@ -38,7 +38,7 @@ from stackedtree.checkpoint import (
 )
 from stackedtree.checkpoint._io import read_checkpoint
 from stackedtree.checkpoint._pattern import LayerPattern, kind_label
-from stackedtree.checkpoint._stacked import split_stacked
+from stackedtree.checkpoint._stacked import stacked_layout
 from stackedtree.cli import main
 
 P = "model.layers.{i}."
@@ -259,10 +259,6 @@ def test_kinds_file_layout(tmp_path: Path) -> None:
     assert (tmp_path / "u.safetensors").read_bytes() == (
         tmp_path / "a.safetensors"
     ).read_bytes()
-    with pytest.raises(
-        ValueError, match=r"holds layers of 2 kinds, A \(layers 0-1\), B \(layers 2-4\)"
-    ):
-        split_stacked(read_checkpoint(tmp_path / "s.safetensors"))
 
 
 def test_interleaved_kinds_and_their_labels(tmp_path: Path) -> None:
@@ -504,7 +500,7 @@ def test_a_uniform_file_keeps_reading_as_before(tmp_path: Path) -> None:
     )
     stacked, rest, _ = load_stacked(path)
     assert list(stacked) == ["w"] and list(rest) == ["h.{i:A}.w"]
-    assert split_stacked(read_checkpoint(path))[2] == {"w": "h.{i}.w"}
+    assert stacked_layout(read_checkpoint(path)).kinds[0].names == {"w": "h.{i}.w"}
 
 
 # ----------------------------------------------------------------- inspect, command

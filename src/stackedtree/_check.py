@@ -17,6 +17,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NoReturn
 
+import numpy as np
+
 from ._leaf import (
     dtype_of,
     fmt_shape,
@@ -64,6 +66,15 @@ def fail(
 ) -> NoReturn:
     """Raises `error` with `message(lines, header, title=title)`."""
     raise error(message(lines, header, title=title))
+
+
+def check_count(value: Any, arg: str, minimum: int = 1) -> int:
+    """`value` as an int of at least `minimum` (a count: layers, stages, a size)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"`{arg}` must be an int, got {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"`{arg}` must be >= {minimum}, got {value}.")
+    return int(value)
 
 
 # ----------------------------------------------------------------- the leaf comparator

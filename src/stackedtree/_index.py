@@ -9,7 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._check import count_layers, fail, leading_shapes, num_layers_of, tree_problems
+from ._check import (
+    check_count,
+    count_layers,
+    fail,
+    leading_shapes,
+    num_layers_of,
+    tree_problems,
+)
 from ._leaf import leaf_kind, on_bits, shape_of
 from ._stack import check_same_layers, check_sequence, num_layers
 from ._tree import (
@@ -229,14 +236,6 @@ def concat_layers(stacks: Sequence[PyTree], /) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _check_size(size: Any) -> int:
-    if isinstance(size, bool) or not isinstance(size, int | np.integer):
-        raise TypeError(f"`size` must be an int, got {type(size).__name__}.")
-    if size < 1:
-        raise ValueError(f"`size` must be >= 1, got {size}.")
-    return int(size)
-
-
 def group_layers(stacked: PyTree, size: int, /) -> PyTree:
     """Reshapes the layer axis `(N, ...)` into `(N // size, size, ...)`.
 
@@ -259,7 +258,7 @@ def group_layers(stacked: PyTree, size: int, /) -> PyTree:
         >>> group_layers({"w": np.zeros((6, 4))}, 2)["w"].shape
         (3, 2, 4)
     """
-    size = _check_size(size)
+    size = check_count(size, "size")
     n = num_layers(stacked)
     if n % size:
         raise ValueError(

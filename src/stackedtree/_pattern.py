@@ -497,7 +497,7 @@ def scan_pattern(
         pieces: dict[Kind, list[_Piece]] = {kind: [] for kind in fns}
 
         def run(carry: PyTree, kind: Kind, start: int, stop: int) -> PyTree:
-            if run_cost(stop - start) == 1:
+            if stop - start > UNROLL:
                 body, y_static = step(kind)
                 seq = tuple(
                     None if s is None else s.run(kind, start, stop) for s in sources

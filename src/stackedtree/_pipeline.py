@@ -11,9 +11,10 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, Mesh, PartitionSpec
 
-from ._check import count_layers, fail, leading_shapes, num_layers_of
+from ._check import check_count, count_layers, fail, leading_shapes, num_layers_of
 from ._leaf import fmt_shape, is_array, shape_of
 from ._scan import Remat, resolve_remat, scan_layers
+from ._sharding import entry_names
 from ._stack import check_key
 from ._tree import (
     PyTree,
@@ -24,14 +25,6 @@ from ._tree import (
     split_static,
     where,
 )
-
-
-def _check_count(value: Any, arg: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"`{arg}` must be an int, got {type(value).__name__}.")
-    if value < 1:
-        raise ValueError(f"`{arg}` must be >= 1, got {value}.")
-    return int(value)
 
 
 def _reshaped(x: Any, shape: tuple[int, ...], lead: int) -> Any:
@@ -48,7 +41,7 @@ def _reshaped(x: Any, shape: tuple[int, ...], lead: int) -> Any:
     sharding = jax.typeof(x).sharding
     spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
     mesh_axes = tuple(
-        a for entry in spec[:lead] if entry is not None for a in _names(entry)
+        a for entry in spec[:lead] if entry is not None for a in entry_names(entry)
     )
     if not mesh_axes:
         return x.reshape(shape)
@@ -57,10 +50,6 @@ def _reshaped(x: Any, shape: tuple[int, ...], lead: int) -> Any:
     head[1 if new_lead == 3 else 0] = mesh_axes
     out = sharding.update(spec=PartitionSpec(*head, *spec[lead:]))
     return jax.lax.reshape(x, shape, out_sharding=out)
-
-
-def _names(entry: Any) -> tuple[Any, ...]:
-    return tuple(entry) if isinstance(entry, tuple | list) else (entry,)
 
 
 def stage_layers(layers: PyTree, stages: int, /, *, repeats: int = 1) -> PyTree:
@@ -97,8 +86,8 @@ def stage_layers(layers: PyTree, stages: int, /, *, repeats: int = 1) -> PyTree:
         >>> staged["w"][1, 0].tolist()  # repeat 1, stage 0: the third block of two
         [4, 5]
     """
-    stages = _check_count(stages, "stages")
-    repeats = _check_count(repeats, "repeats")
+    stages = check_count(stages, "stages")
+    repeats = check_count(repeats, "repeats")
     n = num_layers_of(layers, "layers")
     if n % (stages * repeats):
         raise ValueError(
@@ -408,7 +397,7 @@ def pipeline_layers(
             f"`batch_axis` must be an int, got {type(batch_axis).__name__}."
         )
     batch = _batch_size(init, int(batch_axis))
-    microbatches = _check_count(microbatches, "microbatches")
+    microbatches = check_count(microbatches, "microbatches")
     if batch % microbatches:
         raise ValueError(
             f"`microbatches` {microbatches} does not divide the batch size {batch} of "
@@ -469,11 +458,6 @@ class _Schedule(NamedTuple):
     @property
     def steps(self) -> int:
         return self.repeats * self.microbatches + self.stages - 1
-
-    @property
-    def bubble(self) -> float:
-        """The fraction of stage-steps that run no work item."""
-        return (self.stages - 1) / self.steps
 
 
 def _pipeline(

@@ -31,7 +31,7 @@ def _is_spec(x: Any) -> bool:
     return x is None or isinstance(x, PartitionSpec)
 
 
-def _entry_names(entry: Any) -> tuple[str, ...]:
+def entry_names(entry: Any) -> tuple[str, ...]:
     """The mesh axis names of one `PartitionSpec` entry."""
     if entry is None or entry is PartitionSpec.UNCONSTRAINED:
         return ()
@@ -85,7 +85,7 @@ def layer_specs(specs: PyTree, /, *, axis: AxisName = None) -> PyTree:
         P('stage', 'tp')
     """
     _check_axis(axis)
-    taken = set(_entry_names(axis))
+    taken = set(entry_names(axis))
     problems: list[str] = []
 
     def one(path: Any, spec: Any) -> PartitionSpec:
@@ -95,7 +95,7 @@ def layer_specs(specs: PyTree, /, *, axis: AxisName = None) -> PyTree:
                 f"None (replicated), got {type(spec).__name__} {spec!r}."
             )
         spec = PartitionSpec() if spec is None else spec
-        clash = [n for entry in spec for n in _entry_names(entry) if n in taken]
+        clash = [n for entry in spec for n in entry_names(entry) if n in taken]
         if clash:
             problems.append(
                 f"{where('specs', path)} is {spec} and already uses mesh axis "
@@ -142,7 +142,7 @@ def layer_shardings(mesh: Mesh, specs: PyTree, /, *, axis: AxisName = None) -> P
     names = tuple(mesh.axis_names)
     problems = []
     for path, spec in flatten_specs(stacked):
-        unknown = [n for e in spec for n in _entry_names(e) if n not in names]
+        unknown = [n for e in spec for n in entry_names(e) if n not in names]
         if unknown:
             problems.append(
                 f"{where('specs', path)} ({spec}) names mesh axis "
@@ -188,7 +188,7 @@ def sharding_problems(
     sizes = dict(sharding.mesh.shape)
     problems = []
     for dim, entry in enumerate(spec):
-        names = _entry_names(entry)
+        names = entry_names(entry)
         split = math.prod(sizes[n] for n in names)
         if shape[dim] % split:
             what = (

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._check import fail, num_layers_of, tree_problems
+from ._check import check_count, fail, num_layers_of, tree_problems
 from ._leaf import fmt_shape, is_array, shape_of, stack_leaves
 from ._tree import (
     KeyPath,
@@ -233,12 +233,9 @@ def layer_keys(key: jax.Array, n: int, /) -> jax.Array:
         True
     """
     check_key(key)
-    if isinstance(n, bool) or not isinstance(n, int | np.integer):
-        raise TypeError(f"`n` must be an int, got {type(n).__name__}.")
-    if n < 0:
-        raise ValueError(f"`n` must be >= 0, got {n}.")
+    n = check_count(n, "n", minimum=0)
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(
-        jnp.arange(int(n), dtype=jnp.uint32)
+        jnp.arange(n, dtype=jnp.uint32)
     )
 
 
@@ -273,10 +270,7 @@ def init_stacked(
     """
     if not callable(init_fn):
         raise TypeError(f"`init_fn` must be callable, got {type(init_fn).__name__}.")
-    if isinstance(n, bool) or not isinstance(n, int | np.integer):
-        raise TypeError(f"`n` must be an int, got {type(n).__name__}.")
-    if n < 1:
-        raise ValueError(f"`n` must be >= 1, got {n}.")
+    n = check_count(n, "n")
     init_arrays, static = arrays_only(init_fn)
-    arrays = jax.vmap(init_arrays)(layer_keys(key, int(n)))
+    arrays = jax.vmap(init_arrays)(layer_keys(key, n))
     return merge_static(arrays, static[0])

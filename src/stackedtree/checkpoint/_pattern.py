@@ -166,10 +166,6 @@ class LayerPattern:
             return None
         return kind, name[end + len(self.after) :]
 
-    def claimed(self, names: Iterable[str]) -> list[str]:
-        """The names this pattern reads as a layer's tensor."""
-        return [name for name in names if self.match(name) is not None]
-
     @classmethod
     def detect(cls, names: Iterable[str]) -> LayerPattern:
         """The layer pattern of a per-layer checkpoint, found from its tensor names.

@@ -304,32 +304,6 @@ def stacked_layout(ckpt: Checkpoint) -> StackedLayout:
     )
 
 
-def describe_kinds(kinds: Mapping[str, Sequence[int]]) -> str:
-    """`{"A": [0, 1, 2], "B": [3, 4]}` -> `"A (layers 0-2), B (layers 3-4)"`."""
-    return ", ".join(
-        f"{label} (layer{'s' if len(layers) > 1 else ''} {ranges(layers)})"
-        for label, layers in kinds.items()
-    )
-
-
-def split_stacked(ckpt: Checkpoint) -> tuple[str, int, dict[str, str], list[str]]:
-    """`(pattern, N, {key: stacked name}, rest names)` of a stacked checkpoint.
-
-    Raises:
-        ValueError: as `stacked_layout`; the file holds layers of several kinds
-            (read those with `stacked_layout`).
-    """
-    layout = stacked_layout(ckpt)
-    if layout.layers is not None:
-        where = ", ".join(f"`{f}`" for f in ckpt.files)
-        raise ValueError(
-            f"{where} holds layers of {len(layout.kinds)} kinds, "
-            f"{describe_kinds(layout.layers)}, each stacked on its own; load it "
-            f"with `load_stacked` or `load_flat`."
-        )
-    return layout.pattern, layout.num_layers, layout.kinds[0].names, layout.rest
-
-
 def load_stacked(
     path_or_paths: Paths, /
 ) -> (
