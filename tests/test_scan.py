@@ -387,7 +387,7 @@ def test_carry_dtype_change_is_named():
 def test_carry_structure_change_is_named():
     with pytest.raises(
         TypeError,
-        match=r"different structure from `init` at the root: "
+        match=r"different structure from `init`: "
         r"unexpected \['extra'\]",
     ):
         scan_layers(

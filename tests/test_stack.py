@@ -103,7 +103,7 @@ def test_mixing_abstract_and_concrete_is_a_type_error() -> None:
     a = {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
     b = {"w": jnp.zeros((2,), jnp.float32)}
     with pytest.raises(
-        TypeError, match=r"`layers` mixes jax.ShapeDtypeStruct .* at \['w'\]"
+        TypeError, match=r"`layers` at \['w'\] mixes jax.ShapeDtypeStruct"
     ):
         stack([a, b])
 

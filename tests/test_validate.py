@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from fixtures import Attention
 
-from stackedtree import assert_stacked, stack
+from stackedtree import assert_stacked, scan_layers, set_layer, stack
+
+LAYERS = {"w": jnp.ones((3, 2))}
 
 
 def good(n: int = 4, lib: Any = np) -> dict[str, Any]:
@@ -88,6 +90,52 @@ def test_long_lists_are_cut_with_a_count() -> None:
     assert lines[-1] == "  ... and 5 more"
 
 
+def _message(f: Any, *args: Any) -> str:
+    with pytest.raises((TypeError, ValueError, AssertionError)) as info:
+        f(*args)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (
+            lambda: stack([np.zeros(2), np.zeros(3)]),
+            "`layers[1]` differs from `layers[0]`: shape (3,) != (2,).",
+        ),
+        (
+            lambda: stack([np.zeros(2), {"a": np.zeros(3)}]),
+            "`layers[1]` has a different tree structure from `layers[0]`: expected a "
+            "leaf, got a dict node.",
+        ),
+        (
+            lambda: set_layer(jnp.zeros((3, 2)), 0, jnp.zeros(3)),
+            "`layer` differs from layer 0 of `stacked`: shape (3,) != (2,).",
+        ),
+        (
+            lambda: assert_stacked(jnp.zeros((3, 2)), 3, like={"a": jnp.zeros(2)}),
+            "[Chex] Assertion assert_stacked failed: `tree` has a different structure "
+            "from `like`: expected a dict node, got a leaf.",
+        ),
+        (
+            lambda: scan_layers(lambda c, p: ({"a": c}, None), jnp.zeros(2), LAYERS),
+            "`fn` returned a carry with a different structure from `init`: expected a "
+            "leaf, got a dict node.",
+        ),
+        (
+            lambda: stack(
+                [jax.ShapeDtypeStruct((2,), np.float32), np.zeros(2, np.float32)]
+            ),
+            "`layers` mixes jax.ShapeDtypeStruct and concrete arrays; stack either "
+            "all-abstract or all-concrete layers.",
+        ),
+    ],
+)
+def test_a_root_leaf_is_named_by_its_argument_alone(call: Any, expected: str) -> None:
+    # One wording everywhere: `arg` at path, and `arg` alone for the root.
+    assert _message(call) == expected
+
+
 def test_is_switched_by_chex() -> None:
     bad = {"w": np.zeros((3, 2))}
     chex.disable_asserts()
@@ -128,7 +176,7 @@ def test_like_lists_shape_and_dtype_differences() -> None:
 def test_like_structure_difference() -> None:
     with pytest.raises(
         AssertionError,
-        match=r"`tree` has a different structure from `like` at the root: "
+        match=r"`tree` has a different structure from `like`: "
         r"missing \['extra'\]",
     ):
         assert_stacked(good(), like={**LIKE, "extra": np.zeros(1)})

@@ -132,8 +132,9 @@ def tree_problems(
 ) -> Iterator[tuple[Any, str, bool]]:
     """Every leaf where tree `got` differs from tree `want`: `(path, phrase, is_type)`.
 
-    A structure difference is one problem at the path where the structures first
-    part, located by `_tree.structure_difference`. Leaves are compared with
+    A structure difference is one problem, with path None, located by
+    `_tree.structure_difference` where the structures first part; its phrase follows
+    a noun directly (`` at ['mlp']: missing 'bias'``, ``: expected ...`` at the root). Leaves are compared with
     `leaf_problems`.
     """
     from . import _tree  # imports jax; see the module docstring

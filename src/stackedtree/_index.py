@@ -22,11 +22,12 @@ from ._stack import check_same_layers, check_sequence, num_layers
 from ._tree import (
     PyTree,
     abstract_layer,
+    at,
     check_index,
     flatten,
     is_array,
     map_arrays,
-    path_str,
+    where,
 )
 
 
@@ -113,12 +114,10 @@ def set_layer(stacked: PyTree, index: int | jax.Array, layer: PyTree, /) -> PyTr
     for path, phrase, is_type in tree_problems(abstract_layer(stacked), layer):
         if path is None:
             problems.append(
-                f"`layer` has a different tree structure from {target} {phrase}"
+                f"`layer` has a different tree structure from {target}{phrase}"
             )
         else:
-            problems.append(
-                f"`layer` differs from {target} at {path_str(path)}: {phrase}"
-            )
+            problems.append(f"`layer` differs from {target}{at(path)}: {phrase}")
         type_error |= is_type
     if problems:
         fail(
@@ -227,8 +226,8 @@ def concat_layers(stacks: Sequence[PyTree], /) -> PyTree:
             out.append(_sds((total, *shape_of(leaf0)[1:]), leaf0))
         elif "abstract" in kinds:
             raise TypeError(
-                f"`stacks` mixes jax.ShapeDtypeStruct and concrete arrays at "
-                f"{path_str(flats[0][j][0])}; concatenate either all-abstract or "
+                f"{where('stacks', flats[0][j][0])} mixes jax.ShapeDtypeStruct and "
+                "concrete arrays; concatenate either all-abstract or "
                 "all-concrete stacks."
             )
         else:

@@ -109,7 +109,7 @@ def static_repr(x: Any) -> str:
     return text
 
 
-def stack_leaves(leaves: Sequence[Any], arg: str, path: str) -> Any:
+def stack_leaves(leaves: Sequence[Any], where: str) -> Any:
     """Stacks the same array leaf of N layers along a new leading axis.
 
     Numpy stays numpy (one host copy), any jax leaf makes the result jax, and
@@ -118,7 +118,7 @@ def stack_leaves(leaves: Sequence[Any], arg: str, path: str) -> Any:
 
     Raises:
         TypeError: abstract and concrete leaves are mixed; the message names the
-            argument `arg` and the leaf's `path`.
+            leaf as `where` says (`` `layers` at ['w'] ``).
     """
     kinds = {leaf_kind(x) for x in leaves}
     if kinds == {"numpy"}:
@@ -135,8 +135,8 @@ def stack_leaves(leaves: Sequence[Any], arg: str, path: str) -> Any:
         )
     if "abstract" in kinds:
         raise TypeError(
-            f"`{arg}` mixes jax.ShapeDtypeStruct and concrete arrays at {path}; stack "
-            "either all-abstract or all-concrete layers."
+            f"{where} mixes jax.ShapeDtypeStruct and concrete arrays; stack either "
+            "all-abstract or all-concrete layers."
         )
     return on_bits(jax.numpy.stack, leaves)
 

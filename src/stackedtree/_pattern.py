@@ -26,7 +26,7 @@ from ._check import count_layers, fail, leading_shapes, tree_problems
 from ._leaf import dtype_of, is_array, shape_of
 from ._scan import Remat, layer_step, resolve_remat
 from ._stack import check_key, layer_keys
-from ._tree import PyTree, map_arrays, merge_static, path_str, split_static
+from ._tree import PyTree, at, map_arrays, merge_static, split_static
 
 Kind = Hashable
 UNROLL = 2  # runs of up to this many layers outside the period are not scanned
@@ -339,10 +339,9 @@ def _join_ys(kind: Kind, pieces: list[_Piece]) -> PyTree:
     problems = []
     for piece in pieces[1:]:
         for path, phrase, _ in tree_problems(want, one_layer(piece)):
-            at = "" if path is None else f" at {path_str(path)}:"
+            loc = phrase if path is None else f"{at(path)}: {phrase}"
             problems.append(
-                f"layer {piece.first}'s `y` differs from layer {pieces[0].first}'s{at} "
-                f"{phrase}"
+                f"layer {piece.first}'s `y` differs from layer {pieces[0].first}'s{loc}"
             )
     if problems:
         fail(

@@ -18,7 +18,7 @@ import numpy as np
 from ._check import count_layers, fail, leading_shapes, num_layers_of, tree_problems
 from ._leaf import dtype_of, fmt_shape, is_array
 from ._stack import check_key, layer_keys
-from ._tree import PyTree, arrays_only, merge_static, path_str, split_static
+from ._tree import PyTree, arrays_only, at, merge_static, split_static
 
 # Policies in `jax.checkpoint_policies` that are policies themselves (the others there are
 # factories taking names, which users pass as callables).
@@ -122,19 +122,16 @@ def _aval(x: Any) -> Any:
 
 def check_carry(init: PyTree, carry: PyTree, fn: str = "fn") -> None:
     """The carry `fn` returned matches `init` in structure, shapes and dtypes."""
-    problems, structure = [], False
+    problems = []
     for path, phrase, _ in tree_problems(
         jax.tree.map(_aval, init), jax.tree.map(_aval, carry), weak_dtypes=True
     ):
-        structure |= path is None
-        at = "" if path is None else f" at {path_str(path)}:"
-        problems.append(f"the carry differs{at} {phrase}")
-    if structure:
-        raise TypeError(
-            f"`{fn}` returned a carry with a different structure from `init` "
-            + problems[0].removeprefix("the carry differs ")
-            + "."
-        )
+        if path is None:
+            raise TypeError(
+                f"`{fn}` returned a carry with a different structure from `init`"
+                f"{phrase}."
+            )
+        problems.append(f"the carry differs{at(path)}: {phrase}")
     if problems:
         fail(
             problems,

@@ -16,9 +16,10 @@ from ._tree import (
     PyTree,
     abstract_layer,
     arrays_only,
+    at,
     flatten,
     merge_static,
-    path_str,
+    where,
 )
 
 
@@ -54,12 +55,12 @@ def check_same_layers(
         for path, phrase, is_type in tree_problems(want, layer, lead=lead):
             if path is None:
                 problems.append(
-                    f"`{arg}[{i}]` has a different tree structure from `{arg}[0]` "
+                    f"`{arg}[{i}]` has a different tree structure from `{arg}[0]`"
                     + phrase
                 )
             else:
                 problems.append(
-                    f"`{arg}[{i}]` differs from `{arg}[0]` at {path_str(path)}: {phrase}"
+                    f"`{arg}[{i}]` differs from `{arg}[0]`{at(path)}: {phrase}"
                 )
             type_error |= is_type
     if problems:
@@ -104,7 +105,7 @@ def stack(layers: Sequence[PyTree], /) -> PyTree:
     for j, (path, leaf0) in enumerate(flats[0]):
         if is_array(leaf0):
             leaves = [flat[j][1] for flat in flats]
-            out.append(stack_leaves(leaves, "layers", path_str(path)))
+            out.append(stack_leaves(leaves, where("layers", path)))
         else:
             out.append(leaf0)
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -31,9 +31,17 @@ def path_str(path: KeyPath) -> str:
     return jax.tree_util.keystr(tuple(path)).removeprefix(".") or "<root>"
 
 
+def at(path: KeyPath) -> str:
+    """`` at attention.q_proj ``, or nothing for the root.
+
+    How every message locates a leaf: a root leaf is named by its argument alone.
+    """
+    return f" at {path_str(path)}" if path else ""
+
+
 def where(arg: str, path: KeyPath) -> str:
     """`` `layers` at attention.q_proj ``, or just `` `layers` `` for the root."""
-    return f"`{arg}` at {path_str(path)}" if path else f"`{arg}`"
+    return f"`{arg}`{at(path)}"
 
 
 def flatten(tree: PyTree) -> tuple[list[tuple[KeyPath, Any]], Any]:
@@ -52,15 +60,16 @@ def _children(x: Any) -> tuple[list[tuple[KeyPath, Any]], Any]:
 def structure_difference(a: PyTree, b: PyTree) -> str:
     """Describes where the pytree structures of `a` and `b` first differ.
 
-    Returns a phrase like ``at attention: node type Attention != dict`` or
-    ``at ['mlp']: missing 'bias'``, with `a` taken as expected and `b` as actual.
-    Assumes the structures do differ.
+    Returns a phrase like `` at attention: node type Attention != dict`` or
+    `` at ['mlp']: missing 'bias'`` (``: expected a leaf, got a dict node`` at the
+    root, see `at`), to follow a noun directly, with `a` taken as expected and `b` as
+    actual. Assumes the structures do differ.
     """
 
     def walk(x: Any, y: Any, path: KeyPath) -> str | None:
         x_is_leaf = jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x))
         y_is_leaf = jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(y))
-        loc = f"at {path_str(path)}" if path else "at the root"
+        loc = at(path)
         if (x is None) != (y is None):
             # None is an empty node, not a leaf: an optional field (`bias=None`) set in
             # one tree and not in the other.
@@ -114,7 +123,7 @@ def structure_difference(a: PyTree, b: PyTree) -> str:
                     if not static_equal(vx, vy):
                         field = path_str((*path, jax.tree_util.GetAttrKey(f.name)))
                         return (
-                            f"at {field}: static field {vy!r} != {vx!r} (static fields "
+                            f" at {field}: static field {vy!r} != {vx!r} (static fields "
                             "are part of the tree structure and must be equal)"
                         )
             _, ax = dx.node_data()
@@ -127,7 +136,7 @@ def structure_difference(a: PyTree, b: PyTree) -> str:
         return None
 
     found = walk(a, b, ())
-    return found if found is not None else "in a way that could not be located"
+    return found if found is not None else " in a way that could not be located"
 
 
 def split_static(tree: PyTree) -> tuple[PyTree, PyTree]:

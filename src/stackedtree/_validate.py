@@ -13,7 +13,7 @@ import chex
 from chex._src.asserts_internal import chex_assertion
 
 from ._check import count_layers, leading_shapes, message, tree_problems
-from ._tree import PyTree, abstract_layer, path_str, split_static
+from ._tree import PyTree, abstract_layer, at, split_static
 
 
 def _chex_fails(check: Callable[..., None], *args: Any) -> str | None:
@@ -43,12 +43,10 @@ def _check_stacked(tree: PyTree, num_layers: int | None, like: PyTree | None) ->
     if like is not None:
         if _chex_fails(chex.assert_trees_all_equal_structs, tree, like):
             for _, phrase, _ in tree_problems(like, tree):
-                problems.append(
-                    f"`tree` has a different structure from `like` {phrase}"
-                )
+                problems.append(f"`tree` has a different structure from `like`{phrase}")
         else:
             located = [
-                f"`tree` differs from `like` at {path_str(path)}: {phrase}"
+                f"`tree` differs from `like`{at(path)}: {phrase}"
                 for path, phrase, _ in tree_problems(like, tree, lead=1)
             ]
             verdict = _chex_fails(

@@ -418,7 +418,7 @@ def num_stacked_layers(stacked: Mapping[str, Any], arg: str = "stacked") -> int:
 def _stack(flat: Mapping[str, Any], g: Grouping) -> dict[str, Any]:
     return {
         key: stack_leaves(
-            [flat[g.names[j][k]] for j in range(g.num_layers)], "flat", f"`{key}`"
+            [flat[g.names[j][k]] for j in range(g.num_layers)], f"`flat` at `{key}`"
         )
         for k, key in enumerate(g.keys)
     }
