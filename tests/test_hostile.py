@@ -183,13 +183,21 @@ def npz_huge_size_claim(folder: Path) -> str:
     return str(path)
 
 
-def stacked_with_layers(folder: Path, n: int) -> str:
+def object_npz(folder: Path, name: str) -> str:
+    path = folder / "o.npz"
+    np.savez(path, **{name: np.array([{"a": 1}], dtype=object)})
+    return str(path)
+
+
+def stacked_with_layers(
+    folder: Path, n: int, pattern: str = "h.{i}.", shape: list[int] | None = None
+) -> str:
     header = {
         "__metadata__": {
-            "stackedtree.pattern": "h.{i}.",
+            "stackedtree.pattern": pattern,
             "stackedtree.num_layers": str(n),
         },
-        "h.{i}.w": {"dtype": "U8", "shape": [n, 0], "data_offsets": [0, 0]},
+        "h.{i}.w": {"dtype": "U8", "shape": shape or [n, 0], "data_offsets": [0, 0]},
     }
     return write(folder / "s.safetensors", st_bytes(header))
 
@@ -293,6 +301,25 @@ CASES = [
         "would unstack its 1 stacked tensors into 2000000 tensors, more than the "
         "250000",
         refused=("unstack",),
+    ),
+    Case(
+        "layers-beyond-int64",
+        lambda d: [stacked_with_layers(d, 2**63, shape=[0])],
+        "metadata `stackedtree.num_layers` must be a positive integer below 2**63, "
+        "got `9223372036854775808`",
+        refused=("inspect", "unstack"),
+    ),
+    Case(
+        "stacked-pattern-without-layer-index",
+        lambda d: [stacked_with_layers(d, 2, pattern="h.")],
+        "metadata `stackedtree.pattern` must contain exactly one `{i}`",
+        refused=("inspect", "unstack"),
+    ),
+    Case(
+        "escaped-member-name",
+        lambda d: [object_npz(d, "w\nx\x1b")],
+        "array `w\\nx\\x1b` holds Python objects",
+        refused=("inspect", "load", "stack"),
     ),
     Case(
         "65-dimensions",
@@ -766,8 +793,10 @@ def test_a_read_only_file_system_names_the_output(
 
     with monkeypatch.context() as m:
         m.setattr(os, "statvfs", ReadOnly)
+        # On a read-only file system `access` denies writing too.
+        m.setattr(os, "access", lambda path, mode: False)
         with pytest.raises(
-            OSError, match=r"cannot write `.*out\.safetensors`: the file"
+            OSError, match=r"cannot write `.*out\.safetensors`: the file system is"
         ):
             save_flat(out, llama())
 

@@ -25,7 +25,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from stackedtree.checkpoint import convert_stack, convert_unstack, inspect_checkpoint
-from stackedtree.checkpoint._inspect import human_bytes, printable
+from stackedtree.checkpoint._inspect import human_bytes
+from stackedtree.checkpoint._limits import printable
 from stackedtree.checkpoint._pattern import ranges
 
 _PROG = "stackedtree"
@@ -91,7 +92,7 @@ def _one_line(e: BaseException) -> str:
     else:
         text = str(e) or type(e).__name__
     text = text.replace(":\n  ", ": ").replace("\n  ", "; ").replace("\n", " ")
-    return printable(text)
+    return printable(text, backslash=False)  # names in messages come escaped
 
 
 class _Stopped(BaseException):
@@ -207,6 +208,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         printable(
             f"wrote {args.output}: {done.num_tensors} tensors, "
             f"{human_bytes(done.nbytes)}, {done.num_layers} layers by pattern "
-            f"{done.pattern!r}{kinds}"
+            f"'{done.pattern}'{kinds}"
         )
     )

@@ -211,14 +211,15 @@ def check_output(path: PathLike, *, overwrite: bool = False) -> Path:
         raise FileNotFoundError(
             f"cannot write `{path}`: folder `{folder}` does not exist"
         )
+    # `access` says "denied" on a read-only file system too: ask it second.
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        raise OSError(
+            errno.EROFS, f"cannot write `{path}`: the file system is read-only"
+        )
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(
             errno.EACCES,
             f"cannot write `{path}`: permission denied in folder `{folder}`",
-        )
-    if os.statvfs(folder).f_flag & os.ST_RDONLY:
-        raise OSError(
-            errno.EROFS, f"cannot write `{path}`: the file system is read-only"
         )
     return path
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from .._leaf import short_dtype
 from ._io import Checkpoint, Paths, TensorInfo, read_checkpoint
+from ._limits import printable
 from ._names import group_kinds
 from ._pattern import detect_pattern, ranges
 from ._stacked import META_PATTERN, stacked_layout
@@ -26,34 +27,6 @@ def human_bytes(n: int) -> str:
             return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
-
-
-def printable(text: str) -> str:
-    """`text` with every character that is not printable escaped, and backslashes.
-
-    Control characters (escape, bell, carriage return, newline), format characters
-    (bidirectional overrides) and lone surrogates become `\\x1b`, `\\r`, `\\u202e`,
-    `\\udc80`; a backslash becomes two. Printable text, accents and all, is kept.
-
-    Examples:
-        >>> print(printable("layers.0.w\\x1b[2J\\r"))
-        layers.0.w\\x1b[2J\\r
-    """
-    if text.isprintable() and "\\" not in text:
-        return text
-    return "".join(c if c.isprintable() and c != "\\" else _escape(c) for c in text)
-
-
-_SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escape(c: str) -> str:
-    if c in _SHORT_ESCAPES:
-        return _SHORT_ESCAPES[c]
-    code = ord(c)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _table(rows: list[tuple[str, TensorInfo]]) -> list[str]:

@@ -32,10 +32,43 @@ _SHOWN = 200
 
 
 def quote(name: str) -> str:
-    """A name read from a file, in backticks for a message (cut when very long)."""
+    """A name read from a file, in backticks for a message: escaped as `printable`
+    does, so that a message is one line of plain text, and cut when very long."""
     if len(name) <= _SHOWN:
-        return f"`{name}`"
-    return f"`{name[:_SHOWN]}...` ({len(name)} characters)"
+        return f"`{printable(name)}`"
+    return f"`{printable(name[:_SHOWN])}...` ({len(name)} characters)"
+
+
+def printable(text: str, *, backslash: bool = True) -> str:
+    """`text` with every character that is not printable escaped, and backslashes.
+
+    Control characters (escape, bell, carriage return, newline), format characters
+    (bidirectional overrides) and lone surrogates become `\\x1b`, `\\r`, `\\u202e`,
+    `\\udc80`; a backslash becomes two (unless `backslash` is False: for text whose
+    names were escaped already). Printable text, accents and all, is kept.
+
+    Examples:
+        >>> print(printable("layers.0.w\\x1b[2J\\r"))
+        layers.0.w\\x1b[2J\\r
+    """
+    if text.isprintable() and (not backslash or "\\" not in text):
+        return text
+    return "".join(
+        c if c.isprintable() and (c != "\\" or not backslash) else _escape(c)
+        for c in text
+    )
+
+
+_SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(c: str) -> str:
+    if c in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[c]
+    code = ord(c)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def brief(value: Any, depth: int = 2) -> str:

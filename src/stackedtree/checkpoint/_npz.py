@@ -75,7 +75,7 @@ def object_error(path: Path, name: str) -> ValueError:
     return ValueError(
         f"`{path}`: array {quote(name)} holds Python objects, which can only be "
         f"loaded by unpickling; stackedtree never unpickles. Re-save it with a "
-        f"numeric dtype"
+        f"numeric dtype."
     )
 
 

@@ -243,15 +243,19 @@ def stacked_layout(ckpt: Checkpoint) -> StackedLayout:
             f"`{META_PATTERN}`); per-layer checkpoints are stacked with "
             f"`stackedtree stack`."
         )
-    lp = LayerPattern.parse(pattern, META_PATTERN)
     try:
-        n = int(ckpt.metadata.get(META_NUM_LAYERS, ""))
+        lp = LayerPattern.parse(pattern, META_PATTERN)
+    except ValueError as e:
+        raise ValueError(f"{where}: metadata {e}") from None
+    raw = ckpt.metadata.get(META_NUM_LAYERS)
+    try:
+        n = int(raw or "")
     except ValueError:
         n = -1
-    if n < 1:
+    if not 1 <= n < 2**63:  # an index numpy and `range` can hold
         raise ValueError(
-            f"{where}: metadata `{META_NUM_LAYERS}` must be a positive integer, got "
-            f"{ckpt.metadata.get(META_NUM_LAYERS)!r}."
+            f"{where}: metadata `{META_NUM_LAYERS}` must be a positive integer below "
+            f"2**63, got {'nothing' if raw is None else quote(raw)}."
         )
     text = ckpt.metadata.get(META_KINDS)
     kinds: dict[str | None, Sequence[int]] = {None: range(n)}
