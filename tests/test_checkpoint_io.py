@@ -276,6 +276,27 @@ def test_npz_member_reader_refuses_pickles_itself(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_numpy_is_told_never_to_unpickle(tmp_path: Path, monkeypatch: Any) -> None:
+    # With the header check fooled, numpy's `allow_pickle=False` is the last guard.
+    marker = tmp_path / "unpickled"
+    arr = np.empty(1, dtype=object)
+    arr[0] = _Boom(str(marker))
+    np.savez(tmp_path / "evil.npz", evil=arr)
+    real = _npz.npy_header
+
+    def fooled(f: Any) -> tuple[Any, np.dtype, int]:
+        shape, _, size = real(f)
+        return shape, np.dtype(np.uint8), size
+
+    monkeypatch.setattr(_npz, "npy_header", fooled)
+    with (
+        zipfile.ZipFile(tmp_path / "evil.npz") as zf,
+        pytest.raises(ValueError, match="allow_pickle=False"),
+    ):
+        _npz.read_member(tmp_path / "evil.npz", zf, "evil.npy", "evil")
+    assert not marker.exists()
+
+
 def test_npz_that_is_a_plain_npy_is_refused(tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", np.ones(2))
     os.rename(tmp_path / "a.npy", tmp_path / "a.npz")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
+import io
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -229,6 +232,38 @@ def test_equals_loop(name, key_seed, with_xs, remat):
 
     args = (arrays_of(case), INIT, xs_of(case) if with_xs else None)
     assert_close(out_and_grads(*args), reference(name, key_seed, with_xs))
+
+
+def saved_residuals(remat: Any, pattern: str) -> list[str]:
+    """What the backward pass of `scan_pattern` over `pattern` stores, as jax prints."""
+    n = len(pattern)
+    w = jnp.ones((n, D, D)) / D
+
+    def layer(c, w):
+        return jnp.tanh(c @ w), None
+
+    def loss(w, x):
+        fns = {"A": layer, "B": layer}
+        return scan_pattern(fns, x, w, pattern, remat=remat)[0].sum()
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(loss, w, INIT)
+    return out.getvalue().splitlines()
+
+
+# A run of one layer applied directly, a period scanned 3 times, a run of two.
+@pytest.mark.parametrize("pattern", ["B" + "AAB" * 3 + "AA", "ABABAB"])
+def test_remat_saves_what_its_policy_says(pattern):
+    everything, nothing = (
+        saved_residuals(False, pattern),
+        saved_residuals(True, pattern),
+    )
+    dots = saved_residuals("dots_saveable", pattern)
+    # dots_saveable keeps the matmul outputs that True recomputes, and no more.
+    assert len(nothing) < len(dots) < len(everything)
+    assert saved_residuals(_policy, pattern) == dots
+    assert saved_residuals("nothing_saveable", pattern) == nothing
 
 
 def test_cases_have_prefix_period_and_remainder():
