@@ -42,6 +42,7 @@ STARTUP = "python -c 'import stackedtree.checkpoint'"
 NAIVE_LABEL = "naive (load_file + np.stack + save_file)"
 NAIVE = r"""
 import re, sys
+import ml_dtypes  # noqa: F401  (numpy learns "bfloat16", which safetensors asks for)
 import numpy as np
 from safetensors.numpy import load_file, save_file
 src, out = sys.argv[1], sys.argv[2]
@@ -59,6 +60,21 @@ stacked = {
 }
 save_file({**stacked, **rest}, out)
 """
+
+
+def _safetensors_holds(dtype: np.dtype, folder: Path) -> bool:
+    """Whether this safetensors package's numpy API saves and loads `dtype`
+    (bfloat16 needs a recent one)."""
+    from safetensors.numpy import load_file, save_file
+
+    probe = folder / "probe.safetensors"
+    try:
+        save_file({"x": np.zeros(2, dtype)}, str(probe))
+        return load_file(str(probe))["x"].dtype == dtype
+    except Exception:  # any failure means it cannot, whatever the version says
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def write_checkpoint(path: Path, size_bytes: int, dtype: np.dtype, quick: bool) -> int:
@@ -239,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             ],
         }
         if not args.no_naive:
-            if dtype == np.dtype(ml_dtypes.bfloat16):
+            if not _safetensors_holds(dtype, folder):
+                import safetensors
+
                 print(
-                    "note: safetensors.numpy cannot load bfloat16; skipping the naive script"
+                    f"note: safetensors {safetensors.__version__} cannot save and load "
+                    f"{dtype} with numpy; skipping the naive script"
                 )
             else:
                 runs[NAIVE_LABEL] = [
