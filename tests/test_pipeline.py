@@ -394,6 +394,38 @@ def test_each_device_holds_and_uses_only_its_stage() -> None:
             assert shard.data.nbytes == g.nbytes // S
 
 
+def layer_ref(x: jax.Array, p: dict[str, jax.Array]) -> tuple[jax.Array, None]:
+    return jnp.tanh(x @ p["w"]) + x, None
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_gradients_keep_a_split_within_the_stage(axis_type: AxisType) -> None:
+    # FSDP inside each stage: w's columns split over a second axis, gathered per layer.
+    mesh = jax.make_mesh((S, 2), ("stage", "fsdp"), axis_types=(axis_type,) * 2)
+    params = {"w": jnp.arange(N * D * D, dtype=jnp.float32).reshape(N, D, D) / 100}
+    shardings = {"w": NamedSharding(mesh, P(None, "stage", None, None, "fsdp"))}
+    staged = jax.device_put(stage_layers(params, S), shardings)
+
+    def layer(x: jax.Array, p: dict[str, jax.Array]) -> tuple[jax.Array, None]:
+        w = p["w"]
+        if axis_type == AxisType.Explicit:
+            w = jax.sharding.reshard(w, P())
+        return jnp.tanh(x @ w) + x, None
+
+    def loss(staged: Any, x: jax.Array) -> jax.Array:
+        return jnp.sum(pipeline_layers(layer, x, staged, mesh=mesh, microbatches=4))
+
+    x = jax.device_put(INIT, NamedSharding(mesh, P("fsdp")))
+    # Auto axes leave the gradients' sharding to the compiler: the guide's advice.
+    out = shardings if axis_type == AxisType.Auto else None
+    grads = jax.jit(jax.grad(loss), out_shardings=out)(staged, x)
+    g = grads["w"]
+    assert g.sharding.is_equivalent_to(staged["w"].sharding, g.ndim), g.sharding
+    assert {s.data.nbytes for s in g.addressable_shards} == {g.nbytes // (2 * S)}
+    want = jax.grad(lambda p, x: jnp.sum(scan_layers(layer_ref, x, p)[0]))(params, INIT)
+    assert_close(unstage_layers(grads)["w"], want["w"], 1e-5)
+
+
 # --- bad input ----------------------------------------------------------------------------
 
 

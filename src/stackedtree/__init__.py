@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ._pipeline import unstage_layers as unstage_layers
     from ._scan import Remat as Remat
     from ._scan import scan_layers as scan_layers
+    from ._sharding import AxisName as AxisName
     from ._sharding import layer_shardings as layer_shardings
     from ._sharding import layer_specs as layer_specs
     from ._sharding import shard_layers as shard_layers
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _SOURCES = {
+    "AxisName": "._sharding",
     "PyTree": "._tree",
     "Remat": "._scan",
     "assert_stacked": "._validate",

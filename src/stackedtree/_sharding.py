@@ -24,7 +24,8 @@ from ._leaf import fmt_shape, is_array, leaf_kind, shape_of
 from ._tree import PyTree, flatten, where
 
 AxisName: TypeAlias = str | tuple[str, ...] | None
-"""A mesh axis name, several (one dimension split over their product), or None."""
+"""Where a dimension goes on a mesh: one mesh axis name, a tuple of names (the
+dimension split over their product), or None (kept whole), as in a `PartitionSpec`."""
 
 
 def _is_spec(x: Any) -> bool:
@@ -57,10 +58,10 @@ def layer_specs(specs: PyTree, /, *, axis: AxisName = None) -> PyTree:
 
     `axis=None`, the default, keeps the whole layer axis on every device, which is
     what `scan_layers` wants: to take one layer out of a stack split along the layer
-    axis, XLA first gathers the whole stack on every device (on 8 devices, a forward
-    scan over an 8-layer stack needs 56 times the temporary memory of the same stack
-    split along a weight dimension instead; see the
-    [many-devices guide](../guide/many-devices.md)). Split the layer axis
+    axis, XLA first gathers the whole stack on every device (in the
+    [many-devices guide](../guide/many-devices.md)'s example, 8 layers on 8 devices,
+    a forward scan needs 75 times the temporary memory of the same stack split along
+    a weight dimension instead). Split the layer axis
     (`axis="stage"`) for pipelining, where each device only runs its own layers.
 
     Args:

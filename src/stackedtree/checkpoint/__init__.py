@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ._names import stack_by_name as stack_by_name
     from ._names import unstack_by_name as unstack_by_name
     from ._pattern import detect_pattern as detect_pattern
+    from ._sharded import Shardings as Shardings
     from ._sharded import load_sharded as load_sharded
     from ._stacked import load_stacked as load_stacked
     from ._stacked import save_stacked as save_stacked
@@ -43,6 +44,7 @@ _SOURCES = {
     "PathLike": "._files",
     "Paths": "._files",
     "Rule": "._mapping",
+    "Shardings": "._sharded",
     "Transform": "._mapping",
     "convert_stack": "._convert",
     "convert_unstack": "._convert",

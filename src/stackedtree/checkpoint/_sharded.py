@@ -56,6 +56,9 @@ Shardings: TypeAlias = (
     | Mapping[str, Sharding]
     | Callable[[str, tuple[int, ...], np.dtype], Sharding]
 )
+"""Where `load_sharded` puts each output array: one `Sharding` for all of them, a
+mapping from each output name to its `Sharding`, or a function of
+`(name, shape, dtype)` that returns it."""
 Box: TypeAlias = tuple[tuple[int, int], ...]
 """A block of an array: `(start, stop)` per dimension."""
 
