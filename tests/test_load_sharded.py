@@ -147,12 +147,21 @@ def ckpt(
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("strided_min_run", [0, 1 << 62])
+@pytest.mark.parametrize(
+    ("strided_min_run", "rows_on_device"),
+    [(0, None), (1 << 62, False), (1 << 62, True)],
+)
 def test_loads_stacked_arrays_with_their_shardings(
-    ckpt: Any, layout: str, strided_min_run: int, monkeypatch: pytest.MonkeyPatch
+    ckpt: Any,
+    layout: str,
+    strided_min_run: int,
+    rows_on_device: bool | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Both ways of reading split rows: strided, and rows handed out by columns.
+    # Both ways of reading split rows: strided, and rows handed out by columns (joined
+    # on the host, or on the devices as on an accelerator).
     monkeypatch.setattr(_sharded, "STRIDED_MIN_RUN", strided_min_run)
+    monkeypatch.setattr(_sharded, "ROWS_ON_DEVICE", rows_on_device)
     path, flat = ckpt
     how = LAYOUTS[layout]()
     check_loaded(load_sharded(path, how, pattern=PATTERN), expected(flat), how)
@@ -271,7 +280,11 @@ def test_callable_sees_stacked_names_shapes_and_dtypes(ckpt: Any) -> None:
     assert seen["model.norm.weight"] == ((8,), np.dtype(np.float32))
 
 
-def test_every_dtype_empty_and_0d_tensors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rows_on_device", [False, True])
+def test_every_dtype_empty_and_0d_tensors(
+    tmp_path: Path, rows_on_device: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_sharded, "ROWS_ON_DEVICE", rows_on_device)
     dtypes = [
         np.bool_,
         np.uint8,
@@ -335,21 +348,53 @@ def merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize(("strided_min_run", "workers"), [(0, 1), (1 << 62, 3)])
+@pytest.mark.parametrize(
+    ("strided_min_run", "workers", "rows_on_device"),
+    [(0, 1, None), (1 << 62, 3, False), (1 << 62, 3, True)],
+)
 def test_each_byte_is_read_once(
     ckpt: Any,
     layout: str,
     strided_min_run: int,
     workers: int,
+    rows_on_device: bool | None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(_sharded, "STRIDED_MIN_RUN", strided_min_run)
+    monkeypatch.setattr(_sharded, "ROWS_ON_DEVICE", rows_on_device)
     monkeypatch.setattr(_sharded, "WORKERS", workers)
     monkeypatch.setattr(_sharded, "CHUNK_BYTES", 256)  # many chunks and pieces
     path, flat = ckpt
     reads = spy_reads(monkeypatch)
     load_sharded(path, LAYOUTS[layout](), pattern=PATTERN)
     assert merged(reads) == merged(ranges_of(path, flat))
+
+
+def test_rows_joined_on_devices_are_read_a_block_at_a_time(
+    ckpt: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on an accelerator: host memory for rows read whole stays about one block.
+    monkeypatch.setattr(_sharded, "STRIDED_MIN_RUN", 1 << 62)
+    monkeypatch.setattr(_sharded, "ROWS_ON_DEVICE", True)
+    real = _sharded._read_by_rows
+    calls: list[tuple[Any, int]] = []
+
+    def spy(reader: Any, src: Any, boxes: Any) -> Any:
+        size = sum(int(np.prod([b - a for a, b in box])) for box in boxes)
+        calls.append((src, size))
+        return real(reader, src, boxes)
+
+    monkeypatch.setattr(_sharded, "_read_by_rows", spy)
+    path, flat = ckpt
+    how = fsdp(mesh(2, 4))  # last dimensions split 4 ways: 4 distinct blocks each
+    check_loaded(load_sharded(path, how, pattern=PATTERN), expected(flat), how)
+    assert calls
+    read: dict[Any, int] = {}
+    for src, size in calls:
+        first, rest = src.shape[0], int(np.prod(src.shape[1:]))
+        assert size <= -(-first // 4) * rest, (src.shape, size)  # one block's rows
+        read[src.shape] = read.get(src.shape, 0) + size
+    assert all(total == int(np.prod(shape)) for shape, total in read.items())
 
 
 def test_a_failed_read_is_raised(ckpt: Any, monkeypatch: pytest.MonkeyPatch) -> None:

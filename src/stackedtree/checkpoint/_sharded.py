@@ -20,9 +20,11 @@ non-leading dimension, where each row of the file holds a piece for every device
 
 Runs of `STRIDED_MIN_RUN` bytes or more are read strided, shorter ones by rows
 (`benchmarks/bench_load.py` measures both). A block that several devices replicate is
-read once. Pieces of a block (or chunks of rows) are read on `WORKERS` threads. Buffers are 64-byte aligned, which lets the XLA CPU client adopt them
-without a copy; on an accelerator each block's host buffer is freed once it is
-transferred, so host memory beyond the arrays stays about one block.
+read once. Pieces of a block (or chunks of rows) are read on `WORKERS` threads.
+Buffers are 64-byte aligned, which lets the XLA CPU client adopt them without a copy.
+On an accelerator each block's host buffer is freed once it is transferred, and blocks
+read by rows are read a block's worth of rows at a time and joined on their devices
+(`ROWS_ON_DEVICE`), so host memory beyond the arrays stays about one block.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeAlias
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec, Sharding
 
 from .._check import fail
+from .._leaf import on_bits
 from .._sharding import sharding_problems
 from ._files import open_regular
 from ._io import Checkpoint, Paths, TensorInfo, read_checkpoint, read_into
@@ -71,6 +75,12 @@ holds at least one row); also the smallest piece of a block a thread reads."""
 
 WORKERS = min(8, os.cpu_count() or 1)
 """How many threads read at once."""
+
+ROWS_ON_DEVICE: bool | None = None
+"""Whether blocks read by rows are assembled on their devices from chunks of rows of
+about one block each (host memory: about one block), or whole on the host (host
+memory: all of the process's blocks of the tensor, which the CPU client adopts
+without a copy). None: on the devices when they are not CPUs."""
 
 _ALIGN = 64  # XLA's CPU client adopts host buffers aligned so, without a copy
 
@@ -411,9 +421,9 @@ def _read_by_rows(
     """Reads blocks that tile one box, chunk by chunk of whole rows of that box (each
     chunk into a thread's scratch buffer, then its columns copied to the blocks);
     None when the blocks do not tile one box."""
-    bbox = _bounding_box(boxes)
-    if sum(math.prod(_shape(b)) for b in boxes) != math.prod(_shape(bbox)):
+    if not _tiles(boxes):
         return None
+    bbox = _bounding_box(boxes)
     out = {b: _aligned_empty(_shape(b), src.dtype) for b in boxes}
     itemsize = src.dtype.itemsize
     budget = CHUNK_BYTES // WORKERS
@@ -473,19 +483,65 @@ def read_blocks(
 ) -> Iterator[tuple[Box, np.ndarray]]:
     """Each of `boxes` (distinct blocks of `src`) with its data, read as the module
     docstring says: in place one by one, or together by rows."""
+    if _by_rows(src, boxes):
+        by_rows = _read_by_rows(reader, src, boxes)
+        if by_rows is not None:
+            yield from by_rows.items()
+            return
+    for box in boxes:
+        yield box, _read_in_place(reader, src, box)
+
+
+def _by_rows(src: Source, boxes: Sequence[Box]) -> bool:
+    """Whether `boxes` are read together by rows: their runs are short, and reading
+    rows of their bounding box makes them longer."""
     per_layer = src.shape[1:] if src.layered else src.shape
     itemsize = src.dtype.itemsize
     runs = [run_bytes(per_layer, b[1:] if src.layered else b, itemsize) for b in boxes]
-    if len(boxes) > 1 and min(runs) < STRIDED_MIN_RUN:
-        bbox = _bounding_box(boxes)
-        whole = run_bytes(per_layer, bbox[1:] if src.layered else bbox, itemsize)
-        if whole > min(runs):
-            by_rows = _read_by_rows(reader, src, boxes)
-            if by_rows is not None:
-                yield from by_rows.items()
-                return
-    for box in boxes:
-        yield box, _read_in_place(reader, src, box)
+    if len(boxes) < 2 or min(runs) >= STRIDED_MIN_RUN:
+        return False
+    bbox = _bounding_box(boxes)
+    return run_bytes(per_layer, bbox[1:] if src.layered else bbox, itemsize) > min(runs)
+
+
+def _tiles(boxes: Sequence[Box]) -> bool:
+    bbox = _bounding_box(boxes)
+    return sum(math.prod(_shape(b)) for b in boxes) == math.prod(_shape(bbox))
+
+
+def _place_by_row_chunks(
+    reader: Reader, src: Source, devices: Mapping[Box, Sequence[Any]]
+) -> dict[Box, list[jax.Array]]:
+    """Blocks that tile one box, read by rows a block's worth of rows at a time: each
+    chunk's pieces are put on their devices, and each block joined there."""
+    boxes = list(devices)
+    a, b = _bounding_box(boxes)[0]
+    step = -(-(b - a) // len(boxes))  # rows of about one block per chunk
+    pieces: dict[Box, list[list[jax.Array]]] = {
+        box: [[] for _ in devices[box]] for box in boxes
+    }
+    for lo in range(a, b, step):
+        hi = min(lo + step, b)
+        subs = {
+            box: ((max(lo, box[0][0]), min(hi, box[0][1])), *box[1:])
+            for box in boxes
+            if max(lo, box[0][0]) < min(hi, box[0][1])
+        }
+        host = _read_by_rows(reader, src, list(subs.values()))
+        assert host is not None  # the chunk's pieces tile the chunk of the box
+        put = [
+            (box, i, jax.device_put(host[sub], d))
+            for box, sub in subs.items()
+            for i, d in enumerate(devices[box])
+        ]
+        jax.block_until_ready([x for _, _, x in put])  # the host chunk can go
+        for box, i, x in put:
+            pieces[box][i].append(x)
+        del host, put
+    return {
+        box: [x[0] if len(x) == 1 else on_bits(jnp.concatenate, x) for x in per_device]
+        for box, per_device in pieces.items()
+    }
 
 
 def _box(index: Any, shape: tuple[int, ...]) -> Box:
@@ -499,10 +555,19 @@ def _place(
 ) -> dict[Box, list[jax.Array]]:
     """Each block read and put on its devices; each host buffer dropped once put (on
     an accelerator, the host copy goes once transferred)."""
-    return {
-        box: [jax.device_put(host, d) for d in devices[box]]
-        for box, host in read_blocks(reader, src, list(devices))
-    }
+    boxes = list(devices)
+    on_device = ROWS_ON_DEVICE
+    if on_device is None:
+        on_device = any(d.platform != "cpu" for ds in devices.values() for d in ds)
+    chunked = on_device and math.prod(src.shape) > 0 and len(src.shape) > 0
+    if chunked and _by_rows(src, boxes) and _tiles(boxes):
+        return _place_by_row_chunks(reader, src, devices)
+    placed = {}
+    for box, host in read_blocks(reader, src, boxes):
+        placed[box] = [jax.device_put(host, d) for d in devices[box]]
+        if on_device:  # the transfer done, the host buffer goes before the next read
+            jax.block_until_ready(placed[box])
+    return placed
 
 
 def load_array(reader: Reader, src: Source, sharding: Sharding) -> jax.Array:
@@ -548,7 +613,8 @@ def load_sharded(
     ones as whole rows whose columns are handed to each device. Host memory beyond
     the arrays themselves stays about one block: blocks are read into the buffers
     that become the device arrays (on CPU without a copy; on an accelerator each is
-    freed once transferred), and rows read whole pass through a few MiB.
+    freed once transferred), and rows read whole pass through a few MiB (on an
+    accelerator, a block's worth of rows at a time, joined on the devices).
 
     With `jax.distributed.initialize(...)` done, every process calls `load_sharded`
     with the same arguments and reads only what its own devices hold; the results
