@@ -215,6 +215,30 @@ def _run(x: Any, transforms: tuple[Transform, ...], *, inverse: bool) -> Any:
     return x
 
 
+def _checked_run(
+    r: _Parsed, x: Any, *, inverse: bool, problems: list[str]
+) -> tuple[bool, Any]:
+    """`(True, x transformed)` one way by rule `r`, or `(False, None)` when that
+    fails; either way what is wrong (also a result the other way does not turn
+    back into `x` bit for bit) is added to `problems`."""
+    src, dst = (r.path, repr(r.name)) if inverse else (repr(r.name), r.path)
+    try:
+        y = _run(x, r.transforms, inverse=inverse)
+    except (ValueError, TypeError) as e:
+        problems.append(f"{r.label} ({src} -> {dst}): {e}")
+        return False, None
+    if not _exact(r.transforms) and not _same(
+        _run(y, r.transforms, inverse=not inverse), x
+    ):
+        both = (
+            "the inverse of the transform and the transform"
+            if inverse
+            else "the transform and its inverse"
+        )
+        problems.append(f"{r.label}: {both} do not give back {src} bit for bit")
+    return True, y
+
+
 def _same(a: Any, b: Any) -> bool:
     """Bit-exact for numpy tensors; shape and dtype for the others."""
     if shape_of(a) != shape_of(b) or dtype_of(a) != dtype_of(b):
@@ -518,18 +542,9 @@ def unflatten_by_rules(
     out = {}
     for r in table:
         x = stacked[r.name] if sources[r.name] is not None else flat[r.name]
-        try:
-            y = _run(x, r.transforms, inverse=False)
-        except (ValueError, TypeError) as e:
-            problems.append(f"{r.label} ({r.name!r} -> {r.path}): {e}")
+        ok, y = _checked_run(r, x, inverse=False, problems=problems)
+        if not ok:
             continue
-        if not _exact(r.transforms) and not _same(
-            _run(y, r.transforms, inverse=True), x
-        ):
-            problems.append(
-                f"{r.label}: the transform and its inverse do not give back "
-                f"{r.name!r} bit for bit"
-            )
         for phrase, _ in leaf_problems(leaves[r.path], y):
             problems.append(f"{r.path} from {r.name!r}: {phrase}")
         out[r.path] = y
@@ -586,19 +601,9 @@ def flatten_by_rules(
     tensors: dict[str, Any] = {}
     for r in table:
         y = leaves[r.path]
-        try:
-            x = _run(y, r.transforms, inverse=True)
-        except (ValueError, TypeError) as e:
-            problems.append(f"{r.label} ({r.path} -> {r.name!r}): {e}")
-            continue
-        if not _exact(r.transforms) and not _same(
-            _run(x, r.transforms, inverse=False), y
-        ):
-            problems.append(
-                f"{r.label}: the inverse of the transform and the transform do not "
-                f"give back {r.path} bit for bit"
-            )
-        tensors[r.name] = x
+        ok, x = _checked_run(r, y, inverse=True, problems=problems)
+        if ok:
+            tensors[r.name] = x
     patterns: dict[str, list[_Parsed]] = {}
     for r in table:
         if r.pattern is not None and r.name in tensors:
