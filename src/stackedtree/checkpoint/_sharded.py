@@ -417,12 +417,10 @@ def _slabs(box: Box, itemsize: int, budget: int) -> Iterator[Box]:
 
 def _read_by_rows(
     reader: Reader, src: Source, boxes: Sequence[Box]
-) -> dict[Box, np.ndarray] | None:
-    """Reads blocks that tile one box, chunk by chunk of whole rows of that box (each
-    chunk into a thread's scratch buffer, then its columns copied to the blocks);
-    None when the blocks do not tile one box."""
-    if not _tiles(boxes):
-        return None
+) -> dict[Box, np.ndarray]:
+    """Reads blocks that tile one box (see `_by_rows`), chunk by chunk of whole rows
+    of that box (each chunk into a thread's scratch buffer, then its columns copied
+    to the blocks)."""
     bbox = _bounding_box(boxes)
     out = {b: _aligned_empty(_shape(b), src.dtype) for b in boxes}
     itemsize = src.dtype.itemsize
@@ -484,29 +482,24 @@ def read_blocks(
     """Each of `boxes` (distinct blocks of `src`) with its data, read as the module
     docstring says: in place one by one, or together by rows."""
     if _by_rows(src, boxes):
-        by_rows = _read_by_rows(reader, src, boxes)
-        if by_rows is not None:
-            yield from by_rows.items()
-            return
+        yield from _read_by_rows(reader, src, boxes).items()
+        return
     for box in boxes:
         yield box, _read_in_place(reader, src, box)
 
 
 def _by_rows(src: Source, boxes: Sequence[Box]) -> bool:
-    """Whether `boxes` are read together by rows: their runs are short, and reading
-    rows of their bounding box makes them longer."""
+    """Whether `boxes` are read together by rows: they tile one box, their runs are
+    short, and reading rows of that box makes them longer."""
     per_layer = src.shape[1:] if src.layered else src.shape
     itemsize = src.dtype.itemsize
     runs = [run_bytes(per_layer, b[1:] if src.layered else b, itemsize) for b in boxes]
     if len(boxes) < 2 or min(runs) >= STRIDED_MIN_RUN:
         return False
     bbox = _bounding_box(boxes)
+    if sum(math.prod(_shape(b)) for b in boxes) != math.prod(_shape(bbox)):
+        return False
     return run_bytes(per_layer, bbox[1:] if src.layered else bbox, itemsize) > min(runs)
-
-
-def _tiles(boxes: Sequence[Box]) -> bool:
-    bbox = _bounding_box(boxes)
-    return sum(math.prod(_shape(b)) for b in boxes) == math.prod(_shape(bbox))
 
 
 def _place_by_row_chunks(
@@ -528,7 +521,6 @@ def _place_by_row_chunks(
             if max(lo, box[0][0]) < min(hi, box[0][1])
         }
         host = _read_by_rows(reader, src, list(subs.values()))
-        assert host is not None  # the chunk's pieces tile the chunk of the box
         put = [
             (box, i, jax.device_put(host[sub], d))
             for box, sub in subs.items()
@@ -559,8 +551,7 @@ def _place(
     on_device = ROWS_ON_DEVICE
     if on_device is None:
         on_device = any(d.platform != "cpu" for ds in devices.values() for d in ds)
-    chunked = on_device and math.prod(src.shape) > 0 and len(src.shape) > 0
-    if chunked and _by_rows(src, boxes) and _tiles(boxes):
+    if on_device and math.prod(src.shape) > 0 and _by_rows(src, boxes):
         return _place_by_row_chunks(reader, src, devices)
     placed = {}
     for box, host in read_blocks(reader, src, boxes):
