@@ -16,6 +16,7 @@ import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fixtures import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -118,7 +119,7 @@ def arrays_of(case: Case, seed: int = 0):
     }
 
 
-def with_static(case: Case, arrays):
+def case_layers(case: Case, arrays):
     if not case.per_kind:
         return Attn(*arrays, window=3)
     return {"D": {**arrays["D"], "act": "tanh"}, "M": arrays["M"]}
@@ -167,17 +168,6 @@ def loss_from(run):
     return loss
 
 
-def assert_close(a: Any, b: Any) -> None:
-    def close(x, y):
-        if isinstance(x, str):
-            assert x == y
-        else:
-            np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-5)
-
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    jax.tree.map(close, a, b)
-
-
 @functools.cache
 def reference(name: str, key_seed: int | None, with_xs: bool):
     """The loop's output and gradient, computed once per configuration."""
@@ -186,7 +176,7 @@ def reference(name: str, key_seed: int | None, with_xs: bool):
 
     def loop(params, init, xs):
         return reference_loop(
-            case.fns, init, with_static(case, params), case.pattern, xs=xs, key=key
+            case.fns, init, case_layers(case, params), case.pattern, xs=xs, key=key
         )
 
     args = (arrays_of(case), INIT, xs_of(case) if with_xs else None)
@@ -219,7 +209,7 @@ def test_equals_loop(name, key_seed, with_xs, remat):
         return scan_pattern(
             case.fns,
             init,
-            with_static(case, params),
+            case_layers(case, params),
             case.pattern,
             xs=xs,
             key=key,
@@ -298,7 +288,7 @@ def count_traces(n: int, *, grad: bool, remat: Any = False) -> Counter:
 
     def run(params, init, xs):
         return scan_pattern(
-            fns, init, with_static(case, params), case.pattern, xs=xs, remat=remat
+            fns, init, case_layers(case, params), case.pattern, xs=xs, remat=remat
         )
 
     f = jax.grad(loss_from(run)) if grad else run
@@ -322,7 +312,7 @@ def test_traces_do_not_grow_with_depth(grad, remat):
 
 def test_period_is_one_scan_over_repeats():
     case = CASES["gemma"]._replace(pattern=gemma_pattern(62))
-    params = with_static(case, arrays_of(case))
+    params = case_layers(case, arrays_of(case))
     jaxpr = jax.make_jaxpr(lambda i: scan_pattern(case.fns, i, params, case.pattern))(
         INIT
     )
@@ -418,7 +408,7 @@ def test_any_pattern_equals_loop(pattern, with_key):
 def test_keys_do_not_change_when_written_as_a_pattern():
     """Layer i gets fold_in(key, i) with i counting all layers, as in scan_layers."""
     case = CASES["gemma"]
-    layers = with_static(case, arrays_of(case))
+    layers = case_layers(case, arrays_of(case))
     key = jax.random.key(9)
 
     def record(carry, layer, *, key):
@@ -444,7 +434,7 @@ def test_keys_do_not_change_when_written_as_a_pattern():
 
 def test_one_kind_equals_scan_layers():
     case = CASES["gemma"]
-    layers = with_static(case, arrays_of(case))
+    layers = case_layers(case, arrays_of(case))
     xs = xs_of(case)
     key = jax.random.key(2)
     carry, ys = scan_pattern({"L": local}, INIT, layers, "L" * 12, xs=xs, key=key)
@@ -464,7 +454,7 @@ def test_labels_longer_than_one_character(pattern):
     labels = list(pattern)
     a, b = sorted(set(labels), key=labels.index)
     case = CASES["gemma"]._replace(pattern="LLLLLG" * 2)
-    layers = with_static(case, arrays_of(case))
+    layers = case_layers(case, arrays_of(case))
     fns = {a: local, b: global_}
     got = scan_pattern(fns, INIT, layers, pattern)
     assert_close(got, reference_loop(fns, INIT, layers, pattern))
@@ -473,7 +463,7 @@ def test_labels_longer_than_one_character(pattern):
 
 def test_numpy_params_static_outputs_and_eval_shape():
     case = CASES["deepseek"]
-    params = with_static(case, jax.tree.map(np.asarray, arrays_of(case)))
+    params = case_layers(case, jax.tree.map(np.asarray, arrays_of(case)))
     assert isinstance(params["M"]["w"], np.ndarray)
 
     def tagged(fn):
@@ -488,7 +478,7 @@ def test_numpy_params_static_outputs_and_eval_shape():
     assert ys["M"]["tag"] == "moe" and ys["M"]["y"].shape == (5, 2, E)
     assert_close((carry, ys), reference_loop(fns, INIT, params, case.pattern))
     shapes = jax.eval_shape(
-        lambda p: scan_pattern(case.fns, INIT, with_static(case, p), case.pattern),
+        lambda p: scan_pattern(case.fns, INIT, case_layers(case, p), case.pattern),
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), arrays_of(case)),
     )
     assert shapes[1]["D"]["norm"].shape == (3, 2)
@@ -496,7 +486,7 @@ def test_numpy_params_static_outputs_and_eval_shape():
 
 def test_vmap_over_a_batch_of_carries():
     case = CASES["mixed"]
-    layers = with_static(case, arrays_of(case))
+    layers = case_layers(case, arrays_of(case))
     inits = jnp.stack([INIT, -INIT])
     got = jax.vmap(lambda i: scan_pattern(case.fns, i, layers, case.pattern))(inits)
     for b in range(2):
@@ -511,12 +501,12 @@ def test_vmap_over_a_batch_of_carries():
 
 def gemma_args():
     case = CASES["gemma"]
-    return case.fns, with_static(case, arrays_of(case)), case.pattern
+    return case.fns, case_layers(case, arrays_of(case)), case.pattern
 
 
 def deepseek_args():
     case = CASES["deepseek"]
-    return case.fns, with_static(case, arrays_of(case)), case.pattern
+    return case.fns, case_layers(case, arrays_of(case)), case.pattern
 
 
 def test_pattern_length_differs_from_the_stack():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.ad_checkpoint
@@ -13,22 +13,12 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fixtures import Layer, assert_close, layer_block, with_static
 
 from stackedtree import get_layer, layer_keys, scan_layers, stack
 
 N = 10  # not divisible by 3 nor by the sqrt group size
 D = 4
-
-
-class Layer(NamedTuple):
-    w: jax.Array
-    b: jax.Array
-    scale: float  # static: shared by all layers, handed to the layer unchanged
-
-
-def with_static(params: tuple[jax.Array, jax.Array]) -> Layer:
-    """Layer from its array leaves; `jit`/`grad` see only arrays, `scale` stays static."""
-    return Layer(*params, scale=0.5)
 
 
 def make_layers(n: int = N, seed: int = 0) -> Layer:
@@ -40,14 +30,7 @@ def make_layers(n: int = N, seed: int = 0) -> Layer:
     )
 
 
-def block(carry: jax.Array, layer: Layer, x: jax.Array | None = None, *, key=None):
-    assert isinstance(layer.scale, float)  # static leaves arrive unchanged
-    h = jnp.tanh(carry @ layer.w + layer.b[None, :]) * layer.scale + carry
-    if x is not None:
-        h = h + x
-    if key is not None:
-        h = h + 0.1 * jax.random.normal(key, h.shape)
-    return h, jnp.sum(h, axis=-1)
+block = layer_block
 
 
 def reference_loop(fn, init, layers, xs=None, key=None, reverse=False):
@@ -70,12 +53,6 @@ def loss_from(scan):
         return jnp.sum(carry**2) + jnp.sum(jnp.sin(ys))
 
     return loss
-
-
-def assert_close(a: Any, b: Any) -> None:
-    jax.tree.map(
-        lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-5), a, b
-    )
 
 
 INIT = jnp.linspace(-1.0, 1.0, 2 * D).reshape(2, D)
