@@ -7,6 +7,7 @@ bits (NaN payloads and all), and random other tensors the pattern does not match
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -116,6 +117,44 @@ def assert_same_flat(got: Mapping[str, Any], want: Mapping[str, Any]) -> None:
     assert sorted(got) == sorted(want)
     bad = [k for k in want if not same(got[k], want[k])]
     assert not bad, f"tensors differ: {bad}"
+
+
+def deepseek(dense: int = 2, moe: int = 3, experts: int = 2) -> dict[str, np.ndarray]:
+    """A tiny DeepSeek-like checkpoint: dense layers, then MoE layers."""
+    rng = np.random.default_rng(0)
+    flat = {"model.embed_tokens.weight": rng.standard_normal((16, 8), np.float32)}
+    for i in range(dense + moe):
+        p = f"model.layers.{i}."
+        flat[p + "input_layernorm.weight"] = np.full(8, i, ml_dtypes.bfloat16)
+        flat[p + "self_attn.q_proj.weight"] = rng.standard_normal((8, 8), np.float32)
+        if i < dense:
+            flat[p + "mlp.up_proj.weight"] = rng.standard_normal((16, 8), np.float32)
+        else:
+            flat[p + "mlp.gate.weight"] = rng.standard_normal((experts, 8), np.float32)
+            for e in range(experts):
+                flat[p + f"mlp.experts.{e}.up_proj.weight"] = rng.integers(
+                    0, 9, (4, 8), np.int8
+                )
+    flat["model.norm.weight"] = np.ones(8, np.float32)
+    return flat
+
+
+def save_shards(folder: Path, flat: Mapping[str, np.ndarray], files: int = 2) -> Path:
+    """`flat` saved in `files` shards under `folder` with a
+    `model.safetensors.index.json` naming them; the index's path."""
+    from stackedtree.checkpoint import save_flat
+
+    names = list(flat)
+    per = -(-len(names) // files)
+    weight_map = {}
+    for k in range(files):
+        shard = f"model-{k + 1:05d}-of-{files:05d}.safetensors"
+        part = names[k * per : (k + 1) * per]
+        save_flat(folder / shard, {n: flat[n] for n in part})
+        weight_map.update(dict.fromkeys(part, shard))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
 
 
 def unwritable_dir(tmp_path: Any) -> str:

@@ -16,6 +16,7 @@ from ckptgen import (
     NAME_CHARS,
     _draw_array,
     assert_same_flat,
+    deepseek,
     patterns,
     run_command,
     same,
@@ -38,7 +39,7 @@ from stackedtree.checkpoint import (
 )
 from stackedtree.checkpoint._io import read_checkpoint
 from stackedtree.checkpoint._pattern import LayerPattern, kind_label
-from stackedtree.checkpoint._stacked import stacked_layout
+from stackedtree.checkpoint._stacked import stored_plan
 from stackedtree.cli import main
 
 P = "model.layers.{i}."
@@ -88,26 +89,6 @@ def kind_cases(draw: st.DrawFn, max_layers: int = 5, max_kinds: int = 3) -> Kind
         for j, kk in enumerate(first)
     }
     return KindCase(pattern, flat, kinds)
-
-
-def deepseek(dense: int = 2, moe: int = 3, experts: int = 2) -> dict[str, np.ndarray]:
-    """A tiny DeepSeek-like checkpoint: dense layers, then MoE layers."""
-    rng = np.random.default_rng(0)
-    flat = {"model.embed_tokens.weight": rng.standard_normal((16, 8), np.float32)}
-    for i in range(dense + moe):
-        p = f"model.layers.{i}."
-        flat[p + "input_layernorm.weight"] = np.full(8, i, ml_dtypes.bfloat16)
-        flat[p + "self_attn.q_proj.weight"] = rng.standard_normal((8, 8), np.float32)
-        if i < dense:
-            flat[p + "mlp.up_proj.weight"] = rng.standard_normal((16, 8), np.float32)
-        else:
-            flat[p + "mlp.gate.weight"] = rng.standard_normal((experts, 8), np.float32)
-            for e in range(experts):
-                flat[p + f"mlp.experts.{e}.up_proj.weight"] = rng.integers(
-                    0, 9, (4, 8), np.int8
-                )
-    flat["model.norm.weight"] = np.ones(8, np.float32)
-    return flat
 
 
 # ------------------------------------------------------------------------ properties
@@ -500,7 +481,7 @@ def test_a_uniform_file_keeps_reading_as_before(tmp_path: Path) -> None:
     )
     stacked, rest, _ = load_stacked(path)
     assert list(stacked) == ["w"] and list(rest) == ["h.{i:A}.w"]
-    assert stacked_layout(read_checkpoint(path)).kinds[0].names == {"w": "h.{i}.w"}
+    assert stored_plan(read_checkpoint(path)).kinds[0].names == {"w": "h.{i}.w"}
 
 
 # ----------------------------------------------------------------- inspect, command

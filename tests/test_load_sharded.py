@@ -18,7 +18,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from ckptgen import same
+from ckptgen import deepseek, same, save_shards
 from jax.sharding import AxisType, Mesh, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
@@ -26,6 +26,7 @@ from stackedtree import layer_shardings
 from stackedtree.checkpoint import (
     _sharded,
     convert_stack,
+    load_flat,
     load_sharded,
     load_stacked,
     save_flat,
@@ -34,6 +35,7 @@ from stackedtree.checkpoint import (
 )
 from stackedtree.checkpoint._io import read_checkpoint
 from stackedtree.checkpoint._pattern import LayerPattern
+from stackedtree.cli import main
 
 PATTERN = "model.layers.{i}."
 N = 8
@@ -545,12 +547,25 @@ def test_bad_checkpoints_as_for_load_flat(ckpt: Any, tmp_path: Path) -> None:
         load_sharded(tmp_path / "x.bin", one)
     with pytest.raises(ValueError, match="matches no tensor name"):
         load_sharded(path, one, pattern="blocks.{i}.")
+    # As in `stack_by_name`: stacking one kind of layers, layer 3 lacking a key is
+    # refused. `load_sharded` stacks as `stackedtree stack` does, so layer 3 is a
+    # kind of its own there (tested with the kinds below); missing layers and a
+    # tensor whose shape differs within its kind are refused.
     del flat[PATTERN.format(i=3) + "mlp.up_proj.weight"]
-    save_flat(tmp_path / "gap.safetensors", flat)
     with pytest.raises(
         ValueError, match=r"layer 3 is missing keys 'mlp\.up_proj\.weight'"
     ):
+        stack_by_name(flat, PATTERN)
+    for key in [k for k in flat if k.startswith(PATTERN.format(i=3))]:
+        del flat[key]
+    save_flat(tmp_path / "gap.safetensors", flat)
+    with pytest.raises(ValueError, match=r"missing layers 3; found layers 0-2, 4-7"):
         load_sharded(tmp_path / "gap.safetensors", one, pattern=PATTERN)
+    flat = per_layer()
+    flat[PATTERN.format(i=5) + "input_layernorm.weight"] = np.zeros(9, np.float32)
+    save_flat(tmp_path / "odd.safetensors", flat)
+    with pytest.raises(ValueError, match=r"input_layernorm.weight` has shape \(9,\)"):
+        load_sharded(tmp_path / "odd.safetensors", one, pattern=PATTERN)
 
 
 def test_a_stacked_file_of_several_kinds_loads_per_kind(tmp_path: Path) -> None:
@@ -581,6 +596,37 @@ def test_a_stacked_file_of_several_kinds_loads_per_kind(tmp_path: Path) -> None:
     got = load_sharded(tmp_path / "stacked.safetensors", how)
     assert "h.{i:B}.experts" in got and got["h.{i:B}.experts"].shape == (3, 8, 4)
     check_loaded(got, want, how)
+
+
+@pytest.mark.parametrize("files", [1, 3])
+def test_a_per_layer_folder_of_two_kinds_loads_as_the_command_stacks_it(
+    tmp_path: Path, files: int
+) -> None:
+    # DeepSeek-V3/Llama 4-like: dense layers, then MoE layers holding other keys.
+    # `load_sharded(pattern=...)` stacks it on the fly exactly as `stackedtree stack`
+    # writes it: the same names (`{i:A}`, `{i:B}`), order, shapes, dtypes and bits.
+    folder = tmp_path / "model"
+    folder.mkdir()
+    flat = deepseek(dense=2, moe=3)
+    if files == 1:
+        save_flat(folder / "model.safetensors", flat)
+    else:
+        save_shards(folder, flat, files)
+    stacked = tmp_path / "stacked.safetensors"
+    assert main(["stack", str(folder), "-o", str(stacked), "--quiet"]) == 0
+    want = load_flat(stacked)
+    assert "model.layers.{i:B}.mlp.gate.weight" in want
+
+    def how(name: str, shape: tuple[int, ...], dtype: Any) -> Sharding:
+        spec = P("x") if "{i" in name and shape[0] % 2 == 0 else P(None, "x")
+        return NamedSharding(mesh(2, names=("x",)), spec if shape[1:] else P())
+
+    got = load_sharded(folder, how, pattern=PATTERN)
+    assert list(got) == list(want)
+    check_loaded(got, want, how)
+    from_stacked = load_sharded(stacked, how)
+    assert list(from_stacked) == list(want)
+    check_loaded(from_stacked, want, how)
 
 
 # --------------------------------------------------------------------- two processes

@@ -50,10 +50,10 @@ from .._leaf import on_bits
 from .._sharding import sharding_problems
 from ._files import open_regular
 from ._io import Checkpoint, Paths, TensorInfo, read_checkpoint, read_into
-from ._names import group_names
 from ._npz import data_offsets, read_member
 from ._pattern import LayerPattern
-from ._stacked import META_PATTERN, stacked_layout
+from ._plan import plan_by_kind
+from ._stacked import META_PATTERN, stored_plan
 
 Shardings: TypeAlias = (
     Sharding
@@ -119,10 +119,10 @@ def plan_sources(ckpt: Checkpoint, pattern: str | None) -> dict[str, Source]:
 
     A stacked checkpoint's tensors are loaded as stored, those of a file with layers
     of several kinds under their per-kind names (`model.layers.{i:B}.mlp.gate.weight`).
-    With a `pattern`, the layer tensors of a per-layer checkpoint become one stacked
-    array per key, named by its stacked name and placed where layer 0's tensor was;
-    its layers must hold the same keys, as in `stack_by_name` (`stackedtree stack`
-    stacks the layers of several kinds separately, into a file loaded as stored).
+    With a `pattern`, the layer tensors of a per-layer checkpoint are stacked as
+    `stackedtree stack` stacks them (`plan_by_kind`): one array per key of each kind
+    of layers, named by its stacked name and placed where its first layer's tensor
+    was.
     """
     tensors = ckpt.tensors
 
@@ -131,48 +131,42 @@ def plan_sources(ckpt: Checkpoint, pattern: str | None) -> dict[str, Source]:
         return Source(info.shape, _native(info.dtype), ((name, info),), False, stacked)
 
     if META_PATTERN in ckpt.metadata:
-        layout = stacked_layout(ckpt)
-        if pattern is not None and str(LayerPattern.parse(pattern)) != layout.pattern:
+        stored = stored_plan(ckpt)
+        if pattern is not None and str(LayerPattern.parse(pattern)) != stored.pattern:
             raise ValueError(
-                f"the checkpoint is stacked with pattern {layout.pattern!r} (its layer "
+                f"the checkpoint is stacked with pattern {stored.pattern!r} (its layer "
                 f"tensors are already stacked); `pattern` {pattern!r} differs: leave "
                 f"it out."
             )
-        stacked_names = {n for kind in layout.kinds for n in kind.names.values()}
+        stacked_names = {e.name for _, e in stored.entries()}
         return {name: whole(name, name in stacked_names) for name in tensors}
     if pattern is None:
         return {name: whole(name) for name in tensors}
 
     lp = LayerPattern.parse(pattern)
-    g = group_names({n: (t.shape, t.dtype) for n, t in tensors.items()}, str(lp))
-    stacked_at: dict[str, str] = {}
-    layered: dict[str, Source] = {}
-    for j, key in enumerate(g.keys):
-        names = [g.names[i][j] for i in range(g.num_layers)]
-        first = tensors[names[0]]
-        stacked = lp.stacked_name(key)
-        stacked_at[names[0]] = stacked
-        layered[stacked] = Source(
-            (g.num_layers, *first.shape),
-            _native(first.dtype),
-            tuple((n, tensors[n]) for n in names),
-            True,
-            True,
-        )
-    clash = [name for name in g.rest if name in layered]
+    plan = plan_by_kind({n: (t.shape, t.dtype) for n, t in tensors.items()}, str(lp))
+    stacked = {e.name for _, e in plan.entries()}
+    clash = [name for name in plan.rest if name in stacked]
     if clash:
         fail(
             [repr(name) for name in clash],
             "the checkpoint holds both per-layer tensors and stacked tensors of the "
             "same names",
         )
-    rest = set(g.rest)
     out: dict[str, Source] = {}
-    for name in tensors:
-        if name in stacked_at:
-            out[stacked_at[name]] = layered[stacked_at[name]]
-        elif name in rest:
-            out[name] = whole(name)
+    for item in plan.arranged(tensors):
+        if isinstance(item, str):
+            out[item] = whole(item)
+            continue
+        e = item[1]
+        first = tensors[e.sources[0]]
+        out[e.name] = Source(
+            (len(e.sources), *first.shape),
+            _native(first.dtype),
+            tuple((n, tensors[n]) for n in e.sources),
+            True,
+            True,
+        )
     return out
 
 
@@ -624,19 +618,26 @@ def load_sharded(
             specs.
         pattern: the layer pattern of a per-layer checkpoint, e.g.
             `"model.layers.{i}."`: its layer tensors come back stacked, one array
-            `(N, ...)` per per-layer key. Without one, a per-layer checkpoint's
-            tensors come back under their own names. A stacked checkpoint needs
-            none (its layer tensors come back stacked, as stored).
+            `(N, ...)` per per-layer key, exactly as `stackedtree stack` stacks
+            them. Layers of several kinds (holding different keys, as dense and
+            MoE layers) are stacked each kind on its own, under the kind's names
+            (`model.layers.{i:B}.mlp.gate.weight`, `(layers of B, ...)`), as for
+            the stacked file. Without a pattern, a per-layer checkpoint's tensors
+            come back under their own names. A stacked checkpoint needs none (its
+            layer tensors come back stacked, as stored).
 
     Returns:
-        The arrays by name, in checkpoint order (a stacked array where its layer
-        0 tensor was), each a global `jax.Array` with its sharding.
+        The arrays by name, in checkpoint order (a stacked array where its
+        kind's first layer's tensor was), each a global `jax.Array` with its
+        sharding: the names, order and values of loading the file that
+        `stackedtree stack` writes.
 
     Raises:
         OSError: a file is missing or unreadable.
         ValueError: as in `load_flat` (unknown format, a truncated or corrupt
-            file, a tensor name in two files) and `stack_by_name` (the pattern
-            matches nothing, missing layers, layers that differ); and, in one
+            file, a tensor name in two files) and `convert_stack` (the pattern
+            matches nothing, missing layers, a tensor whose shape or dtype differs
+            within its kind of layers); and, in one
             error listing them all: a name in `shardings` that the checkpoint
             lacks, a checkpoint tensor with no sharding, a dimension that the
             mesh axes of its sharding do not divide, a 64-bit tensor while

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ from ._io import Checkpoint, PathLike, Paths, load_flat, read_checkpoint, save_f
 from ._limits import brief, load_json, quote
 from ._names import check_kinds, check_rest, layer_owners, num_stacked_layers
 from ._pattern import LayerPattern, check_label, ranges
+from ._plan import LayerKind, StackEntry, StackPlan
 
 META_PATTERN = "stackedtree.pattern"
 META_NUM_LAYERS = "stackedtree.num_layers"
@@ -142,46 +142,6 @@ def save_stacked(
 # --------------------------------------------------------------------------- reading
 
 
-@dataclass(frozen=True)
-class StackedKind:
-    """The stacked tensors of one kind of layers in a stacked checkpoint.
-
-    Attributes:
-        label: the kind's label; None in a file of one kind (`{i}` names).
-        layers: the layer of each index of the layer axis.
-        names: each per-layer key -> its stacked tensor's name, in file order.
-    """
-
-    label: str | None
-    layers: Sequence[int]
-    names: dict[str, str]
-
-
-@dataclass(frozen=True)
-class StackedLayout:
-    """How a stacked checkpoint's tensors divide into kinds of layers and the rest.
-
-    Attributes:
-        pattern: the recorded layer pattern.
-        num_layers: N, the layers of all kinds.
-        kinds: the kinds, in recorded order; one, labelled None, when the file
-            records no kinds.
-        rest: the names of the other tensors, in file order.
-    """
-
-    pattern: str
-    num_layers: int
-    kinds: tuple[StackedKind, ...]
-    rest: list[str]
-
-    @property
-    def layers(self) -> dict[str, list[int]] | None:
-        """Each kind's label -> its layers; None in a file of one kind."""
-        if self.kinds[0].label is None:
-            return None
-        return {str(k.label): list(k.layers) for k in self.kinds}
-
-
 def _decode_kinds(where: str, text: str, n: int) -> dict[str, list[int]]:
     """The recorded kinds, checked: labels, and layers `0..n-1` each in one kind."""
 
@@ -226,8 +186,9 @@ def _decode_kinds(where: str, text: str, n: int) -> dict[str, list[int]]:
     return kinds
 
 
-def stacked_layout(ckpt: Checkpoint) -> StackedLayout:
-    """The layout of a stacked checkpoint, from its metadata and names.
+def stored_plan(ckpt: Checkpoint) -> StackPlan:
+    """The plan of a stacked checkpoint, from its metadata and names: its stacked
+    tensors stored as planned, none with sources.
 
     Raises:
         ValueError: the checkpoint records no pattern (it is not stacked), or a
@@ -300,11 +261,18 @@ def stacked_layout(ckpt: Checkpoint) -> StackedLayout:
                 f"{', '.join(empty)}, of which the file holds no tensor."
             )
     check_rest(lp, rest)
-    return StackedLayout(
+    return StackPlan(
         pattern,
         n,
-        tuple(StackedKind(label, kinds[label], names[label]) for label in kinds),
-        rest,
+        tuple(
+            LayerKind(
+                label,
+                kinds[label],
+                tuple(StackEntry(key, name) for key, name in names[label].items()),
+            )
+            for label in kinds
+        ),
+        tuple(rest),
     )
 
 
@@ -344,18 +312,17 @@ def load_stacked(
             as in `load_flat`.
         OSError: a file is missing or unreadable.
     """
-    layout = stacked_layout(read_checkpoint(path_or_paths))
+    plan = stored_plan(read_checkpoint(path_or_paths))
     flat = load_flat(path_or_paths)
-    rest = {name: flat[name] for name in layout.rest}
+    rest = {name: flat[name] for name in plan.rest}
     per_kind = {
-        kind.label: {key: flat[name] for key, name in kind.names.items()}
-        for kind in layout.kinds
+        kind.label: {e.key: flat[e.name] for e in kind.entries} for kind in plan.kinds
     }
-    if layout.layers is None:
-        return per_kind[None], rest, layout.pattern
+    if plan.layers is None:
+        return per_kind[None], rest, plan.pattern
     return (
         {str(label): part for label, part in per_kind.items()},
         rest,
-        layout.pattern,
-        layout.layers,
+        plan.pattern,
+        plan.layers,
     )
