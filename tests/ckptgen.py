@@ -22,7 +22,7 @@ import pytest
 from hypothesis import strategies as st
 
 import stackedtree
-from stackedtree.checkpoint._pattern import LayerPattern
+from stackedtree.checkpoint._layer_pattern import LayerPattern
 
 DTYPES = [
     np.dtype(t)

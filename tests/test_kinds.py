@@ -38,7 +38,7 @@ from stackedtree.checkpoint import (
     unstack_by_name,
 )
 from stackedtree.checkpoint._io import read_checkpoint
-from stackedtree.checkpoint._pattern import LayerPattern, kind_label
+from stackedtree.checkpoint._layer_pattern import LayerPattern, kind_label
 from stackedtree.checkpoint._stacked import stored_plan
 from stackedtree.cli import main
 

@@ -34,7 +34,8 @@ from stackedtree.checkpoint import (
     stack_by_name,
 )
 from stackedtree.checkpoint._io import read_checkpoint
-from stackedtree.checkpoint._pattern import LayerPattern
+from stackedtree.checkpoint._layer_pattern import LayerPattern
+from stackedtree.checkpoint._sharded import ReadOptions, load_with
 from stackedtree.cli import main
 
 PATTERN = "model.layers.{i}."
@@ -158,15 +159,15 @@ def test_loads_stacked_arrays_with_their_shardings(
     layout: str,
     strided_min_run: int,
     rows_on_device: bool | None,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Both ways of reading split rows: strided, and rows handed out by columns (joined
     # on the host, or on the devices as on an accelerator).
-    monkeypatch.setattr(_sharded, "STRIDED_MIN_RUN", strided_min_run)
-    monkeypatch.setattr(_sharded, "ROWS_ON_DEVICE", rows_on_device)
+    options = ReadOptions(
+        strided_min_run=strided_min_run, rows_on_device=rows_on_device
+    )
     path, flat = ckpt
     how = LAYOUTS[layout]()
-    check_loaded(load_sharded(path, how, pattern=PATTERN), expected(flat), how)
+    check_loaded(load_with(path, how, options, pattern=PATTERN), expected(flat), how)
 
 
 def test_shards_index_and_npz(tmp_path: Path) -> None:
@@ -283,10 +284,7 @@ def test_callable_sees_stacked_names_shapes_and_dtypes(ckpt: Any) -> None:
 
 
 @pytest.mark.parametrize("rows_on_device", [False, True])
-def test_every_dtype_empty_and_0d_tensors(
-    tmp_path: Path, rows_on_device: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(_sharded, "ROWS_ON_DEVICE", rows_on_device)
+def test_every_dtype_empty_and_0d_tensors(tmp_path: Path, rows_on_device: bool) -> None:
     dtypes = [
         np.bool_,
         np.uint8,
@@ -309,7 +307,8 @@ def test_every_dtype_empty_and_0d_tensors(
     flat["scalar"] = np.asarray(3, np.int32)
     save_flat(tmp_path / "d.safetensors", flat)
     how = fsdp(mesh(2, 4))
-    got = load_sharded(tmp_path / "d.safetensors", how, pattern="h.{i}.")
+    options = ReadOptions(rows_on_device=rows_on_device)
+    got = load_with(tmp_path / "d.safetensors", how, options, pattern="h.{i}.")
     stacked, rest = stack_by_name(flat, "h.{i}.")
     check_loaded(got, {"h.{i}." + k: v for k, v in stacked.items()} | rest, how)
 
@@ -362,13 +361,15 @@ def test_each_byte_is_read_once(
     rows_on_device: bool | None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_sharded, "STRIDED_MIN_RUN", strided_min_run)
-    monkeypatch.setattr(_sharded, "ROWS_ON_DEVICE", rows_on_device)
-    monkeypatch.setattr(_sharded, "WORKERS", workers)
-    monkeypatch.setattr(_sharded, "CHUNK_BYTES", 256)  # many chunks and pieces
+    options = ReadOptions(
+        strided_min_run=strided_min_run,
+        rows_on_device=rows_on_device,
+        workers=workers,
+        chunk_bytes=256,  # many chunks and pieces
+    )
     path, flat = ckpt
     reads = spy_reads(monkeypatch)
-    load_sharded(path, LAYOUTS[layout](), pattern=PATTERN)
+    load_with(path, LAYOUTS[layout](), options, pattern=PATTERN)
     assert merged(reads) == merged(ranges_of(path, flat))
 
 
@@ -376,8 +377,7 @@ def test_rows_joined_on_devices_are_read_a_block_at_a_time(
     ckpt: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # As on an accelerator: host memory for rows read whole stays about one block.
-    monkeypatch.setattr(_sharded, "STRIDED_MIN_RUN", 1 << 62)
-    monkeypatch.setattr(_sharded, "ROWS_ON_DEVICE", True)
+    options = ReadOptions(strided_min_run=1 << 62, rows_on_device=True)
     real = _sharded._read_by_rows
     calls: list[tuple[Any, int]] = []
 
@@ -389,7 +389,8 @@ def test_rows_joined_on_devices_are_read_a_block_at_a_time(
     monkeypatch.setattr(_sharded, "_read_by_rows", spy)
     path, flat = ckpt
     how = fsdp(mesh(2, 4))  # last dimensions split 4 ways: 4 distinct blocks each
-    check_loaded(load_sharded(path, how, pattern=PATTERN), expected(flat), how)
+    got = load_with(path, how, options, pattern=PATTERN)
+    check_loaded(got, expected(flat), how)
     assert calls
     read: dict[Any, int] = {}
     for src, size in calls:
@@ -401,8 +402,7 @@ def test_rows_joined_on_devices_are_read_a_block_at_a_time(
 
 def test_a_failed_read_is_raised(ckpt: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     path, _ = ckpt
-    monkeypatch.setattr(_sharded, "WORKERS", 3)
-    monkeypatch.setattr(_sharded, "CHUNK_BYTES", 256)
+    options = ReadOptions(workers=3, chunk_bytes=256)
     real = _sharded.read_into
 
     def read_into(f: Any, offset: int, out: np.ndarray) -> None:
@@ -413,7 +413,7 @@ def test_a_failed_read_is_raised(ckpt: Any, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(_sharded, "read_into", read_into)
     for how in (replicated(mesh(8, names=("fsdp",))), fsdp(mesh(2, 4))):
         with pytest.raises(OSError, match="disk gone"):
-            load_sharded(path, how, pattern=PATTERN)
+            load_with(path, how, options, pattern=PATTERN)
 
 
 def test_a_block_reads_exactly_its_layers(

@@ -20,7 +20,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from ._files import atomic_write, check_output, open_regular, output_kind
+from ._files import atomic_write, check_output, open_regular, output_kind, read_at
 from ._io import (
     Checkpoint,
     PathLike,
@@ -32,9 +32,9 @@ from ._io import (
     safetensors_header,
     save_flat,
 )
+from ._layer_pattern import LayerPattern
 from ._limits import MAX_TENSORS
 from ._names import stack_by_name, unstack_by_name
-from ._pattern import LayerPattern
 from ._plan import StackPlan, plan_by_kind
 from ._stacked import (
     META_KEYS,
@@ -121,7 +121,7 @@ class _Copier:
                 if self.buf is None:
                     self.buf = np.empty(_CHUNK, np.uint8)
                 view = self.buf.data[: min(length, _CHUNK)]
-                done = os.preadv(src, [view], offset)
+                done = read_at(src, offset, view)
                 written = 0
                 while written < done:
                     written += os.write(self.dst, view[written:done])

@@ -11,22 +11,12 @@ from collections.abc import Sequence
 
 from .._leaf import short_dtype
 from ._io import Checkpoint, Paths, TensorInfo, read_checkpoint
-from ._limits import printable
-from ._pattern import detect_pattern, ranges
+from ._layer_pattern import detect_pattern
 from ._plan import plan_by_kind
 from ._stacked import META_PATTERN, stored_plan
+from ._text import count, human_bytes, printable, ranges
 
 _MAX_LISTED = 40
-
-
-def human_bytes(n: int) -> str:
-    """`1536` -> `"1.5 KiB"`."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def _table(rows: list[tuple[str, TensorInfo]]) -> list[str]:
@@ -67,7 +57,7 @@ def inspect_checkpoint(paths: Paths, /, *, pattern: str | None = None) -> str:
     """
     ckpt: Checkpoint = read_checkpoint(paths)
     total = sum(t.nbytes for t in ckpt.tensors.values())
-    files = f"{len(ckpt.files)} file" + ("s" if len(ckpt.files) != 1 else "")
+    files = count(len(ckpt.files), "file")
     lines = [
         f"{files}, {len(ckpt.tensors)} tensors, {human_bytes(total)} ({total} bytes)"
     ]
@@ -123,7 +113,7 @@ def _per_layer(ckpt: Checkpoint, pattern: str | None) -> list[str]:
 
 def _layers(layers: Sequence[int]) -> str:
     """`[0, 1, 2]` -> `"3 layers (0-2)"`."""
-    return f"{len(layers)} layer{'s' if len(layers) != 1 else ''} ({ranges(layers)})"
+    return f"{count(len(layers), 'layer')} ({ranges(layers)})"
 
 
 def _stacked(ckpt: Checkpoint) -> list[str]:

@@ -8,17 +8,17 @@ from typing import Any
 
 import numpy as np
 
-from .._check import count_layers, fail
+from .._check import fail, num_layers_of
 from .._leaf import is_array, leaf_kind, stack_leaves
-from ._pattern import LayerPattern, check_label
+from ._layer_pattern import LayerPattern, check_label
 from ._plan import (
     StackPlan,
     all_layers,
     kinds_of,
     plan_one_kind,
-    plural,
     split_layers,
 )
+from ._text import plural
 
 # ------------------------------------------------------------------- `layers` checks
 
@@ -168,11 +168,7 @@ def num_stacked_layers(stacked: Mapping[str, Any], arg: str = "stacked") -> int:
             "`layers`, the layers of each kind."
         )
     shapes = [(f"`{arg}[{key!r}]`", _spec(key, x)[0]) for key, x in stacked.items()]
-    reference, problems = count_layers(shapes, hint="")
-    if problems:
-        fail(problems, title=f"`{arg}` is not a stack of layers")
-    assert reference is not None  # every tensor has a leading axis, so one was found
-    return reference[0]
+    return num_layers_of(stacked, arg, leaves=shapes, hint="")
 
 
 def _stack(flat: Mapping[str, Any], plan: StackPlan) -> dict[str, Any]:

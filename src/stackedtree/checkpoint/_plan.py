@@ -19,7 +19,8 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .._check import fail
-from ._pattern import LayerPattern, kind_label, ranges
+from ._layer_pattern import LayerPattern, kind_label
+from ._text import plural, ranges
 
 Specs = Mapping[str, tuple[tuple[int, ...], Hashable]]
 """Every tensor name -> its `(shape, dtype)`."""
@@ -124,11 +125,6 @@ class StackPlan:
 def _fmt_spec(spec: tuple[tuple[int, ...], Hashable]) -> str:
     shape, dtype = spec
     return f"shape {tuple(shape)} dtype {dtype}"
-
-
-def plural(word: str, items: Sequence[int]) -> str:
-    """`layer 3`, `layers 3, 5`: the word, plural with several, and their ranges."""
-    return f"{word}{'s' if len(items) != 1 else ''} {ranges(items)}"
 
 
 def split_layers(

@@ -24,10 +24,11 @@ import numpy as np
 
 from .._check import fail
 from ._io import Checkpoint, PathLike, Paths, load_flat, read_checkpoint, save_flat
-from ._limits import brief, load_json, quote
+from ._layer_pattern import LayerPattern, check_label
+from ._limits import load_json
 from ._names import check_kinds, check_rest, layer_owners, num_stacked_layers
-from ._pattern import LayerPattern, check_label, ranges
 from ._plan import LayerKind, StackEntry, StackPlan
+from ._text import brief, count, quote, ranges
 
 META_PATTERN = "stackedtree.pattern"
 META_NUM_LAYERS = "stackedtree.num_layers"
@@ -241,12 +242,12 @@ def stored_plan(ckpt: Checkpoint) -> StackPlan:
                 f"metadata `{META_KINDS}` records no such kind (it records "
                 f"{', '.join(map(str, kinds))})."
             )
-        count = len(kinds[label])
-        if info.shape[:1] != (count,):
+        held = len(kinds[label])
+        if info.shape[:1] != (held,):
             says = (
                 f"the metadata says {n} layers"
                 if label is None
-                else f"kind {label} holds {count} layer{'s' if count != 1 else ''}"
+                else f"kind {label} holds {count(held, 'layer')}"
             )
             raise ValueError(
                 f"{where}: stacked tensor {quote(name)} has shape {info.shape}, but "
