@@ -244,9 +244,22 @@ def _parse_header(
     # Only a `\u` escape can make a lone surrogate, which is not valid UTF-8.
     check_text = b"\\u" in raw
     del raw
+    metadata, entries = _entries(path, header, check_text)
+    del header
+    return _tile(path, entries, start, size), metadata
+
+
+_Entry = tuple[int, int, str, np.dtype, tuple[int, ...]]
+"""`(begin, end, name, dtype, shape)` of a header entry."""
+
+
+def _entries(
+    path: Path, header: tuple[tuple[str, Any], ...], check_text: bool
+) -> tuple[dict[str, str], list[_Entry]]:
+    """The header's metadata, and its entries checked one by one."""
     metadata: dict[str, str] = {}
     seen: set[str] = set()
-    entries: list[tuple[int, int, str, np.dtype, tuple[int, ...]]] = []
+    entries: list[_Entry] = []
     for name, entry in header:
         if name in seen:
             raise _bad(path, f"the header names {quote(name)} twice")
@@ -301,7 +314,14 @@ def _parse_header(
                 f"numpy can index",
             )
         entries.append((begin, end, name, dtype, tuple(shape)))
-    del header
+    return metadata, entries
+
+
+def _tile(
+    path: Path, entries: list[_Entry], start: int, size: int
+) -> dict[str, TensorInfo]:
+    """The tensors by name in data order, once their data is seen to tile the file
+    from `start` to its end."""
     entries.sort()  # by offsets: names are unique, so no further
     tensors: dict[str, TensorInfo] = {}
     at = 0
@@ -322,7 +342,7 @@ def _parse_header(
             f"the header describes {at} bytes of tensor data but the file holds "
             f"{size - start} ({'truncated' if size - start < at else 'trailing bytes'})",
         )
-    return tensors, metadata
+    return tensors
 
 
 # --------------------------------------------------------------------------- writing

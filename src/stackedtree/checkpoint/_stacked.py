@@ -187,17 +187,11 @@ def _decode_kinds(where: str, text: str, n: int) -> dict[str, list[int]]:
     return kinds
 
 
-def stored_plan(ckpt: Checkpoint) -> StackPlan:
-    """The plan of a stacked checkpoint, from its metadata and names: its stacked
-    tensors stored as planned, none with sources.
-
-    Raises:
-        ValueError: the checkpoint records no pattern (it is not stacked), or a
-            malformed one, N or kinds; a stacked tensor's leading length is not
-            the number of its kind's layers; a stacked name of no recorded kind;
-            a kind with no tensor; a name the pattern reads as a layer's tensor.
-    """
-    where = ", ".join(f"`{f}`" for f in ckpt.files)
+def _recorded(
+    ckpt: Checkpoint, where: str
+) -> tuple[LayerPattern, int, dict[str | None, Sequence[int]]]:
+    """The pattern, N and kinds a stacked checkpoint's metadata records, checked;
+    the kinds `{None: range(N)}` when it records none."""
     pattern = ckpt.metadata.get(META_PATTERN)
     if pattern is None:
         raise ValueError(
@@ -220,14 +214,29 @@ def stored_plan(ckpt: Checkpoint) -> StackPlan:
             f"2**63, got {'nothing' if raw is None else quote(raw)}."
         )
     text = ckpt.metadata.get(META_KINDS)
-    kinds: dict[str | None, Sequence[int]] = {None: range(n)}
-    if text is not None:
-        kinds = dict(_decode_kinds(where, text, n).items())
+    if text is None:
+        return lp, n, {None: range(n)}
+    return lp, n, dict(_decode_kinds(where, text, n).items())
+
+
+def stored_plan(ckpt: Checkpoint) -> StackPlan:
+    """The plan of a stacked checkpoint, from its metadata and names: its stacked
+    tensors stored as planned, none with sources.
+
+    Raises:
+        ValueError: the checkpoint records no pattern (it is not stacked), or a
+            malformed one, N or kinds; a stacked tensor's leading length is not
+            the number of its kind's layers; a stacked name of no recorded kind;
+            a kind with no tensor; a name the pattern reads as a layer's tensor.
+    """
+    where = ", ".join(f"`{f}`" for f in ckpt.files)
+    lp, n, kinds = _recorded(ckpt, where)
+    uniform = None in kinds
     names: dict[str | None, dict[str, str]] = {label: {} for label in kinds}
     rest: list[str] = []
     for name, info in ckpt.tensors.items():
         m: tuple[str | None, str] | None
-        if text is None:
+        if uniform:
             key = lp.stacked_key(name)
             m = None if key is None else (None, key)
         else:
@@ -254,7 +263,7 @@ def stored_plan(ckpt: Checkpoint) -> StackPlan:
                 f"{says}."
             )
         names[label][key] = name
-    if text is not None:
+    if not uniform:
         empty = [str(label) for label, found in names.items() if not found]
         if empty:
             raise ValueError(
@@ -263,7 +272,7 @@ def stored_plan(ckpt: Checkpoint) -> StackPlan:
             )
     check_rest(lp, rest)
     return StackPlan(
-        pattern,
+        str(lp),
         n,
         tuple(
             LayerKind(
