@@ -54,7 +54,8 @@ def test_streaming_equals_in_memory_bit_exactly(case: Any, suffix: str) -> None:
         assert done.num_layers == case.num_layers and done.streamed == (
             suffix != ".npz"
         )
-        stacked, rest, pattern = load_stacked(out)
+        stacked, rest, pattern, kinds = load_stacked(out)
+        assert kinds is None
         want_stacked, want_rest = stack_by_name(case.flat, case.pattern)
         assert pattern == case.pattern
         assert_same_flat(stacked, want_stacked)
@@ -109,7 +110,7 @@ def test_shards_and_index_as_source(tmp_path: Path) -> None:
     index = tmp_path / "m.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": weight_map}))
     convert_stack(index, tmp_path / "s.safetensors")
-    stacked, rest, pattern = load_stacked(tmp_path / "s.safetensors")
+    stacked, rest, pattern, _ = load_stacked(tmp_path / "s.safetensors")
     want = stack_by_name(flat, pattern)
     assert_same_flat(stacked, want[0])
     assert_same_flat(rest, want[1])

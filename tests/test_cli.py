@@ -63,7 +63,8 @@ def test_inspect_stack_unstack_end_to_end(tmp_path: Path, ckpt: Path) -> None:
         f"wrote {stacked_path}: 4 tensors, 364 B, 3 layers by pattern 'model.layers.{{i}}.'"
     )
     assert "Traceback" not in r.stderr
-    stacked, rest, pattern = load_stacked(stacked_path)
+    stacked, rest, pattern, kinds = load_stacked(stacked_path)
+    assert kinds is None
     want_stacked, want_rest = stack_by_name(llama(3), "model.layers.{i}.")
     assert pattern == "model.layers.{i}."
     assert_same_flat(stacked, want_stacked)

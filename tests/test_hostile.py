@@ -655,7 +655,7 @@ def test_symlinked_shards_of_a_hugging_face_cache_are_read(tmp_path: Path) -> No
     assert_same_flat(load_flat(snap), flat)
     assert_same_flat(load_flat(snap / "model.safetensors.index.json"), flat)
     convert_stack(snap, tmp_path / "s.safetensors")
-    assert load_stacked(tmp_path / "s.safetensors")[2] == "model.layers.{i}."
+    assert load_stacked(tmp_path / "s.safetensors").pattern == "model.layers.{i}."
 
 
 def test_inspect_prints_names_escaped(tmp_path: Path, capsys: Any) -> None:

@@ -26,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stackedtree.checkpoint import (
+    StackedCheckpoint,
     convert_stack,
     convert_unstack,
     detect_kinds,
@@ -149,7 +150,8 @@ def test_converting_by_kind_round_trips_bit_exactly(
             k: v for k, v in read_checkpoint(out).metadata.items() if k != "origin"
         }
     else:
-        stacked, rest, pattern = loaded
+        stacked, rest, pattern, kinds = loaded
+        assert kinds is None
         want = stack_by_name(case.flat, case.pattern)
         assert_same_flat(stacked, want[0])
     assert pattern == case.pattern
@@ -206,7 +208,10 @@ def test_a_uniform_model_is_stacked_byte_for_byte_as_before(tmp_path: Path) -> N
     assert (tmp_path / "u.safetensors").read_bytes() == (
         tmp_path / "a.safetensors"
     ).read_bytes()
-    assert len(load_stacked(tmp_path / "s.safetensors")) == 3
+    # One shape for every file: four fields, `kinds` None for one kind of layers.
+    loaded = load_stacked(tmp_path / "s.safetensors")
+    assert len(loaded) == 4 and loaded.kinds is None
+    assert isinstance(loaded, StackedCheckpoint)
 
 
 def test_kinds_file_layout(tmp_path: Path) -> None:
@@ -479,7 +484,7 @@ def test_a_uniform_file_keeps_reading_as_before(tmp_path: Path) -> None:
         {"h.{i}.w": np.zeros((2, 3)), "h.{i:A}.w": np.ones(1)},
         metadata={"stackedtree.pattern": "h.{i}.", "stackedtree.num_layers": "2"},
     )
-    stacked, rest, _ = load_stacked(path)
+    stacked, rest, _, _ = load_stacked(path)
     assert list(stacked) == ["w"] and list(rest) == ["h.{i:A}.w"]
     assert stored_plan(read_checkpoint(path)).kinds[0].names == {"w": "h.{i}.w"}
 

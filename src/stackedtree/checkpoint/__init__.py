@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ._names import unstack_by_name as unstack_by_name
     from ._sharded import Shardings as Shardings
     from ._sharded import load_sharded as load_sharded
+    from ._stacked import StackedCheckpoint as StackedCheckpoint
     from ._stacked import load_stacked as load_stacked
     from ._stacked import save_stacked as save_stacked
 
@@ -45,6 +46,7 @@ _SOURCES = {
     "Paths": "._files",
     "Rule": "._mapping",
     "Shardings": "._sharded",
+    "StackedCheckpoint": "._stacked",
     "Transform": "._mapping",
     "convert_stack": "._convert",
     "convert_unstack": "._convert",

@@ -328,7 +328,7 @@ def convert_unstack(
     # From or to npz the tensors are loaded, and written in the order streaming gives.
     _check_storable(items, streams)
     loaded = load_stacked(src)
-    arrays = unstack_by_name(loaded[0], pattern, loaded[1], layers=kinds)
+    arrays = unstack_by_name(loaded.stacked, pattern, loaded.rest, layers=kinds)
     nbytes = _save_items(items, arrays, out, metadata, overwrite=overwrite)
     return Conversion(pattern, n, len(items), nbytes, False, kinds)
 

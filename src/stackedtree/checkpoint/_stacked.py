@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -286,41 +286,61 @@ def stored_plan(ckpt: Checkpoint) -> StackPlan:
     )
 
 
-def load_stacked(
-    path_or_paths: Paths, /
-) -> (
-    tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]
-    | tuple[
-        dict[str, dict[str, np.ndarray]],
-        dict[str, np.ndarray],
-        str,
-        dict[str, list[int]],
-    ]
-):
+class StackedCheckpoint(NamedTuple):
+    """A stacked checkpoint loaded whole, as `load_stacked` returns it.
+
+    Always four fields, whatever the file holds, so that
+    `stacked, rest, pattern, kinds = load_stacked(path)` reads any stacked file.
+
+    Attributes:
+        stacked: the stacked tensors: per-layer key -> array `(N, ...)` for a file
+            of one kind of layers; for one of several kinds, each kind's label ->
+            such a mapping (`(len(kinds[label]), ...)`).
+        rest: the other tensors, by name.
+        pattern: the layer pattern recorded in the file.
+        kinds: each kind's label -> its layers, for a file of several kinds; None
+            for a file of one kind.
+    """
+
+    stacked: dict[str, Any]
+    rest: dict[str, np.ndarray]
+    pattern: str
+    kinds: dict[str, list[int]] | None
+
+
+def load_stacked(path_or_paths: Paths, /) -> StackedCheckpoint:
     """Loads a stacked checkpoint, as written by `save_stacked` or `stackedtree stack`.
 
     Args:
         path_or_paths: as in `load_flat`.
 
     Returns:
-        `(stacked, rest, pattern)` for a checkpoint of one kind of layers: exactly
-        `stack_by_name(flat, pattern)` of the per-layer checkpoint `flat` plus its
-        pattern, so that `unstack_by_name(stacked, pattern, rest)` gives `flat`
-        back.
+        `(stacked, rest, pattern, kinds)`, a `StackedCheckpoint`. For a checkpoint
+        of one kind of layers `kinds` is None and `(stacked, rest)` is exactly
+        `stack_by_name(flat, pattern)` of the per-layer checkpoint `flat`, so that
+        `unstack_by_name(stacked, pattern, rest)` gives `flat` back.
 
-        `(stacked, rest, pattern, layers)` for one of several kinds: `layers` maps
-        each kind's label to its layers, and `(stacked, rest)` is exactly
-        `stack_by_name(flat, pattern, layers=layers)`, with `stacked[label]` the
-        stacked tensors of kind `label`; so
-        `unstack_by_name(stacked, pattern, rest, layers=layers)` gives `flat`
-        back, and `save_stacked(path, stacked, pattern, rest, layers=layers)`
-        writes the same tensors and kinds.
+        For one of several kinds, `kinds` maps each kind's label to its layers,
+        and `(stacked, rest)` is exactly `stack_by_name(flat, pattern,
+        layers=kinds)`, with `stacked[label]` the stacked tensors of kind `label`;
+        so `unstack_by_name(stacked, pattern, rest, layers=kinds)` gives `flat`
+        back, and `save_stacked(path, stacked, pattern, rest, layers=kinds)`
+        writes the same tensors and kinds. (`layers=None` is the uniform case, so
+        both calls work for either kind of file.)
 
     Raises:
         ValueError: the checkpoint is not stacked (no recorded pattern), or its
             stacked tensors disagree with the recorded number of layers or kinds;
             as in `load_flat`.
         OSError: a file is missing or unreadable.
+
+    Examples:
+        >>> import os, tempfile, numpy as np
+        >>> path = os.path.join(tempfile.mkdtemp(), "s.safetensors")
+        >>> save_stacked(path, {"w": np.zeros((4, 2))}, "h.{i}.", {"emb": np.ones(3)})
+        >>> stacked, rest, pattern, kinds = load_stacked(path)
+        >>> stacked["w"].shape, list(rest), pattern, kinds
+        ((4, 2), ['emb'], 'h.{i}.', None)
     """
     plan = stored_plan(read_checkpoint(path_or_paths))
     flat = load_flat(path_or_paths)
@@ -328,11 +348,8 @@ def load_stacked(
     per_kind = {
         kind.label: {e.key: flat[e.name] for e in kind.entries} for kind in plan.kinds
     }
-    if plan.layers is None:
-        return per_kind[None], rest, plan.pattern
-    return (
-        {str(label): part for label, part in per_kind.items()},
-        rest,
-        plan.pattern,
-        plan.layers,
-    )
+    kinds = plan.layers
+    if kinds is None:
+        return StackedCheckpoint(per_kind[None], rest, plan.pattern, None)
+    stacked = {str(label): part for label, part in per_kind.items()}
+    return StackedCheckpoint(stacked, rest, plan.pattern, kinds)
