@@ -119,6 +119,54 @@ def assert_same_flat(got: Mapping[str, Any], want: Mapping[str, Any]) -> None:
     assert not bad, f"tensors differ: {bad}"
 
 
+LLAMA_KEYS: dict[str, tuple[tuple[int, ...], Any]] = {
+    "input_layernorm.weight": ((4,), ml_dtypes.bfloat16),
+    "self_attn.q_proj.weight": ((4, 4), np.float16),
+    "mlp.up_proj.weight": ((2, 4), np.int32),
+}
+"""The per-layer keys of `llama`, with their shapes and dtypes, unless given."""
+
+
+def llama(
+    n: int = 3,
+    keys: Mapping[str, tuple[tuple[int, ...], Any]] = LLAMA_KEYS,
+    *,
+    vocab: int = 6,
+    d: int = 4,
+    norm: bool = True,
+    head: bool = False,
+    seed: int | None = None,
+) -> dict[str, np.ndarray]:
+    """A small Llama-shaped per-layer checkpoint, named as transformers names it.
+
+    `model.embed_tokens.weight` (`(vocab, d)` float32, `0, 1, 2, ...`), then layers
+    `0..n-1` holding `keys` (`model.layers.{i}.key`, each full of `i`), then
+    `model.norm.weight` (ones) when `norm` and `lm_head.weight` (as the embeddings)
+    when `head`. With a `seed`, every tensor holds random values instead.
+    """
+    rng = None if seed is None else np.random.default_rng(seed)
+
+    def tensor(shape: tuple[int, ...], dtype: Any, value: Any) -> np.ndarray:
+        if rng is not None:
+            return (rng.standard_normal(shape) * 4).astype(dtype)
+        return (
+            np.asarray(value, dtype).reshape(shape)
+            if np.ndim(value)
+            else (np.full(shape, value, dtype))
+        )
+
+    embed = np.arange(vocab * d).reshape(vocab, d)
+    flat = {"model.embed_tokens.weight": tensor((vocab, d), np.float32, embed)}
+    for i in range(n):
+        for key, (shape, dtype) in keys.items():
+            flat[f"model.layers.{i}.{key}"] = tensor(shape, dtype, i)
+    if norm:
+        flat["model.norm.weight"] = tensor((d,), np.float32, 1)
+    if head:
+        flat["lm_head.weight"] = tensor((vocab, d), np.float32, embed)
+    return flat
+
+
 def deepseek(dense: int = 2, moe: int = 3, experts: int = 2) -> dict[str, np.ndarray]:
     """A tiny DeepSeek-like checkpoint: dense layers, then MoE layers."""
     rng = np.random.default_rng(0)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ckptgen
 import numpy as np
 import pytest
 from ckptgen import assert_same_flat
@@ -77,11 +78,8 @@ def st_bytes(header: dict[str, Any] | bytes, body: bytes = b"") -> bytes:
 
 
 def llama(n: int = 2) -> dict[str, np.ndarray]:
-    flat = {"model.embed_tokens.weight": np.arange(8, dtype=np.float32).reshape(2, 4)}
-    for i in range(n):
-        flat[f"model.layers.{i}.mlp.w"] = np.full((2, 2), i, np.float16)
-        flat[f"model.layers.{i}.norm"] = np.full(2, i, np.int8)
-    return flat
+    keys = {"mlp.w": ((2, 2), np.float16), "norm": ((2,), np.int8)}
+    return ckptgen.llama(n, keys, vocab=2, norm=False)
 
 
 def nested(depth: int) -> bytes:
