@@ -135,11 +135,12 @@ def llama(
     d: int = 4,
     norm: bool = True,
     head: bool = False,
+    dtype: Any = np.float32,
     seed: int | None = None,
 ) -> dict[str, np.ndarray]:
     """A small Llama-shaped per-layer checkpoint, named as transformers names it.
 
-    `model.embed_tokens.weight` (`(vocab, d)` float32, `0, 1, 2, ...`), then layers
+    `model.embed_tokens.weight` (`(vocab, d)` `dtype`, `0, 1, 2, ...`), then layers
     `0..n-1` holding `keys` (`model.layers.{i}.key`, each full of `i`), then
     `model.norm.weight` (ones) when `norm` and `lm_head.weight` (as the embeddings)
     when `head`. With a `seed`, every tensor holds random values instead.
@@ -156,14 +157,14 @@ def llama(
         )
 
     embed = np.arange(vocab * d).reshape(vocab, d)
-    flat = {"model.embed_tokens.weight": tensor((vocab, d), np.float32, embed)}
+    flat = {"model.embed_tokens.weight": tensor((vocab, d), dtype, embed)}
     for i in range(n):
         for key, (shape, dtype) in keys.items():
             flat[f"model.layers.{i}.{key}"] = tensor(shape, dtype, i)
     if norm:
-        flat["model.norm.weight"] = tensor((d,), np.float32, 1)
+        flat["model.norm.weight"] = tensor((d,), dtype, 1)
     if head:
-        flat["lm_head.weight"] = tensor((vocab, d), np.float32, embed)
+        flat["lm_head.weight"] = tensor((vocab, d), dtype, embed)
     return flat
 
 
