@@ -7,6 +7,7 @@ bits (NaN payloads and all), and random other tensors the pattern does not match
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pytest
 from hypothesis import strategies as st
 
 import stackedtree
-from stackedtree.checkpoint._pattern import LayerPattern
+from stackedtree.checkpoint._layer_pattern import LayerPattern
 
 DTYPES = [
     np.dtype(t)
@@ -116,6 +117,93 @@ def assert_same_flat(got: Mapping[str, Any], want: Mapping[str, Any]) -> None:
     assert sorted(got) == sorted(want)
     bad = [k for k in want if not same(got[k], want[k])]
     assert not bad, f"tensors differ: {bad}"
+
+
+LLAMA_KEYS: dict[str, tuple[tuple[int, ...], Any]] = {
+    "input_layernorm.weight": ((4,), ml_dtypes.bfloat16),
+    "self_attn.q_proj.weight": ((4, 4), np.float16),
+    "mlp.up_proj.weight": ((2, 4), np.int32),
+}
+"""The per-layer keys of `llama`, with their shapes and dtypes, unless given."""
+
+
+def llama(
+    n: int = 3,
+    keys: Mapping[str, tuple[tuple[int, ...], Any]] = LLAMA_KEYS,
+    *,
+    vocab: int = 6,
+    d: int = 4,
+    norm: bool = True,
+    head: bool = False,
+    dtype: Any = np.float32,
+    seed: int | None = None,
+) -> dict[str, np.ndarray]:
+    """A small Llama-shaped per-layer checkpoint, named as transformers names it.
+
+    `model.embed_tokens.weight` (`(vocab, d)` `dtype`, `0, 1, 2, ...`), then layers
+    `0..n-1` holding `keys` (`model.layers.{i}.key`, each full of `i`), then
+    `model.norm.weight` (ones) when `norm` and `lm_head.weight` (as the embeddings)
+    when `head`. With a `seed`, every tensor holds random values instead.
+    """
+    rng = None if seed is None else np.random.default_rng(seed)
+
+    def tensor(shape: tuple[int, ...], dtype: Any, value: Any) -> np.ndarray:
+        if rng is not None:
+            return (rng.standard_normal(shape) * 4).astype(dtype)
+        return (
+            np.asarray(value, dtype).reshape(shape)
+            if np.ndim(value)
+            else (np.full(shape, value, dtype))
+        )
+
+    embed = np.arange(vocab * d).reshape(vocab, d)
+    flat = {"model.embed_tokens.weight": tensor((vocab, d), dtype, embed)}
+    for i in range(n):
+        for key, (shape, dtype) in keys.items():
+            flat[f"model.layers.{i}.{key}"] = tensor(shape, dtype, i)
+    if norm:
+        flat["model.norm.weight"] = tensor((d,), dtype, 1)
+    if head:
+        flat["lm_head.weight"] = tensor((vocab, d), dtype, embed)
+    return flat
+
+
+def deepseek(dense: int = 2, moe: int = 3, experts: int = 2) -> dict[str, np.ndarray]:
+    """A tiny DeepSeek-like checkpoint: dense layers, then MoE layers."""
+    rng = np.random.default_rng(0)
+    flat = {"model.embed_tokens.weight": rng.standard_normal((16, 8), np.float32)}
+    for i in range(dense + moe):
+        p = f"model.layers.{i}."
+        flat[p + "input_layernorm.weight"] = np.full(8, i, ml_dtypes.bfloat16)
+        flat[p + "self_attn.q_proj.weight"] = rng.standard_normal((8, 8), np.float32)
+        if i < dense:
+            flat[p + "mlp.up_proj.weight"] = rng.standard_normal((16, 8), np.float32)
+        else:
+            flat[p + "mlp.gate.weight"] = rng.standard_normal((experts, 8), np.float32)
+            for e in range(experts):
+                flat[p + f"mlp.experts.{e}.up_proj.weight"] = rng.integers(
+                    0, 9, (4, 8), np.int8
+                )
+    flat["model.norm.weight"] = np.ones(8, np.float32)
+    return flat
+
+
+def save_shards(folder: Path, flat: Mapping[str, np.ndarray], files: int = 2) -> Path:
+    """`flat` saved in `files` shards under `folder` with a
+    `model.safetensors.index.json` naming them; the index's path."""
+    from stackedtree.checkpoint import save_flat
+
+    names = list(flat)
+    per = -(-len(names) // files)
+    weight_map = {}
+    for k in range(files):
+        shard = f"model-{k + 1:05d}-of-{files:05d}.safetensors"
+        part = names[k * per : (k + 1) * per]
+        save_flat(folder / shard, {n: flat[n] for n in part})
+        weight_map.update(dict.fromkeys(part, shard))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
 
 
 def unwritable_dir(tmp_path: Any) -> str:

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ckptgen
 import numpy as np
 import pytest
 from ckptgen import assert_same_flat, cases
@@ -31,17 +32,11 @@ from stackedtree.checkpoint._io import read_checkpoint
 
 
 def llama(n: int = 3) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    flat = {"model.embed_tokens.weight": rng.standard_normal((16, 8), np.float32)}
-    for i in range(n):
-        flat[f"model.layers.{i}.self_attn.q_proj.weight"] = rng.standard_normal(
-            (8, 8)
-        ).astype(np.float16)
-        flat[f"model.layers.{i}.mlp.up_proj.weight"] = rng.integers(
-            0, 9, (4, 8), np.int32
-        )
-    flat["model.norm.weight"] = np.ones(8, np.float32)
-    return flat
+    keys = {
+        "self_attn.q_proj.weight": ((8, 8), np.float16),
+        "mlp.up_proj.weight": ((4, 8), np.int32),
+    }
+    return ckptgen.llama(n, keys, vocab=16, d=8, seed=0)
 
 
 @settings(max_examples=20, deadline=None)
@@ -54,7 +49,8 @@ def test_streaming_equals_in_memory_bit_exactly(case: Any, suffix: str) -> None:
         assert done.num_layers == case.num_layers and done.streamed == (
             suffix != ".npz"
         )
-        stacked, rest, pattern = load_stacked(out)
+        stacked, rest, pattern, kinds = load_stacked(out)
+        assert kinds is None
         want_stacked, want_rest = stack_by_name(case.flat, case.pattern)
         assert pattern == case.pattern
         assert_same_flat(stacked, want_stacked)
@@ -109,7 +105,7 @@ def test_shards_and_index_as_source(tmp_path: Path) -> None:
     index = tmp_path / "m.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": weight_map}))
     convert_stack(index, tmp_path / "s.safetensors")
-    stacked, rest, pattern = load_stacked(tmp_path / "s.safetensors")
+    stacked, rest, pattern, _ = load_stacked(tmp_path / "s.safetensors")
     want = stack_by_name(flat, pattern)
     assert_same_flat(stacked, want[0])
     assert_same_flat(rest, want[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
+import ckptgen
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -25,13 +26,12 @@ from stackedtree.checkpoint import (
 P = "model.layers.{i}."
 
 
-def llama_flat(n: int = 3, dtype: Any = np.float32) -> dict[str, np.ndarray]:
-    flat = {"model.embed_tokens.weight": np.zeros((8, 4), dtype)}
-    for i in range(n):
-        flat[f"model.layers.{i}.self_attn.q_proj.weight"] = np.full((4, 4), i, dtype)
-        flat[f"model.layers.{i}.input_layernorm.weight"] = np.full((4,), i, dtype)
-    flat["model.norm.weight"] = np.ones(4, dtype)
-    return flat
+def llama_flat(n: int = 3) -> dict[str, np.ndarray]:
+    keys = {
+        "self_attn.q_proj.weight": ((4, 4), np.float32),
+        "input_layernorm.weight": ((4,), np.float32),
+    }
+    return ckptgen.llama(n, keys, vocab=8)
 
 
 # ------------------------------------------------------------------------ stacking
@@ -283,7 +283,7 @@ def test_static_leaves_stay_with_the_template(tmp_path: Any) -> None:
     save_flat(path, flatten_names(stacked))
     back = unflatten_names(load_flat(path), stacked)
     assert back.act == "gelu" and back.w.shape == (3, 2)
-    assert back.w.dtype == stacked.w.dtype and back.w.tobytes() == stacked.w.tobytes()
+    assert same(back.w, stacked.w)
 
 
 def test_stacked_namedtuple_round_trips_through_names() -> None:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import ckptgen
 import numpy as np
 import pytest
 from ckptgen import assert_same_flat, run_command, unwritable_dir
@@ -17,15 +18,14 @@ from stackedtree.cli import main
 run = run_command
 
 
+KEYS = {
+    "self_attn.q_proj.weight": ((4, 4), np.float16),
+    "input_layernorm.weight": ((4,), np.int8),
+}
+
+
 def llama(n: int = 3) -> dict[str, np.ndarray]:
-    flat = {"model.embed_tokens.weight": np.arange(32, dtype=np.float32).reshape(8, 4)}
-    for i in range(n):
-        flat[f"model.layers.{i}.self_attn.q_proj.weight"] = np.full(
-            (4, 4), i, np.float16
-        )
-        flat[f"model.layers.{i}.input_layernorm.weight"] = np.full(4, i, np.int8)
-    flat["lm_head.weight"] = np.ones((8, 4), np.float32)
-    return flat
+    return ckptgen.llama(n, KEYS, vocab=8, norm=False, head=True)
 
 
 @pytest.fixture
@@ -63,7 +63,8 @@ def test_inspect_stack_unstack_end_to_end(tmp_path: Path, ckpt: Path) -> None:
         f"wrote {stacked_path}: 4 tensors, 364 B, 3 layers by pattern 'model.layers.{{i}}.'"
     )
     assert "Traceback" not in r.stderr
-    stacked, rest, pattern = load_stacked(stacked_path)
+    stacked, rest, pattern, kinds = load_stacked(stacked_path)
+    assert kinds is None
     want_stacked, want_rest = stack_by_name(llama(3), "model.layers.{i}.")
     assert pattern == "model.layers.{i}."
     assert_same_flat(stacked, want_stacked)

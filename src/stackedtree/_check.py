@@ -241,10 +241,22 @@ def leading_shapes(tree: Any, arg: str) -> list[tuple[str, tuple[int, ...]]]:
     ]
 
 
-def num_layers_of(tree: Any, arg: str) -> int:
-    """N of a stacked pytree, or a `ValueError` naming `arg`, every bad leaf and path."""
-    leaves = leading_shapes(tree, arg)
-    reference, problems = count_layers(leaves)
+def num_layers_of(
+    tree: Any,
+    arg: str,
+    *,
+    leaves: Iterable[tuple[str, tuple[int, ...]]] | None = None,
+    hint: str | None = None,
+) -> int:
+    """N of a stacked pytree, or a `ValueError` naming `arg`, every bad leaf and path.
+
+    `leaves`, when given, are the `(label, shape)` of the tree's leaves, labelled by
+    the caller (a checkpoint names its tensors `stacked['w']`); `hint` is as in
+    `count_layers`.
+    """
+    if leaves is None:
+        leaves = leading_shapes(tree, arg)
+    reference, problems = count_layers(leaves, hint=hint)
     if problems:
         fail(problems, title=f"`{arg}` is not a stack of layers")
     if reference is None:

@@ -25,9 +25,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from stackedtree.checkpoint import convert_stack, convert_unstack, inspect_checkpoint
-from stackedtree.checkpoint._inspect import human_bytes
-from stackedtree.checkpoint._limits import printable
-from stackedtree.checkpoint._pattern import ranges
+from stackedtree.checkpoint._text import human_bytes, printable, ranges
 
 _PROG = "stackedtree"
 

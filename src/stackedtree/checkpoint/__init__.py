@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ._inspect import inspect_checkpoint as inspect_checkpoint
     from ._io import load_flat as load_flat
     from ._io import save_flat as save_flat
+    from ._layer_pattern import detect_pattern as detect_pattern
     from ._mapping import Rule as Rule
     from ._mapping import Transform as Transform
     from ._mapping import flatten_by_rules as flatten_by_rules
@@ -33,9 +34,9 @@ if TYPE_CHECKING:
     from ._names import detect_kinds as detect_kinds
     from ._names import stack_by_name as stack_by_name
     from ._names import unstack_by_name as unstack_by_name
-    from ._pattern import detect_pattern as detect_pattern
     from ._sharded import Shardings as Shardings
     from ._sharded import load_sharded as load_sharded
+    from ._stacked import StackedCheckpoint as StackedCheckpoint
     from ._stacked import load_stacked as load_stacked
     from ._stacked import save_stacked as save_stacked
 
@@ -45,11 +46,12 @@ _SOURCES = {
     "Paths": "._files",
     "Rule": "._mapping",
     "Shardings": "._sharded",
+    "StackedCheckpoint": "._stacked",
     "Transform": "._mapping",
     "convert_stack": "._convert",
     "convert_unstack": "._convert",
     "detect_kinds": "._names",
-    "detect_pattern": "._pattern",
+    "detect_pattern": "._layer_pattern",
     "flatten_by_rules": "._mapping",
     "flatten_names": ".._tree",
     "inspect_checkpoint": "._inspect",

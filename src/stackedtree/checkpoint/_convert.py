@@ -20,7 +20,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from ._files import atomic_write, check_output, open_regular, output_kind
+from ._files import atomic_write, check_output, open_regular, output_kind, read_at
 from ._io import (
     Checkpoint,
     PathLike,
@@ -32,17 +32,17 @@ from ._io import (
     safetensors_header,
     save_flat,
 )
+from ._layer_pattern import LayerPattern
 from ._limits import MAX_TENSORS
-from ._names import group_kinds, stack_by_name, unstack_by_name
-from ._pattern import LayerPattern
+from ._names import stack_by_name, unstack_by_name
+from ._plan import StackPlan, plan_by_kind
 from ._stacked import (
     META_KEYS,
     META_PATTERN,
-    StackedLayout,
     load_stacked,
     looks_stacked,
-    stacked_layout,
     stacked_metadata,
+    stored_plan,
 )
 
 _CHUNK = 16 << 20
@@ -121,7 +121,7 @@ class _Copier:
                 if self.buf is None:
                     self.buf = np.empty(_CHUNK, np.uint8)
                 view = self.buf.data[: min(length, _CHUNK)]
-                done = os.preadv(src, [view], offset)
+                done = read_at(src, offset, view)
                 written = 0
                 while written < done:
                     written += os.write(self.dst, view[written:done])
@@ -226,47 +226,42 @@ def convert_stack(
         pattern = str(LayerPattern.detect(ckpt.tensors))
     lp = LayerPattern.parse(pattern)
     specs = {name: (t.shape, t.dtype) for name, t in ckpt.tensors.items()}
-    g = group_kinds(specs, pattern)
-    looks_stacked(lp, g.rest)
-    kinds = g.layers if len(g.kinds) > 1 else None
-    metadata = stacked_metadata(pattern, g.num_layers, ckpt.metadata, kinds)
+    plan = plan_by_kind(specs, pattern)
+    looks_stacked(lp, plan.rest)
+    kinds = plan.layers
+    metadata = stacked_metadata(pattern, plan.num_layers, ckpt.metadata, kinds)
     # Each kind's stacked tensors go where its first layer's tensors were.
-    first = {
-        names: (kind, j) for kind in g.kinds for j, names in enumerate(kind.names[0])
-    }
-    rest_names = set(g.rest)
     items: list[_Item] = []
-    for name, t in ckpt.tensors.items():
-        if name in first:
-            kind, j = first[name]
-            layers = [ckpt.tensors[names[j]] for names in kind.names]
-            label = None if kinds is None else kind.label
+    for out_item in plan.arranged(ckpt.tensors):
+        if isinstance(out_item, str):
+            t = ckpt.tensors[out_item]
+            items.append(_Item(out_item, t.dtype, t.shape, [_whole(t)]))
+        else:
+            layers = [ckpt.tensors[name] for name in out_item[1].sources]
+            first = layers[0]
             items.append(
                 _Item(
-                    lp.stacked_name(kind.keys[j], label),
-                    t.dtype,
-                    (len(layers), *t.shape),
+                    out_item[1].name,
+                    first.dtype,
+                    (len(layers), *first.shape),
                     [_whole(layer) for layer in layers],
                 )
             )
-        elif name in rest_names:
-            items.append(_Item(name, t.dtype, t.shape, [_whole(t)]))
     if ckpt.streamable and streams:
         nbytes = _stream(
             items, out, metadata, overwrite=overwrite, progress=progress, desc="stack"
         )
-        return Conversion(pattern, g.num_layers, len(items), nbytes, True, kinds)
+        return Conversion(pattern, plan.num_layers, len(items), nbytes, True, kinds)
 
     # From or to npz the tensors are loaded, and written in the order streaming gives.
     _check_storable(items, streams)
     stacked, rest = stack_by_name(load_flat(src), pattern, layers=kinds)
     arrays = dict(rest)
-    for kind in g.kinds:
-        label = None if kinds is None else kind.label
-        part = stacked if label is None else stacked[label]
-        arrays.update({lp.stacked_name(key, label): part[key] for key in kind.keys})
+    for kind, e in plan.entries():
+        part = stacked if kind.label is None else stacked[kind.label]
+        arrays[e.name] = part[e.key]
     nbytes = _save_items(items, arrays, out, metadata, overwrite=overwrite)
-    return Conversion(pattern, g.num_layers, len(items), nbytes, False, kinds)
+    return Conversion(pattern, plan.num_layers, len(items), nbytes, False, kinds)
 
 
 def convert_unstack(
@@ -298,24 +293,24 @@ def convert_unstack(
     streams = output_kind(Path(out)) == "safetensors"
     check_output(out, overwrite=overwrite)
     ckpt = read_checkpoint(src)
-    layout = stacked_layout(ckpt)
-    pattern, n, rest = layout.pattern, layout.num_layers, layout.rest
+    plan = stored_plan(ckpt)
+    pattern, n, rest = plan.pattern, plan.num_layers, plan.rest
     # N is only bounded by the bytes of the stacked tensors, and empty ones have none.
-    stacked_count = sum(len(k.layers) * len(k.names) for k in layout.kinds)
+    stacked_count = sum(len(k.layers) * len(k.entries) for k in plan.kinds)
     count = stacked_count + len(rest)
     if count > MAX_TENSORS:
         where = ", ".join(f"`{f}`" for f in ckpt.files)
-        keys = sum(len(k.names) for k in layout.kinds)
+        keys = sum(len(k.entries) for k in plan.kinds)
         raise ValueError(
             f"{where}: its metadata says {n} layers, which would unstack its "
             f"{keys} stacked tensors into {count} tensors, more than the "
             f"{MAX_TENSORS} a file may hold"
         )
     metadata = {k: v for k, v in ckpt.metadata.items() if k not in META_KEYS}
-    kinds = layout.layers
+    kinds = plan.layers
     lp = LayerPattern.parse(pattern)
     # The layers go where the first stacked tensor was, layer by layer.
-    stacked_names = {name for k in layout.kinds for name in k.names.values()}
+    stacked_names = {e.name for _, e in plan.entries()}
     items: list[_Item] = []
     emitted = False
     for name, t in ckpt.tensors.items():
@@ -323,7 +318,7 @@ def convert_unstack(
             items.append(_Item(name, t.dtype, t.shape, [_whole(t)]))
         elif not emitted:
             emitted = True
-            items += _layer_items(ckpt, layout, lp)
+            items += _layer_items(ckpt, plan, lp)
     if ckpt.streamable and streams:
         nbytes = _stream(
             items, out, metadata, overwrite=overwrite, progress=progress, desc="unstack"
@@ -333,7 +328,7 @@ def convert_unstack(
     # From or to npz the tensors are loaded, and written in the order streaming gives.
     _check_storable(items, streams)
     loaded = load_stacked(src)
-    arrays = unstack_by_name(loaded[0], pattern, loaded[1], layers=kinds)
+    arrays = unstack_by_name(loaded.stacked, pattern, loaded.rest, layers=kinds)
     nbytes = _save_items(items, arrays, out, metadata, overwrite=overwrite)
     return Conversion(pattern, n, len(items), nbytes, False, kinds)
 
@@ -359,17 +354,15 @@ def _save_items(
     return sum(x.nbytes for x in flat.values())
 
 
-def _layer_items(
-    ckpt: Checkpoint, layout: StackedLayout, lp: LayerPattern
-) -> list[_Item]:
+def _layer_items(ckpt: Checkpoint, plan: StackPlan, lp: LayerPattern) -> list[_Item]:
     """Every layer's tensors, layer by layer, as slices of the stacked tensors."""
-    owner = {i: (kind, j) for kind in layout.kinds for j, i in enumerate(kind.layers)}
+    owner = {i: (kind, j) for kind in plan.kinds for j, i in enumerate(kind.layers)}
     items: list[_Item] = []
-    for i in range(layout.num_layers):
+    for i in range(plan.num_layers):
         kind, j = owner[i]
-        for key, sname in kind.names.items():
-            s = ckpt.tensors[sname]
+        for e in kind.entries:
+            s = ckpt.tensors[e.name]
             size = s.nbytes // len(kind.layers)
             piece = _Piece(s.file, s.offset + j * size, size)
-            items.append(_Item(lp.layer_name(i, key), s.dtype, s.shape[1:], [piece]))
+            items.append(_Item(lp.layer_name(i, e.key), s.dtype, s.shape[1:], [piece]))
     return items

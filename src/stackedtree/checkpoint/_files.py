@@ -17,7 +17,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, TypeAlias
 
-from ._limits import quote
+import numpy as np
+
+from ._text import listing
 
 PathLike: TypeAlias = str | os.PathLike[str]
 """A file or folder path: a `str` or a `pathlib.Path`."""
@@ -78,22 +80,40 @@ def open_regular(path: PathLike) -> BinaryIO:
     return f
 
 
+def read_at(f: BinaryIO | int, offset: int, view: memoryview) -> int:
+    """Reads into `view` from `offset` of the raw file `f` (or file descriptor) with
+    positioned reads until it is full or the file ends; the bytes read.
+
+    The one positioned-read loop: `pread`, `read_into` and the copy of
+    `_convert` all read through it.
+    """
+    fd = f if isinstance(f, int) else f.fileno()
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done : done + (1 << 30)]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
+
+
 def pread(f: BinaryIO, n: int, offset: int) -> bytes:
     """`n` bytes of `f` at `offset`, or fewer at the end of the file."""
-    parts = []
-    while n > 0:
-        chunk = os.pread(f.fileno(), min(n, 1 << 30), offset)
-        if not chunk:
-            break
-        parts.append(chunk)
-        n -= len(chunk)
-        offset += len(chunk)
-    return b"".join(parts)
+    buf = bytearray(n)
+    got = read_at(f, offset, memoryview(buf))
+    del buf[got:]
+    return bytes(buf)
 
 
-def _listing(names: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(quote(n) for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+def read_into(f: BinaryIO, offset: int, out: np.ndarray) -> None:
+    """Reads `out.nbytes` bytes at `offset` of the raw file `f` into `out`.
+
+    Raises:
+        ValueError: the file ends first.
+    """
+    view = out.reshape(-1).view(np.uint8).data
+    if read_at(f, offset, view) < len(view):
+        raise ValueError(f"`{f.name}` is truncated")
 
 
 def model_folder(folder: Path) -> Path:
@@ -109,7 +129,7 @@ def model_folder(folder: Path) -> Path:
         return folder / indexes[0]
     if indexes:
         raise ValueError(
-            f"`{folder}` holds several indexes ({_listing(indexes)}); give the one "
+            f"`{folder}` holds several indexes ({listing(indexes)}); give the one "
             f"to read"
         )
     files = [n for n in names if n.lower().endswith(".safetensors")]
@@ -117,10 +137,10 @@ def model_folder(folder: Path) -> Path:
         return folder / files[0]
     if files:
         raise ValueError(
-            f"`{folder}` holds {len(files)} .safetensors files ({_listing(files)}) "
+            f"`{folder}` holds {len(files)} .safetensors files ({listing(files)}) "
             f"and no *.safetensors.index.json; give the files, or an index"
         )
-    found = f"it holds {_listing(names)}" if names else "it is empty"
+    found = f"it holds {listing(names)}" if names else "it is empty"
     raise ValueError(
         f"`{folder}` holds no .safetensors file and no *.safetensors.index.json "
         f"({found})"

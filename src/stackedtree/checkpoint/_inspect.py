@@ -11,22 +11,12 @@ from collections.abc import Sequence
 
 from .._leaf import short_dtype
 from ._io import Checkpoint, Paths, TensorInfo, read_checkpoint
-from ._limits import printable
-from ._names import group_kinds
-from ._pattern import detect_pattern, ranges
-from ._stacked import META_PATTERN, stacked_layout
+from ._layer_pattern import detect_pattern
+from ._plan import plan_by_kind
+from ._stacked import META_PATTERN, stored_plan
+from ._text import count, human_bytes, printable, ranges
 
 _MAX_LISTED = 40
-
-
-def human_bytes(n: int) -> str:
-    """`1536` -> `"1.5 KiB"`."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def _table(rows: list[tuple[str, TensorInfo]]) -> list[str]:
@@ -67,7 +57,7 @@ def inspect_checkpoint(paths: Paths, /, *, pattern: str | None = None) -> str:
     """
     ckpt: Checkpoint = read_checkpoint(paths)
     total = sum(t.nbytes for t in ckpt.tensors.values())
-    files = f"{len(ckpt.files)} file" + ("s" if len(ckpt.files) != 1 else "")
+    files = count(len(ckpt.files), "file")
     lines = [
         f"{files}, {len(ckpt.tensors)} tensors, {human_bytes(total)} ({total} bytes)"
     ]
@@ -89,7 +79,7 @@ def _per_layer(ckpt: Checkpoint, pattern: str | None) -> list[str]:
         if pattern is None:
             how = "detected"
             pattern = detect_pattern(ckpt.tensors)
-        g = group_kinds(specs, pattern)
+        plan = plan_by_kind(specs, pattern)
     except ValueError as e:
         if how == "given":
             raise
@@ -100,15 +90,12 @@ def _per_layer(ckpt: Checkpoint, pattern: str | None) -> list[str]:
             "tensors:",
             *_table(list(ckpt.tensors.items())),
         ]
-    lines = [f"layer pattern: {pattern!r} ({how}), {g.num_layers} layers"]
-    for kind in g.kinds:
-        per_layer = sum(ckpt.tensors[name].nbytes for name in kind.names[0])
-        shape = f"{len(kind.keys)} tensors ({human_bytes(per_layer)} each)"
-        layer = [
-            (key, ckpt.tensors[name])
-            for key, name in zip(kind.keys, kind.names[0], strict=True)
-        ]
-        if len(g.kinds) == 1:
+    lines = [f"layer pattern: {pattern!r} ({how}), {plan.num_layers} layers"]
+    for kind in plan.kinds:
+        layer = [(e.key, ckpt.tensors[e.sources[0]]) for e in kind.entries]
+        per_layer = sum(t.nbytes for _, t in layer)
+        shape = f"{len(layer)} tensors ({human_bytes(per_layer)} each)"
+        if len(plan.kinds) == 1:
             lines[0] += f" of {shape}"
             lines.append("layer 0:")
         else:
@@ -117,35 +104,33 @@ def _per_layer(ckpt: Checkpoint, pattern: str | None) -> list[str]:
                 f"layer {kind.layers[0]}:"
             )
         lines += _table(layer)
-    if len(g.kinds) > 1:
-        lines[0] += f" of {len(g.kinds)} kinds"
-    lines.append(f"other tensors ({len(g.rest)}):")
-    lines += _table([(name, ckpt.tensors[name]) for name in g.rest])
+    if len(plan.kinds) > 1:
+        lines[0] += f" of {len(plan.kinds)} kinds"
+    lines.append(f"other tensors ({len(plan.rest)}):")
+    lines += _table([(name, ckpt.tensors[name]) for name in plan.rest])
     return lines
 
 
 def _layers(layers: Sequence[int]) -> str:
     """`[0, 1, 2]` -> `"3 layers (0-2)"`."""
-    return f"{len(layers)} layer{'s' if len(layers) != 1 else ''} ({ranges(layers)})"
+    return f"{count(len(layers), 'layer')} ({ranges(layers)})"
 
 
 def _stacked(ckpt: Checkpoint) -> list[str]:
-    layout = stacked_layout(ckpt)
-    head = f"stacked checkpoint: pattern {layout.pattern!r}, {layout.num_layers} layers"
-    if layout.layers is None:
-        names = layout.kinds[0].names
-        lines = [head, f"stacked tensors ({len(names)}), leading axis = layer:"]
-        lines += _table([(name, ckpt.tensors[name]) for name in names.values()])
+    plan = stored_plan(ckpt)
+    head = f"stacked checkpoint: pattern {plan.pattern!r}, {plan.num_layers} layers"
+    if plan.layers is None:
+        entries = plan.kinds[0].entries
+        lines = [head, f"stacked tensors ({len(entries)}), leading axis = layer:"]
+        lines += _table([(e.name, ckpt.tensors[e.name]) for e in entries])
     else:
-        lines = [head + f" of {len(layout.kinds)} kinds"]
-        for kind in layout.kinds:
+        lines = [head + f" of {len(plan.kinds)} kinds"]
+        for kind in plan.kinds:
             lines.append(
-                f"kind {kind.label}: {_layers(kind.layers)}, {len(kind.names)} "
+                f"kind {kind.label}: {_layers(kind.layers)}, {len(kind.entries)} "
                 f"stacked tensors, leading axis = layer:"
             )
-            lines += _table(
-                [(name, ckpt.tensors[name]) for name in kind.names.values()]
-            )
-    lines.append(f"other tensors ({len(layout.rest)}):")
-    lines += _table([(name, ckpt.tensors[name]) for name in layout.rest])
+            lines += _table([(e.name, ckpt.tensors[e.name]) for e in kind.entries])
+    lines.append(f"other tensors ({len(plan.rest)}):")
+    lines += _table([(name, ckpt.tensors[name]) for name in plan.rest])
     return lines

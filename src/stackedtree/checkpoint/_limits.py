@@ -1,9 +1,9 @@
-"""What a checkpoint file may ask of the reader: limits, bounded JSON, quoted names.
+"""What a checkpoint file may ask of the reader: limits, and bounded JSON.
 
 Every checkpoint file may be hostile. Its JSON (a safetensors header, an index, the
 metadata of an npz archive) is parsed here only after a count of its commas,
 arrays and objects, which bounds the values the parser creates and so its time and
-memory; a name read from it is quoted in a message cut to a readable length.
+memory (names read from it are quoted in messages by `_text.quote`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import gc
 import json
 from collections.abc import Iterator
 from typing import Any
+
+from ._text import brief, quote
 
 MAX_HEADER = 100_000_000
 """The safetensors format's limit on a header, and ours on any JSON a file holds."""
@@ -27,73 +29,6 @@ the values it parses into: a header has 11 per tensor of 4 dimensions."""
 
 MAX_DIMS = 64
 """Dimensions per tensor: numpy's limit."""
-
-_SHOWN = 200
-
-
-def quote(name: str) -> str:
-    """A name read from a file, in backticks for a message: escaped as `printable`
-    does, so that a message is one line of plain text, and cut when very long."""
-    if len(name) <= _SHOWN:
-        return f"`{printable(name)}`"
-    return f"`{printable(name[:_SHOWN])}...` ({len(name)} characters)"
-
-
-def printable(text: str, *, backslash: bool = True) -> str:
-    """`text` with every character that is not printable escaped, and backslashes.
-
-    Control characters (escape, bell, carriage return, newline), format characters
-    (bidirectional overrides) and lone surrogates become `\\x1b`, `\\r`, `\\u202e`,
-    `\\udc80`; a backslash becomes two (unless `backslash` is False: for text whose
-    names were escaped already). Printable text, accents and all, is kept.
-
-    Examples:
-        >>> print(printable("layers.0.w\\x1b[2J\\r"))
-        layers.0.w\\x1b[2J\\r
-    """
-    if text.isprintable() and (not backslash or "\\" not in text):
-        return text
-    return "".join(
-        c if c.isprintable() and (c != "\\" or not backslash) else _escape(c)
-        for c in text
-    )
-
-
-_SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escape(c: str) -> str:
-    if c in _SHORT_ESCAPES:
-        return _SHORT_ESCAPES[c]
-    code = ord(c)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
-def brief(value: Any, depth: int = 2) -> str:
-    """A short JSON-like rendering of a parsed JSON value, however large it is."""
-    if isinstance(value, str):
-        text = json.dumps(value[:60], ensure_ascii=False)
-        return text if len(value) <= 60 else text[:-1] + '..."'
-    if isinstance(value, tuple | list):
-        if depth == 0:
-            return "{...}" if isinstance(value, tuple) else "[...]"
-        if isinstance(value, tuple):
-            parts = [f"{brief(k, 0)}: {brief(v, depth - 1)}" for k, v in value[:6]]
-        else:
-            parts = [brief(v, depth - 1) for v in value[:6]]
-        if len(value) > 6:
-            parts.append(f"... ({len(value)} in all)")
-        text = ", ".join(parts)
-        return f"{{{text}}}" if isinstance(value, tuple) else f"[{text}]"
-    if (
-        isinstance(value, int)
-        and not isinstance(value, bool)
-        and value.bit_length() > 64
-    ):
-        return f"an integer of {value.bit_length()} bits"
-    return json.dumps(value)
 
 
 def load_json(raw: bytes) -> Any:

@@ -27,8 +27,9 @@ import numpy as np
 from .._check import count_layers, fail, leaf_problems
 from .._leaf import dtype_of, fmt_shape, is_array, leaf_kind, shape_of
 from .._tree import PyTree, flatten_names, unflatten_names
+from ._layer_pattern import LayerPattern
 from ._names import stack_by_name, unstack_by_name
-from ._pattern import LayerPattern, ranges
+from ._text import ranges
 
 # ------------------------------------------------------------------------ transforms
 

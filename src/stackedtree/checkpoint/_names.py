@@ -3,88 +3,24 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from .._check import count_layers, fail
+from .._check import fail, num_layers_of
 from .._leaf import is_array, leaf_kind, stack_leaves
-from ._pattern import LayerPattern, check_label, kind_label, ranges
-
-
-def _fmt_spec(spec: tuple[tuple[int, ...], Hashable]) -> str:
-    shape, dtype = spec
-    return f"shape {tuple(shape)} dtype {dtype}"
-
-
-@dataclass(frozen=True)
-class Grouping:
-    """How the names of a flat checkpoint split into layers and the rest.
-
-    Attributes:
-        pattern: the layer pattern.
-        num_layers: N, the number of layers grouped.
-        keys: the per-layer keys, in the order of the first layer.
-        names: `names[j][k]` is the full name of layer `layers[j]`'s tensor `keys[k]`.
-        rest: the names not grouped, in their original order.
-        layers: the layers grouped, in order: `range(N)` unless chosen.
-    """
-
-    pattern: str
-    num_layers: int
-    keys: tuple[str, ...]
-    names: tuple[tuple[str, ...], ...]
-    rest: tuple[str, ...]
-    layers: Sequence[int] = ()
-
-
-@dataclass(frozen=True)
-class Kind:
-    """The layers of one kind: those holding the same set of keys.
-
-    Attributes:
-        label: the kind's label (`A`, `B`, ... in the order of their first layers).
-        layers: its layers, in increasing order.
-        keys: its per-layer keys, in the order of its first layer.
-        names: `names[j][k]` is the full name of layer `layers[j]`'s tensor `keys[k]`.
-    """
-
-    label: str
-    layers: tuple[int, ...]
-    keys: tuple[str, ...]
-    names: tuple[tuple[str, ...], ...]
-
-
-@dataclass(frozen=True)
-class Kinds:
-    """How the names of a flat checkpoint split into kinds of layers and the rest.
-
-    Attributes:
-        pattern: the layer pattern.
-        num_layers: N, the number of layers of all kinds.
-        kinds: the kinds, in the order of their first layers.
-        rest: the names the pattern does not match, in their original order.
-    """
-
-    pattern: str
-    num_layers: int
-    kinds: tuple[Kind, ...]
-    rest: tuple[str, ...]
-
-    @property
-    def layers(self) -> dict[str, list[int]]:
-        """Each kind's label -> its layers: what `stack_by_name(layers=)` takes."""
-        return {kind.label: list(kind.layers) for kind in self.kinds}
-
+from ._layer_pattern import LayerPattern, check_label
+from ._plan import (
+    StackPlan,
+    all_layers,
+    kinds_of,
+    plan_one_kind,
+    split_layers,
+)
+from ._text import plural
 
 # ------------------------------------------------------------------- `layers` checks
-
-
-def _plural(word: str, items: Sequence[int]) -> str:
-    """`layer 3`, `layers 3, 5`: the word, plural with several, and their ranges."""
-    return f"{word}{'s' if len(items) != 1 else ''} {ranges(items)}"
 
 
 def check_layers(layers: Any, arg: str = "layers") -> tuple[int, ...]:
@@ -118,7 +54,7 @@ def check_layers(layers: Any, arg: str = "layers") -> tuple[int, ...]:
     repeated = sorted(i for i, c in Counter(found).items() if c > 1)
     if repeated:
         raise ValueError(
-            f"`{arg}` repeats {_plural('layer', repeated)}; list each layer once."
+            f"`{arg}` repeats {plural('layer', repeated)}; list each layer once."
         )
     return tuple(found)
 
@@ -151,182 +87,6 @@ def check_kinds(
     return kinds
 
 
-# ------------------------------------------------------------------------ grouping
-
-
-def _split(
-    specs: Mapping[str, Any], lp: LayerPattern, pattern: str
-) -> dict[int, dict[str, str]]:
-    """Layer `i` -> its key -> its name; refuses a pattern that matches no name."""
-    found: dict[int, dict[str, str]] = {}
-    for name in specs:
-        if not isinstance(name, str):
-            raise TypeError(f"tensor names must be str, got {name!r}.")
-        m = lp.match(name)
-        if m is not None:
-            found.setdefault(m[0], {})[m[1]] = name
-    if not found:
-        sample = ", ".join(f"`{n}`" for n in list(specs)[:3]) or "no names at all"
-        raise ValueError(
-            f"pattern {pattern!r} matches no tensor name; the names look like "
-            f"{sample}. Check the pattern (the layer index goes where `{{i}}` is)."
-        )
-    return found
-
-
-def _all_layers(found: Mapping[int, Any], pattern: str) -> int:
-    """N, when the layers found are exactly 0..N-1."""
-    n = max(found) + 1
-    missing = sorted(set(range(n)) - set(found))
-    if missing:
-        raise ValueError(
-            f"pattern {pattern!r}: missing layers {ranges(missing)}; found layers "
-            f"{ranges(found)}, but the layers must be exactly 0..N-1."
-        )
-    return n
-
-
-def _same_keys(
-    found: Mapping[int, dict[str, str]], order: Sequence[int], header: str
-) -> tuple[str, ...]:
-    """The keys every layer of `order` holds, in the first layer's order."""
-    # A key is expected when most layers have it, so one odd layer is the one blamed.
-    counts = Counter(k for i in order for k in found[i])
-    seen = list(dict.fromkeys(k for i in order for k in found[i]))
-    expected = [k for k in seen if 2 * counts[k] > len(order)] or seen
-    errors: list[str] = []
-    for i in order:
-        lacking = [k for k in expected if k not in found[i]]
-        extra = [k for k in found[i] if k not in expected]
-        if lacking:
-            errors.append(f"layer {i} is missing keys {', '.join(map(repr, lacking))}")
-        if extra:
-            errors.append(f"layer {i} has extra keys {', '.join(map(repr, extra))}")
-    if errors:
-        fail(errors, header)
-    return tuple(k for k in found[order[0]] if k in expected)
-
-
-def _spec_problems(
-    specs: Mapping[str, tuple[tuple[int, ...], Hashable]],
-    found: Mapping[int, dict[str, str]],
-    order: Sequence[int],
-    keys: Sequence[str],
-) -> list[str]:
-    """Each tensor whose shape or dtype differs from its key's in most layers."""
-    errors: list[str] = []
-    for key in keys:
-        per_layer = [specs[found[i][key]] for i in order]
-        common = Counter(per_layer).most_common(1)[0][0]
-        ref = order[per_layer.index(common)]
-        for i, spec in zip(order, per_layer, strict=True):
-            if spec != common:
-                errors.append(
-                    f"`{found[i][key]}` has {_fmt_spec(spec)}, expected "
-                    f"{_fmt_spec(common)} like `{found[ref][key]}`"
-                )
-    return errors
-
-
-def group_names(
-    specs: Mapping[str, tuple[tuple[int, ...], Hashable]],
-    pattern: str,
-    *,
-    layers: Sequence[int] | None = None,
-) -> Grouping:
-    """Splits names into layers by `pattern` and checks the layers agree.
-
-    Args:
-        specs: maps every name to its `(shape, dtype)`.
-        pattern: the layer pattern.
-        layers: the layers to group, in order; all of them (`0..N-1`) when None.
-            The names of the other layers go to `rest`.
-
-    Returns:
-        The grouping of the names.
-
-    Raises:
-        TypeError: `layers` is not a sequence of ints.
-        ValueError: the pattern is malformed or matches nothing; layers are missing
-            (or `layers` is bad, or lists a layer the names lack); a layer lacks
-            keys other layers have or has keys they lack; a tensor's shape or dtype
-            differs from the same key's in the other layers.
-    """
-    lp = LayerPattern.parse(pattern)
-    chosen = None if layers is None else check_layers(layers)
-    found = _split(specs, lp, pattern)
-    if chosen is None:
-        order: Sequence[int] = range(_all_layers(found, pattern))
-        what = f"the {len(order)} layers"
-    else:
-        order = chosen
-        absent = [i for i in order if i not in found]
-        if absent:
-            raise ValueError(
-                f"`layers` lists {_plural('layer', absent)}, which pattern "
-                f"{pattern!r} finds no tensor of; it finds layers {ranges(found)}."
-            )
-        what = f"layers {ranges(order)}"
-    keys = _same_keys(
-        found, order, f"pattern {pattern!r}: {what} do not hold the same keys"
-    )
-    errors = _spec_problems(specs, found, order, keys)
-    if errors:
-        fail(
-            errors,
-            f"pattern {pattern!r}: tensors differ in shape or dtype across layers",
-        )
-    names = tuple(tuple(found[i][k] for k in keys) for i in order)
-    claimed = {name for i in order for name in found[i].values()}
-    rest = tuple(name for name in specs if name not in claimed)
-    return Grouping(pattern, len(order), keys, names, rest, order)
-
-
-def _kinds_of(found: Mapping[int, dict[str, str]], n: int) -> dict[str, list[int]]:
-    """Layers `0..n-1` by their set of keys, labelled in order of first layers."""
-    by_keys: dict[frozenset[str], list[int]] = {}
-    for i in range(n):
-        by_keys.setdefault(frozenset(found[i]), []).append(i)
-    return {kind_label(j): order for j, order in enumerate(by_keys.values())}
-
-
-def group_kinds(
-    specs: Mapping[str, tuple[tuple[int, ...], Hashable]], pattern: str
-) -> Kinds:
-    """Splits names into kinds of layers by `pattern`: layers with the same keys.
-
-    Kinds are labelled `A`, `B`, ... in the order of their first layers; a uniform
-    checkpoint is one kind, `A`.
-
-    Raises:
-        ValueError: the pattern is malformed or matches nothing; layers are missing;
-            a tensor's shape or dtype differs from the same key's in the other
-            layers of its kind.
-    """
-    lp = LayerPattern.parse(pattern)
-    found = _split(specs, lp, pattern)
-    n = _all_layers(found, pattern)
-    labelled = _kinds_of(found, n)
-    kinds: list[Kind] = []
-    errors: list[str] = []
-    for label, order in labelled.items():
-        keys = tuple(found[order[0]])
-        problems = _spec_problems(specs, found, order, keys)
-        if len(labelled) > 1:
-            problems = [f"kind {label} (layers {ranges(order)}): {p}" for p in problems]
-        errors += problems
-        names = tuple(tuple(found[i][k] for k in keys) for i in order)
-        kinds.append(Kind(label, tuple(order), keys, names))
-    if errors:
-        fail(
-            errors,
-            f"pattern {pattern!r}: tensors differ in shape or dtype across layers"
-            + (" of one kind" if len(kinds) > 1 else ""),
-        )
-    rest = tuple(name for name in specs if lp.match(name) is None)
-    return Kinds(pattern, n, tuple(kinds), rest)
-
-
 def detect_kinds(names: Iterable[str], pattern: str, /) -> dict[str, list[int]]:
     """The kinds of layers of a per-layer checkpoint: layers holding the same keys.
 
@@ -352,8 +112,8 @@ def detect_kinds(names: Iterable[str], pattern: str, /) -> dict[str, list[int]]:
         {'A': [0, 1], 'B': [2, 3]}
     """
     lp = LayerPattern.parse(pattern)
-    found = _split(dict.fromkeys(names), lp, pattern)
-    return _kinds_of(found, _all_layers(found, pattern))
+    found = split_layers(names, lp, pattern)
+    return kinds_of(found, all_layers(found, pattern))
 
 
 def _spec(name: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:
@@ -408,19 +168,13 @@ def num_stacked_layers(stacked: Mapping[str, Any], arg: str = "stacked") -> int:
             "`layers`, the layers of each kind."
         )
     shapes = [(f"`{arg}[{key!r}]`", _spec(key, x)[0]) for key, x in stacked.items()]
-    reference, problems = count_layers(shapes, hint="")
-    if problems:
-        fail(problems, title=f"`{arg}` is not a stack of layers")
-    assert reference is not None  # every tensor has a leading axis, so one was found
-    return reference[0]
+    return num_layers_of(stacked, arg, leaves=shapes, hint="")
 
 
-def _stack(flat: Mapping[str, Any], g: Grouping) -> dict[str, Any]:
+def _stack(flat: Mapping[str, Any], plan: StackPlan) -> dict[str, Any]:
     return {
-        key: stack_leaves(
-            [flat[g.names[j][k]] for j in range(g.num_layers)], f"`flat` at `{key}`"
-        )
-        for k, key in enumerate(g.keys)
+        e.key: stack_leaves([flat[name] for name in e.sources], f"`flat` at `{e.key}`")
+        for _, e in plan.entries()
     }
 
 
@@ -482,15 +236,17 @@ def stack_by_name(
         )
     specs = {name: _spec(name, x) for name, x in flat.items()}
     if not isinstance(layers, Mapping):
-        g = group_names(specs, pattern, layers=layers)
-        return _stack(flat, g), {name: flat[name] for name in g.rest}
+        LayerPattern.parse(pattern)  # a bad pattern is named before bad `layers`
+        chosen = None if layers is None else check_layers(layers)
+        plan = plan_one_kind(specs, pattern, chosen)
+        return _stack(flat, plan), {name: flat[name] for name in plan.rest}
     kinds = check_kinds(layers)
     stacked: dict[str, Any] = {}
     claimed: set[str] = set()
     for label, order in kinds.items():
-        g = group_names(specs, pattern, layers=order)
-        stacked[label] = _stack(flat, g)
-        claimed.update(name for names in g.names for name in names)
+        plan = plan_one_kind(specs, pattern, order)
+        stacked[label] = _stack(flat, plan)
+        claimed.update(name for _, e in plan.entries() for name in e.sources)
     return stacked, {name: x for name, x in flat.items() if name not in claimed}
 
 

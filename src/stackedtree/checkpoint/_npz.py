@@ -27,7 +27,9 @@ import ml_dtypes
 import numpy as np
 
 from ._files import open_regular, pread
-from ._limits import MAX_DIMS, MAX_HEADER, MAX_TENSORS, brief, load_json, quote, strings
+from ._limits import MAX_DIMS, MAX_HEADER, MAX_TENSORS, load_json, strings
+from ._safetensors import native
+from ._text import brief, quote
 
 META = "__stackedtree__"
 _MAX_NPY_HEADER = 10_000  # numpy's own limit
@@ -343,8 +345,7 @@ def load_npz(
                 if arr.dtype != dtype:
                     # An ml_dtypes array is stored as unsigned ints, in either byte
                     # order: make it native before viewing its bits as `dtype`.
-                    native = arr.dtype.newbyteorder("=")
-                    arr = arr.astype(native, copy=False).view(dtype)
+                    arr = arr.astype(native(arr.dtype), copy=False).view(dtype)
                 if arr.shape != shape:
                     raise _error(path, "it changed while it was being read")
                 out[name] = arr

@@ -5,7 +5,7 @@ sharding gives this process's devices (`addressable_devices_indices_map`), so wi
 `jax.distributed` each process touches only its own part of the global arrays. A block
 of a stacked tensor `(N, ...)` is assembled from the per-layer tensors of its layers:
 each layer's part of the block is read with positioned reads (`os.preadv`, through
-`_io.read_into`) straight into the block's buffer, so the process's read counters show
+`_files.read_into`) straight into the block's buffer, so the process's read counters show
 exactly the bytes its devices hold.
 
 Two ways to read a block whose rows are split across devices (a weight split along a
@@ -16,15 +16,16 @@ non-leading dimension, where each row of the file holds a piece for every device
 - *rows*: when the process's blocks tile one box, the box is read in chunks of whole
   (process-local) rows, each a few large reads, and each chunk's columns are copied
   into the blocks. Each byte is still read once; the chunk costs at most
-  `CHUNK_BYTES` (or one row) of memory.
+  `chunk_bytes` (or one row) of memory.
 
-Runs of `STRIDED_MIN_RUN` bytes or more are read strided, shorter ones by rows
+Runs of `strided_min_run` bytes or more are read strided, shorter ones by rows
 (`benchmarks/bench_load.py` measures both). A block that several devices replicate is
-read once. Pieces of a block (or chunks of rows) are read on `WORKERS` threads.
+read once. Pieces of a block (or chunks of rows) are read on `workers` threads. These
+tuning values are a `ReadOptions`, which the reader is given.
 Buffers are 64-byte aligned, which lets the XLA CPU client adopt them without a copy.
 On an accelerator each block's host buffer is freed once it is transferred, and blocks
 read by rows are read a block's worth of rows at a time and joined on their devices
-(`ROWS_ON_DEVICE`), so host memory beyond the arrays stays about one block.
+(`rows_on_device`), so host memory beyond the arrays stays about one block.
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ from jax.sharding import PartitionSpec, Sharding
 from .._check import fail
 from .._leaf import on_bits
 from .._sharding import sharding_problems
-from ._files import open_regular
-from ._io import Checkpoint, Paths, TensorInfo, read_checkpoint, read_into
-from ._names import group_names
+from ._files import open_regular, read_into
+from ._io import Checkpoint, Paths, TensorInfo, read_checkpoint
+from ._layer_pattern import LayerPattern
 from ._npz import data_offsets, read_member
-from ._pattern import LayerPattern
-from ._stacked import META_PATTERN, stacked_layout
+from ._plan import plan_by_kind
+from ._safetensors import native
+from ._stacked import META_PATTERN, stored_plan
 
 Shardings: TypeAlias = (
     Sharding
@@ -67,20 +69,42 @@ Box: TypeAlias = tuple[tuple[int, int], ...]
 """A block of an array: `(start, stop)` per dimension."""
 
 STRIDED_MIN_RUN = 1 << 16
-"""Contiguous runs at least this long (bytes) are read strided, shorter ones by rows."""
+"""Default `ReadOptions.strided_min_run`."""
 
 CHUNK_BYTES = 4 << 20
-"""The scratch memory for reading by rows, shared by the reading threads (a chunk
-holds at least one row); also the smallest piece of a block a thread reads."""
+"""Default `ReadOptions.chunk_bytes`."""
 
 WORKERS = min(8, os.cpu_count() or 1)
-"""How many threads read at once."""
+"""Default `ReadOptions.workers`."""
 
 ROWS_ON_DEVICE: bool | None = None
-"""Whether blocks read by rows are assembled on their devices from chunks of rows of
-about one block each (host memory: about one block), or whole on the host (host
-memory: all of the process's blocks of the tensor, which the CPU client adopts
-without a copy). None: on the devices when they are not CPUs."""
+"""Default `ReadOptions.rows_on_device`."""
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How `load_sharded` reads: its tuning values (`benchmarks/bench_load.py`
+    measures them).
+
+    Attributes:
+        strided_min_run: contiguous runs at least this long (bytes) are read
+            strided, shorter ones by rows.
+        chunk_bytes: the scratch memory for reading by rows, shared by the reading
+            threads (a chunk holds at least one row); also the smallest piece of a
+            block a thread reads.
+        workers: how many threads read at once.
+        rows_on_device: whether blocks read by rows are assembled on their devices
+            from chunks of rows of about one block each (host memory: about one
+            block), or whole on the host (host memory: all of the process's blocks
+            of the tensor, which the CPU client adopts without a copy). None: on
+            the devices when they are not CPUs.
+    """
+
+    strided_min_run: int = STRIDED_MIN_RUN
+    chunk_bytes: int = CHUNK_BYTES
+    workers: int = WORKERS
+    rows_on_device: bool | None = ROWS_ON_DEVICE
+
 
 _ALIGN = 64  # XLA's CPU client adopts host buffers aligned so, without a copy
 
@@ -109,70 +133,59 @@ class Source:
 # --------------------------------------------------------------------- the plan
 
 
-def _native(dtype: np.dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
-    return dtype.newbyteorder("=") if dtype.byteorder in "<>" else dtype
-
-
 def plan_sources(ckpt: Checkpoint, pattern: str | None) -> dict[str, Source]:
     """The output arrays of a checkpoint, by name, in checkpoint order.
 
     A stacked checkpoint's tensors are loaded as stored, those of a file with layers
     of several kinds under their per-kind names (`model.layers.{i:B}.mlp.gate.weight`).
-    With a `pattern`, the layer tensors of a per-layer checkpoint become one stacked
-    array per key, named by its stacked name and placed where layer 0's tensor was;
-    its layers must hold the same keys, as in `stack_by_name` (`stackedtree stack`
-    stacks the layers of several kinds separately, into a file loaded as stored).
+    With a `pattern`, the layer tensors of a per-layer checkpoint are stacked as
+    `stackedtree stack` stacks them (`plan_by_kind`): one array per key of each kind
+    of layers, named by its stacked name and placed where its first layer's tensor
+    was.
     """
     tensors = ckpt.tensors
 
     def whole(name: str, stacked: bool = False) -> Source:
         info = tensors[name]
-        return Source(info.shape, _native(info.dtype), ((name, info),), False, stacked)
+        return Source(info.shape, native(info.dtype), ((name, info),), False, stacked)
 
     if META_PATTERN in ckpt.metadata:
-        layout = stacked_layout(ckpt)
-        if pattern is not None and str(LayerPattern.parse(pattern)) != layout.pattern:
+        stored = stored_plan(ckpt)
+        if pattern is not None and str(LayerPattern.parse(pattern)) != stored.pattern:
             raise ValueError(
-                f"the checkpoint is stacked with pattern {layout.pattern!r} (its layer "
+                f"the checkpoint is stacked with pattern {stored.pattern!r} (its layer "
                 f"tensors are already stacked); `pattern` {pattern!r} differs: leave "
                 f"it out."
             )
-        stacked_names = {n for kind in layout.kinds for n in kind.names.values()}
+        stacked_names = {e.name for _, e in stored.entries()}
         return {name: whole(name, name in stacked_names) for name in tensors}
     if pattern is None:
         return {name: whole(name) for name in tensors}
 
     lp = LayerPattern.parse(pattern)
-    g = group_names({n: (t.shape, t.dtype) for n, t in tensors.items()}, str(lp))
-    stacked_at: dict[str, str] = {}
-    layered: dict[str, Source] = {}
-    for j, key in enumerate(g.keys):
-        names = [g.names[i][j] for i in range(g.num_layers)]
-        first = tensors[names[0]]
-        stacked = lp.stacked_name(key)
-        stacked_at[names[0]] = stacked
-        layered[stacked] = Source(
-            (g.num_layers, *first.shape),
-            _native(first.dtype),
-            tuple((n, tensors[n]) for n in names),
-            True,
-            True,
-        )
-    clash = [name for name in g.rest if name in layered]
+    plan = plan_by_kind({n: (t.shape, t.dtype) for n, t in tensors.items()}, str(lp))
+    stacked = {e.name for _, e in plan.entries()}
+    clash = [name for name in plan.rest if name in stacked]
     if clash:
         fail(
             [repr(name) for name in clash],
             "the checkpoint holds both per-layer tensors and stacked tensors of the "
             "same names",
         )
-    rest = set(g.rest)
     out: dict[str, Source] = {}
-    for name in tensors:
-        if name in stacked_at:
-            out[stacked_at[name]] = layered[stacked_at[name]]
-        elif name in rest:
-            out[name] = whole(name)
+    for item in plan.arranged(tensors):
+        if isinstance(item, str):
+            out[item] = whole(item)
+            continue
+        e = item[1]
+        first = tensors[e.sources[0]]
+        out[e.name] = Source(
+            (len(e.sources), *first.shape),
+            native(first.dtype),
+            tuple((n, tensors[n]) for n in e.sources),
+            True,
+            True,
+        )
     return out
 
 
@@ -263,18 +276,20 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 class Reader:
     """Open files, npz data offsets, scratch buffers and reading threads, for one load.
 
-    Reads run on up to `WORKERS` threads: positioned reads of one file descriptor
-    from several threads are safe, and the kernel's copies (and page faults) into
-    the buffers, as numpy's, run outside the GIL.
+    Reads run on up to `options.workers` threads: positioned reads of one file
+    descriptor from several threads are safe, and the kernel's copies (and page
+    faults) into the buffers, as numpy's, run outside the GIL.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, options: ReadOptions = ReadOptions()) -> None:
+        self.options = options
         self._files: dict[Path, BinaryIO] = {}
         self._npz: dict[Path, dict[str, int]] = {}
         self._member: tuple[str, Path, np.ndarray] | None = None
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._pool = ThreadPoolExecutor(WORKERS) if WORKERS > 1 else None
+        workers = options.workers
+        self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
 
     def file(self, path: Path) -> BinaryIO:
         with self._lock:
@@ -298,8 +313,8 @@ class Reader:
                 self._member = None
                 with open_regular(info.file) as raw, zipfile.ZipFile(raw) as zf:
                     arr = read_member(info.file, zf, name + ".npy", name)
-                arr = arr.astype(_native(arr.dtype), copy=False)
-                self._member = (name, info.file, arr.view(_native(info.dtype)))
+                arr = arr.astype(native(arr.dtype), copy=False)
+                self._member = (name, info.file, arr.view(native(info.dtype)))
             return self._member[2]
 
     def scratch(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -424,7 +439,7 @@ def _read_by_rows(
     bbox = _bounding_box(boxes)
     out = {b: _aligned_empty(_shape(b), src.dtype) for b in boxes}
     itemsize = src.dtype.itemsize
-    budget = CHUNK_BYTES // WORKERS
+    budget = reader.options.chunk_bytes // reader.options.workers
     chunks: list[Box]
     if src.layered:
         chunks = [
@@ -453,7 +468,8 @@ def _read_in_place(reader: Reader, src: Source, box: Box) -> np.ndarray:
     out = _aligned_empty(_shape(box), src.dtype)
     if out.size == 0:
         return out
-    budget = max(CHUNK_BYTES, out.nbytes // (4 * WORKERS))
+    options = reader.options
+    budget = max(options.chunk_bytes, out.nbytes // (4 * options.workers))
     start = box[0][0] if box else 0
 
     def one(slab: Box) -> None:
@@ -481,20 +497,21 @@ def read_blocks(
 ) -> Iterator[tuple[Box, np.ndarray]]:
     """Each of `boxes` (distinct blocks of `src`) with its data, read as the module
     docstring says: in place one by one, or together by rows."""
-    if _by_rows(src, boxes):
+    if _by_rows(src, boxes, reader.options.strided_min_run):
         yield from _read_by_rows(reader, src, boxes).items()
         return
     for box in boxes:
         yield box, _read_in_place(reader, src, box)
 
 
-def _by_rows(src: Source, boxes: Sequence[Box]) -> bool:
+def _by_rows(src: Source, boxes: Sequence[Box], strided_min_run: int) -> bool:
     """Whether `boxes` are read together by rows: they tile one box, their runs are
-    short, and reading rows of that box makes them longer."""
+    short (under `strided_min_run`), and reading rows of that box makes them
+    longer."""
     per_layer = src.shape[1:] if src.layered else src.shape
     itemsize = src.dtype.itemsize
     runs = [run_bytes(per_layer, b[1:] if src.layered else b, itemsize) for b in boxes]
-    if len(boxes) < 2 or min(runs) >= STRIDED_MIN_RUN:
+    if len(boxes) < 2 or min(runs) >= strided_min_run:
         return False
     bbox = _bounding_box(boxes)
     if sum(math.prod(_shape(b)) for b in boxes) != math.prod(_shape(bbox)):
@@ -548,10 +565,11 @@ def _place(
     """Each block read and put on its devices; each host buffer dropped once put (on
     an accelerator, the host copy goes once transferred)."""
     boxes = list(devices)
-    on_device = ROWS_ON_DEVICE
+    on_device = reader.options.rows_on_device
     if on_device is None:
         on_device = any(d.platform != "cpu" for ds in devices.values() for d in ds)
-    if on_device and math.prod(src.shape) > 0 and _by_rows(src, boxes):
+    rows = _by_rows(src, boxes, reader.options.strided_min_run)
+    if on_device and math.prod(src.shape) > 0 and rows:
         return _place_by_row_chunks(reader, src, devices)
     placed = {}
     for box, host in read_blocks(reader, src, boxes):
@@ -624,19 +642,26 @@ def load_sharded(
             specs.
         pattern: the layer pattern of a per-layer checkpoint, e.g.
             `"model.layers.{i}."`: its layer tensors come back stacked, one array
-            `(N, ...)` per per-layer key. Without one, a per-layer checkpoint's
-            tensors come back under their own names. A stacked checkpoint needs
-            none (its layer tensors come back stacked, as stored).
+            `(N, ...)` per per-layer key, exactly as `stackedtree stack` stacks
+            them. Layers of several kinds (holding different keys, as dense and
+            MoE layers) are stacked each kind on its own, under the kind's names
+            (`model.layers.{i:B}.mlp.gate.weight`, `(layers of B, ...)`), as for
+            the stacked file. Without a pattern, a per-layer checkpoint's tensors
+            come back under their own names. A stacked checkpoint needs none (its
+            layer tensors come back stacked, as stored).
 
     Returns:
-        The arrays by name, in checkpoint order (a stacked array where its layer
-        0 tensor was), each a global `jax.Array` with its sharding.
+        The arrays by name, in checkpoint order (a stacked array where its
+        kind's first layer's tensor was), each a global `jax.Array` with its
+        sharding: the names, order and values of loading the file that
+        `stackedtree stack` writes.
 
     Raises:
         OSError: a file is missing or unreadable.
         ValueError: as in `load_flat` (unknown format, a truncated or corrupt
-            file, a tensor name in two files) and `stack_by_name` (the pattern
-            matches nothing, missing layers, layers that differ); and, in one
+            file, a tensor name in two files) and `convert_stack` (the pattern
+            matches nothing, missing layers, a tensor whose shape or dtype differs
+            within its kind of layers); and, in one
             error listing them all: a name in `shardings` that the checkpoint
             lacks, a checkpoint tensor with no sharding, a dimension that the
             mesh axes of its sharding do not divide, a 64-bit tensor while
@@ -658,10 +683,21 @@ def load_sharded(
         >>> w.shape, w.addressable_shards[0].data.shape, float(w[3, 0, 0])
         ((4, 8, 4), (4, 1, 4), 3.0)
     """
+    return load_with(paths, shardings, ReadOptions(), pattern=pattern)
+
+
+def load_with(
+    paths: Paths,
+    shardings: Shardings,
+    options: ReadOptions,
+    *,
+    pattern: str | None = None,
+) -> dict[str, jax.Array]:
+    """`load_sharded`, reading with `options`."""
     ckpt = read_checkpoint(paths)
     sources = plan_sources(ckpt, pattern)
     placing = resolve_shardings(sources, shardings, META_PATTERN in ckpt.metadata)
-    with Reader() as reader:
+    with Reader(options) as reader:
         return {
             name: load_array(reader, src, placing[name])
             for name, src in sources.items()

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .._check import fail
 from ._io import Checkpoint, PathLike, Paths, load_flat, read_checkpoint, save_flat
-from ._limits import brief, load_json, quote
+from ._layer_pattern import LayerPattern, check_label
+from ._limits import load_json
 from ._names import check_kinds, check_rest, layer_owners, num_stacked_layers
-from ._pattern import LayerPattern, check_label, ranges
+from ._plan import LayerKind, StackEntry, StackPlan
+from ._text import brief, count, quote, ranges
 
 META_PATTERN = "stackedtree.pattern"
 META_NUM_LAYERS = "stackedtree.num_layers"
@@ -142,46 +143,6 @@ def save_stacked(
 # --------------------------------------------------------------------------- reading
 
 
-@dataclass(frozen=True)
-class StackedKind:
-    """The stacked tensors of one kind of layers in a stacked checkpoint.
-
-    Attributes:
-        label: the kind's label; None in a file of one kind (`{i}` names).
-        layers: the layer of each index of the layer axis.
-        names: each per-layer key -> its stacked tensor's name, in file order.
-    """
-
-    label: str | None
-    layers: Sequence[int]
-    names: dict[str, str]
-
-
-@dataclass(frozen=True)
-class StackedLayout:
-    """How a stacked checkpoint's tensors divide into kinds of layers and the rest.
-
-    Attributes:
-        pattern: the recorded layer pattern.
-        num_layers: N, the layers of all kinds.
-        kinds: the kinds, in recorded order; one, labelled None, when the file
-            records no kinds.
-        rest: the names of the other tensors, in file order.
-    """
-
-    pattern: str
-    num_layers: int
-    kinds: tuple[StackedKind, ...]
-    rest: list[str]
-
-    @property
-    def layers(self) -> dict[str, list[int]] | None:
-        """Each kind's label -> its layers; None in a file of one kind."""
-        if self.kinds[0].label is None:
-            return None
-        return {str(k.label): list(k.layers) for k in self.kinds}
-
-
 def _decode_kinds(where: str, text: str, n: int) -> dict[str, list[int]]:
     """The recorded kinds, checked: labels, and layers `0..n-1` each in one kind."""
 
@@ -226,16 +187,11 @@ def _decode_kinds(where: str, text: str, n: int) -> dict[str, list[int]]:
     return kinds
 
 
-def stacked_layout(ckpt: Checkpoint) -> StackedLayout:
-    """The layout of a stacked checkpoint, from its metadata and names.
-
-    Raises:
-        ValueError: the checkpoint records no pattern (it is not stacked), or a
-            malformed one, N or kinds; a stacked tensor's leading length is not
-            the number of its kind's layers; a stacked name of no recorded kind;
-            a kind with no tensor; a name the pattern reads as a layer's tensor.
-    """
-    where = ", ".join(f"`{f}`" for f in ckpt.files)
+def _recorded(
+    ckpt: Checkpoint, where: str
+) -> tuple[LayerPattern, int, dict[str | None, Sequence[int]]]:
+    """The pattern, N and kinds a stacked checkpoint's metadata records, checked;
+    the kinds `{None: range(N)}` when it records none."""
     pattern = ckpt.metadata.get(META_PATTERN)
     if pattern is None:
         raise ValueError(
@@ -258,14 +214,29 @@ def stacked_layout(ckpt: Checkpoint) -> StackedLayout:
             f"2**63, got {'nothing' if raw is None else quote(raw)}."
         )
     text = ckpt.metadata.get(META_KINDS)
-    kinds: dict[str | None, Sequence[int]] = {None: range(n)}
-    if text is not None:
-        kinds = dict(_decode_kinds(where, text, n).items())
+    if text is None:
+        return lp, n, {None: range(n)}
+    return lp, n, dict(_decode_kinds(where, text, n).items())
+
+
+def stored_plan(ckpt: Checkpoint) -> StackPlan:
+    """The plan of a stacked checkpoint, from its metadata and names: its stacked
+    tensors stored as planned, none with sources.
+
+    Raises:
+        ValueError: the checkpoint records no pattern (it is not stacked), or a
+            malformed one, N or kinds; a stacked tensor's leading length is not
+            the number of its kind's layers; a stacked name of no recorded kind;
+            a kind with no tensor; a name the pattern reads as a layer's tensor.
+    """
+    where = ", ".join(f"`{f}`" for f in ckpt.files)
+    lp, n, kinds = _recorded(ckpt, where)
+    uniform = None in kinds
     names: dict[str | None, dict[str, str]] = {label: {} for label in kinds}
     rest: list[str] = []
     for name, info in ckpt.tensors.items():
         m: tuple[str | None, str] | None
-        if text is None:
+        if uniform:
             key = lp.stacked_key(name)
             m = None if key is None else (None, key)
         else:
@@ -280,19 +251,19 @@ def stacked_layout(ckpt: Checkpoint) -> StackedLayout:
                 f"metadata `{META_KINDS}` records no such kind (it records "
                 f"{', '.join(map(str, kinds))})."
             )
-        count = len(kinds[label])
-        if info.shape[:1] != (count,):
+        held = len(kinds[label])
+        if info.shape[:1] != (held,):
             says = (
                 f"the metadata says {n} layers"
                 if label is None
-                else f"kind {label} holds {count} layer{'s' if count != 1 else ''}"
+                else f"kind {label} holds {count(held, 'layer')}"
             )
             raise ValueError(
                 f"{where}: stacked tensor {quote(name)} has shape {info.shape}, but "
                 f"{says}."
             )
         names[label][key] = name
-    if text is not None:
+    if not uniform:
         empty = [str(label) for label, found in names.items() if not found]
         if empty:
             raise ValueError(
@@ -300,62 +271,85 @@ def stacked_layout(ckpt: Checkpoint) -> StackedLayout:
                 f"{', '.join(empty)}, of which the file holds no tensor."
             )
     check_rest(lp, rest)
-    return StackedLayout(
-        pattern,
+    return StackPlan(
+        str(lp),
         n,
-        tuple(StackedKind(label, kinds[label], names[label]) for label in kinds),
-        rest,
+        tuple(
+            LayerKind(
+                label,
+                kinds[label],
+                tuple(StackEntry(key, name) for key, name in names[label].items()),
+            )
+            for label in kinds
+        ),
+        tuple(rest),
     )
 
 
-def load_stacked(
-    path_or_paths: Paths, /
-) -> (
-    tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]
-    | tuple[
-        dict[str, dict[str, np.ndarray]],
-        dict[str, np.ndarray],
-        str,
-        dict[str, list[int]],
-    ]
-):
+class StackedCheckpoint(NamedTuple):
+    """A stacked checkpoint loaded whole, as `load_stacked` returns it.
+
+    Always four fields, whatever the file holds, so that
+    `stacked, rest, pattern, kinds = load_stacked(path)` reads any stacked file.
+
+    Attributes:
+        stacked: the stacked tensors: per-layer key -> array `(N, ...)` for a file
+            of one kind of layers; for one of several kinds, each kind's label ->
+            such a mapping (`(len(kinds[label]), ...)`).
+        rest: the other tensors, by name.
+        pattern: the layer pattern recorded in the file.
+        kinds: each kind's label -> its layers, for a file of several kinds; None
+            for a file of one kind.
+    """
+
+    stacked: dict[str, Any]
+    rest: dict[str, np.ndarray]
+    pattern: str
+    kinds: dict[str, list[int]] | None
+
+
+def load_stacked(path_or_paths: Paths, /) -> StackedCheckpoint:
     """Loads a stacked checkpoint, as written by `save_stacked` or `stackedtree stack`.
 
     Args:
         path_or_paths: as in `load_flat`.
 
     Returns:
-        `(stacked, rest, pattern)` for a checkpoint of one kind of layers: exactly
-        `stack_by_name(flat, pattern)` of the per-layer checkpoint `flat` plus its
-        pattern, so that `unstack_by_name(stacked, pattern, rest)` gives `flat`
-        back.
+        `(stacked, rest, pattern, kinds)`, a `StackedCheckpoint`. For a checkpoint
+        of one kind of layers `kinds` is None and `(stacked, rest)` is exactly
+        `stack_by_name(flat, pattern)` of the per-layer checkpoint `flat`, so that
+        `unstack_by_name(stacked, pattern, rest)` gives `flat` back.
 
-        `(stacked, rest, pattern, layers)` for one of several kinds: `layers` maps
-        each kind's label to its layers, and `(stacked, rest)` is exactly
-        `stack_by_name(flat, pattern, layers=layers)`, with `stacked[label]` the
-        stacked tensors of kind `label`; so
-        `unstack_by_name(stacked, pattern, rest, layers=layers)` gives `flat`
-        back, and `save_stacked(path, stacked, pattern, rest, layers=layers)`
-        writes the same tensors and kinds.
+        For one of several kinds, `kinds` maps each kind's label to its layers,
+        and `(stacked, rest)` is exactly `stack_by_name(flat, pattern,
+        layers=kinds)`, with `stacked[label]` the stacked tensors of kind `label`;
+        so `unstack_by_name(stacked, pattern, rest, layers=kinds)` gives `flat`
+        back, and `save_stacked(path, stacked, pattern, rest, layers=kinds)`
+        writes the same tensors and kinds. (`layers=None` is the uniform case, so
+        both calls work for either kind of file.)
 
     Raises:
         ValueError: the checkpoint is not stacked (no recorded pattern), or its
             stacked tensors disagree with the recorded number of layers or kinds;
             as in `load_flat`.
         OSError: a file is missing or unreadable.
+
+    Examples:
+        >>> import os, tempfile, numpy as np
+        >>> path = os.path.join(tempfile.mkdtemp(), "s.safetensors")
+        >>> save_stacked(path, {"w": np.zeros((4, 2))}, "h.{i}.", {"emb": np.ones(3)})
+        >>> stacked, rest, pattern, kinds = load_stacked(path)
+        >>> stacked["w"].shape, list(rest), pattern, kinds
+        ((4, 2), ['emb'], 'h.{i}.', None)
     """
-    layout = stacked_layout(read_checkpoint(path_or_paths))
+    plan = stored_plan(read_checkpoint(path_or_paths))
     flat = load_flat(path_or_paths)
-    rest = {name: flat[name] for name in layout.rest}
+    rest = {name: flat[name] for name in plan.rest}
     per_kind = {
-        kind.label: {key: flat[name] for key, name in kind.names.items()}
-        for kind in layout.kinds
+        kind.label: {e.key: flat[e.name] for e in kind.entries} for kind in plan.kinds
     }
-    if layout.layers is None:
-        return per_kind[None], rest, layout.pattern
-    return (
-        {str(label): part for label, part in per_kind.items()},
-        rest,
-        layout.pattern,
-        layout.layers,
-    )
+    kinds = plan.layers
+    if kinds is None:
+        return StackedCheckpoint(per_kind[None], rest, plan.pattern, None)
+    stacked = {str(label): part for label, part in per_kind.items()}
+    return StackedCheckpoint(stacked, rest, plan.pattern, kinds)

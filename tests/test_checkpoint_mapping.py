@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, NamedTuple
 
+import ckptgen
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -64,15 +65,14 @@ RULES = [
 
 
 def checkpoint(dtype: Any = np.float32) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    flat = {"model.embed_tokens.weight": rng.standard_normal((10, D)).astype(dtype)}
-    for i in range(N):
-        p = f"model.layers.{i}."
-        flat[p + "norm.weight"] = rng.standard_normal(D).astype(dtype)
-        flat[p + "q.weight"] = rng.standard_normal((HEADS * H, D)).astype(dtype)
-        flat[p + "o.weight"] = rng.standard_normal((D, HEADS * H)).astype(dtype)
-    flat["lm_head.weight"] = rng.standard_normal((10, D)).astype(dtype)
-    return flat
+    keys = {
+        "norm.weight": ((D,), dtype),
+        "q.weight": ((HEADS * H, D), dtype),
+        "o.weight": ((D, HEADS * H), dtype),
+    }
+    return ckptgen.llama(
+        N, keys, vocab=10, d=D, norm=False, head=True, dtype=dtype, seed=0
+    )
 
 
 def like(dtype: Any = np.float32) -> Net:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 import tracemalloc
 import zipfile
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ckptgen
 import numpy as np
 import pytest
 from ckptgen import assert_same_flat
@@ -77,11 +79,8 @@ def st_bytes(header: dict[str, Any] | bytes, body: bytes = b"") -> bytes:
 
 
 def llama(n: int = 2) -> dict[str, np.ndarray]:
-    flat = {"model.embed_tokens.weight": np.arange(8, dtype=np.float32).reshape(2, 4)}
-    for i in range(n):
-        flat[f"model.layers.{i}.mlp.w"] = np.full((2, 2), i, np.float16)
-        flat[f"model.layers.{i}.norm"] = np.full(2, i, np.int8)
-    return flat
+    keys = {"mlp.w": ((2, 2), np.float16), "norm": ((2,), np.int8)}
+    return ckptgen.llama(n, keys, vocab=2, norm=False)
 
 
 def nested(depth: int) -> bytes:
@@ -263,9 +262,12 @@ def no_checkpoint(folder: Path) -> list[str]:
 @dataclass(frozen=True)
 class Case:
     """A hostile input: `make(folder)` returns the sources; `refused` the commands
-    (`inspect`, `load`, `stack`, `unstack`) that must refuse it with `message`."""
+    (`inspect`, `load`, `stack`, `unstack`) that must refuse it with `message`,
+    raised in the checkpoint module `module` (`_safetensors`, `_npz`, ...): the
+    test ids start with it, so `pytest -k _npz` runs the threats `_npz` refuses."""
 
     id: str
+    module: str
     make: Callable[[Path], list[str]]
     message: str
     refused: tuple[str, ...] = ("inspect", "load", "stack")
@@ -276,27 +278,32 @@ CASES = [
     # ------------------------------------------------------------------ security
     Case(
         "index-names-parent",
+        "_io",
         lambda d: index_of(d, "../good.safetensors"),
         "outside the index's folder; an index may only name files beside it",
     ),
     Case(
         "index-names-absolute-path",
+        "_io",
         lambda d: index_of(d, str(d / "good.safetensors")),
         "outside the index's folder; an index may only name files beside it",
     ),
     # ------------------------------------------------------------ hangs, blow-ups
     Case(
         "fifo-input",
+        "_files",
         lambda d: [fifo(d, "in.safetensors")],
         "is a named pipe, not a regular file",
     ),
     Case(
         "fifo-shard",
+        "_files",
         fifo_shard,
         "is a named pipe, not a regular file",
     ),
     Case(
         "two-million-empty-layers",
+        "_convert",
         lambda d: [stacked_with_layers(d, 2_000_000)],
         "would unstack its 1 stacked tensors into 2000000 tensors, more than the "
         "250000",
@@ -304,6 +311,7 @@ CASES = [
     ),
     Case(
         "layers-beyond-int64",
+        "_stacked",
         lambda d: [stacked_with_layers(d, 2**63, shape=[0])],
         "metadata `stackedtree.num_layers` must be a positive integer below 2**63, "
         "got `9223372036854775808`",
@@ -311,34 +319,40 @@ CASES = [
     ),
     Case(
         "stacked-pattern-without-layer-index",
+        "_stacked",
         lambda d: [stacked_with_layers(d, 2, pattern="h.")],
         "metadata `stackedtree.pattern` must contain exactly one `{i}`",
         refused=("inspect", "unstack"),
     ),
     Case(
         "escaped-member-name",
+        "_npz",
         lambda d: [object_npz(d, "w\nx\x1b")],
         "array `w\\nx\\x1b` holds Python objects",
         refused=("inspect", "load", "stack"),
     ),
     Case(
         "65-dimensions",
+        "_safetensors",
         lambda d: [one_tensor(d, shape=[1] * 65, data_offsets=[0, 1])],
         "`shape` must be a list of at most 64 non-negative integers",
     ),
     Case(
         "four-million-dimensions",
+        "_safetensors",
         lambda d: [one_tensor(d, shape=[1] * 4_100_000, data_offsets=[0, 1])],
         "JSON values, more than the 4000000 this reader parses",
     ),
     Case(
         "260-thousand-tensors",
+        "_safetensors",
         lambda d: [many_tensors(d, 260_000)],
         "declares 260000 tensors, more than the 250000 a file may hold",
         refused=("inspect",),
     ),
     Case(
         "output-typo-checked-first",
+        "_files",
         lambda d: [fifo(d, "in.safetensors")],
         "unknown output format; name a .safetensors or .npz file",
         refused=("stack", "unstack"),
@@ -346,12 +360,14 @@ CASES = [
     ),
     Case(
         "existing-output-checked-first",
+        "_files",
         existing_output,
         "already exists; pass overwrite=True (--force)",
         refused=("stack", "unstack"),
     ),
     Case(
         "missing-output-folder-checked-first",
+        "_files",
         lambda d: [fifo(d, "in.safetensors")],
         "does not exist",
         refused=("stack", "unstack"),
@@ -359,6 +375,7 @@ CASES = [
     ),
     Case(
         "dangling-symlink-output",
+        "_files",
         dangling_output,
         "already exists; pass overwrite=True (--force)",
         refused=("stack",),
@@ -366,6 +383,7 @@ CASES = [
     # ----------------------------------------------------------------- tracebacks
     Case(
         "nested-header",
+        "_safetensors",
         lambda d: [
             write(d / "n.safetensors", st_bytes(b'{"a":' + nested(100_000) + b"}"))
         ],
@@ -373,6 +391,7 @@ CASES = [
     ),
     Case(
         "nested-index",
+        "_io",
         lambda d: [
             write(
                 d / "m.safetensors.index.json",
@@ -383,16 +402,19 @@ CASES = [
     ),
     Case(
         "nested-npz-metadata",
+        "_npz",
         lambda d: [npz_with_meta(d, nested(100_000).decode())],
         "nested too deeply",
     ),
     Case(
         "dimension-of-2**64",
+        "_safetensors",
         lambda d: [one_tensor(d, shape=[2**64], data_offsets=[0, 2])],
         "needs 18446744073709551616 bytes",
     ),
     Case(
         "empty-dimension-beside-2**64",
+        "_safetensors",
         lambda d: [
             write(
                 d / "z.safetensors",
@@ -405,58 +427,69 @@ CASES = [
     ),
     Case(
         "npz-encrypted-member",
+        "_npz",
         lambda d: [npz_encrypted(d)],
         "member `w.npy` is encrypted",
     ),
     Case(
         "npz-member-needs-a-newer-zip",
+        "_npz",
         lambda d: [npz_patched(d, 6, "<H", 109)],  # version needed to extract
         "is not a valid .npz archive: zip file version 10.9",
     ),
     Case(
         "npz-member-outside-the-file",
+        "_npz",
         lambda d: [npz_patched(d, 42, "<I", 10**9)],  # offset of the local header
         "member `w.npy` starts at byte 1000000000, outside the file",
     ),
     Case(
         "npz-unknown-compression",
+        "_npz",
         lambda d: [npz_bzip2(d)],
         "uses compression method 12; numpy archives are stored or deflated",
     ),
     Case(
         "npz-crc-error-deep-in-member",
+        "_npz",
         lambda d: [npz_bad_crc(d)],
         "array `h.0.w` is corrupt: Bad CRC-32",
         refused=("load", "stack"),
     ),
     Case(
         "npz-metadata-is-a-list",
+        "_npz",
         lambda d: [npz_with_meta(d, "[]")],
         "`__stackedtree__` must be a JSON object",
     ),
     Case(
         "npy-header-claims-10**12-elements",
+        "_npz",
         lambda d: [npz_claims(d, (10**12,), bytes(8))],
         "needs 1000000000000 bytes but its member holds 8",
     ),
     Case(
         "npz-directory-lists-three-million-members",
+        "_npz",
         lambda d: [zip64_listing(d, 3_000_000)],
         "it lists 3000000 members, more than the 250000 a file may hold",
     ),
     Case(
         "npy-subarray-dtype",
+        "_npz",
         lambda d: [npz_claims(d, (2,), bytes(8), descr=("|u1", (4,)))],
         "its .npy header has the subarray dtype",
     ),
     Case(
         "npz-size-claim-beyond-deflate",
+        "_npz",
         lambda d: [npz_huge_size_claim(d)],
         "more than deflate can produce",
     ),
     # -------------------------------------------------- corrupt files, refused now
     Case(
         "byte-size-over-64-bits",
+        "_safetensors",
         lambda d: [
             write(
                 d / "o.safetensors",
@@ -475,6 +508,7 @@ CASES = [
     ),
     Case(
         "byte-size-negative-in-int64",
+        "_safetensors",
         lambda d: [
             write(
                 d / "o.safetensors",
@@ -495,11 +529,13 @@ CASES = [
     ),
     Case(
         "boolean-dimension",
+        "_safetensors",
         lambda d: [one_tensor(d, shape=[True, 2])],
         "`shape` must be a list of at most 64 non-negative integers, got [true, 2]",
     ),
     Case(
         "duplicate-names",
+        "_safetensors",
         lambda d: [
             write(
                 d / "dup.safetensors",
@@ -514,6 +550,7 @@ CASES = [
     ),
     Case(
         "gap-between-tensors",
+        "_safetensors",
         lambda d: [
             write(
                 d / "gap.safetensors",
@@ -531,11 +568,13 @@ CASES = [
     # ------------------------------------------------------------------- messages
     Case(
         "dtype-given-as-a-list",
+        "_safetensors",
         lambda d: [one_tensor(d, dtype=["F32"])],
         'tensor `a` has dtype ["F32"], which stackedtree does not read',
     ),
     Case(
         "header-size-over-the-limit",
+        "_safetensors",
         lambda d: [
             write(d / "big.safetensors", struct.pack("<Q", 200_000_000) + b"{}")
         ],
@@ -543,6 +582,7 @@ CASES = [
     ),
     Case(
         "lone-surrogate-name",
+        "_safetensors",
         lambda d: [
             write(
                 d / "u.safetensors",
@@ -556,12 +596,14 @@ CASES = [
     # -------------------------------------------------------------- model folders
     Case(
         "folder-with-several-files-and-no-index",
+        "_files",
         several_files,
         "holds 2 .safetensors files (`a.safetensors`, `b.safetensors`) and no "
         "*.safetensors.index.json",
     ),
     Case(
         "folder-with-no-checkpoint",
+        "_files",
         no_checkpoint,
         "holds no .safetensors file and no *.safetensors.index.json (it holds "
         "`config.json`)",
@@ -589,7 +631,7 @@ def _prepare(case: Case, tmp_path: Path) -> tuple[list[str], Path, list[Path]]:
     return srcs, tmp_path / "out" / case.output, before
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.module}-{c.id}")
 def test_command_refuses_in_one_line(case: Case, tmp_path: Path, capsys: Any) -> None:
     srcs, out, before = _prepare(case, tmp_path)
     for command in case.refused:
@@ -610,7 +652,7 @@ def test_command_refuses_in_one_line(case: Case, tmp_path: Path, capsys: Any) ->
         assert sorted((tmp_path / "out").iterdir()) == before
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.module}-{c.id}")
 def test_python_api_refuses(case: Case, tmp_path: Path) -> None:
     srcs, out, before = _prepare(case, tmp_path)
     for command in case.refused:
@@ -619,6 +661,20 @@ def test_python_api_refuses(case: Case, tmp_path: Path) -> None:
         assert case.message in str(e.value), (command, str(e.value))
         assert "\n" not in str(e.value)
         assert sorted((tmp_path / "out").iterdir()) == before
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.module}-{c.id}")
+def test_each_threat_is_refused_by_its_module(case: Case, tmp_path: Path) -> None:
+    srcs, out, _ = _prepare(case, tmp_path)
+    for command in case.refused:
+        with deadline(30), pytest.raises((ValueError, TypeError, OSError)) as e:
+            _api(command, srcs, out)
+        ours = [
+            Path(f.filename).stem
+            for f in traceback.extract_tb(e.value.__traceback__)
+            if "stackedtree" in Path(f.filename).parts
+        ]
+        assert ours[-1] == case.module, (command, ours)
 
 
 def test_refusals_name_the_file(tmp_path: Path) -> None:
@@ -655,7 +711,7 @@ def test_symlinked_shards_of_a_hugging_face_cache_are_read(tmp_path: Path) -> No
     assert_same_flat(load_flat(snap), flat)
     assert_same_flat(load_flat(snap / "model.safetensors.index.json"), flat)
     convert_stack(snap, tmp_path / "s.safetensors")
-    assert load_stacked(tmp_path / "s.safetensors")[2] == "model.layers.{i}."
+    assert load_stacked(tmp_path / "s.safetensors").pattern == "model.layers.{i}."
 
 
 def test_inspect_prints_names_escaped(tmp_path: Path, capsys: Any) -> None:

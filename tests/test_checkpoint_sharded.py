@@ -18,7 +18,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from ckptgen import same
+from ckptgen import deepseek, same, save_shards
 from jax.sharding import AxisType, Mesh, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
@@ -26,6 +26,7 @@ from stackedtree import layer_shardings
 from stackedtree.checkpoint import (
     _sharded,
     convert_stack,
+    load_flat,
     load_sharded,
     load_stacked,
     save_flat,
@@ -33,7 +34,9 @@ from stackedtree.checkpoint import (
     stack_by_name,
 )
 from stackedtree.checkpoint._io import read_checkpoint
-from stackedtree.checkpoint._pattern import LayerPattern
+from stackedtree.checkpoint._layer_pattern import LayerPattern
+from stackedtree.checkpoint._sharded import ReadOptions, load_with
+from stackedtree.cli import main
 
 PATTERN = "model.layers.{i}."
 N = 8
@@ -156,15 +159,15 @@ def test_loads_stacked_arrays_with_their_shardings(
     layout: str,
     strided_min_run: int,
     rows_on_device: bool | None,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Both ways of reading split rows: strided, and rows handed out by columns (joined
     # on the host, or on the devices as on an accelerator).
-    monkeypatch.setattr(_sharded, "STRIDED_MIN_RUN", strided_min_run)
-    monkeypatch.setattr(_sharded, "ROWS_ON_DEVICE", rows_on_device)
+    options = ReadOptions(
+        strided_min_run=strided_min_run, rows_on_device=rows_on_device
+    )
     path, flat = ckpt
     how = LAYOUTS[layout]()
-    check_loaded(load_sharded(path, how, pattern=PATTERN), expected(flat), how)
+    check_loaded(load_with(path, how, options, pattern=PATTERN), expected(flat), how)
 
 
 def test_shards_index_and_npz(tmp_path: Path) -> None:
@@ -281,10 +284,7 @@ def test_callable_sees_stacked_names_shapes_and_dtypes(ckpt: Any) -> None:
 
 
 @pytest.mark.parametrize("rows_on_device", [False, True])
-def test_every_dtype_empty_and_0d_tensors(
-    tmp_path: Path, rows_on_device: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(_sharded, "ROWS_ON_DEVICE", rows_on_device)
+def test_every_dtype_empty_and_0d_tensors(tmp_path: Path, rows_on_device: bool) -> None:
     dtypes = [
         np.bool_,
         np.uint8,
@@ -307,7 +307,8 @@ def test_every_dtype_empty_and_0d_tensors(
     flat["scalar"] = np.asarray(3, np.int32)
     save_flat(tmp_path / "d.safetensors", flat)
     how = fsdp(mesh(2, 4))
-    got = load_sharded(tmp_path / "d.safetensors", how, pattern="h.{i}.")
+    options = ReadOptions(rows_on_device=rows_on_device)
+    got = load_with(tmp_path / "d.safetensors", how, options, pattern="h.{i}.")
     stacked, rest = stack_by_name(flat, "h.{i}.")
     check_loaded(got, {"h.{i}." + k: v for k, v in stacked.items()} | rest, how)
 
@@ -360,13 +361,15 @@ def test_each_byte_is_read_once(
     rows_on_device: bool | None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_sharded, "STRIDED_MIN_RUN", strided_min_run)
-    monkeypatch.setattr(_sharded, "ROWS_ON_DEVICE", rows_on_device)
-    monkeypatch.setattr(_sharded, "WORKERS", workers)
-    monkeypatch.setattr(_sharded, "CHUNK_BYTES", 256)  # many chunks and pieces
+    options = ReadOptions(
+        strided_min_run=strided_min_run,
+        rows_on_device=rows_on_device,
+        workers=workers,
+        chunk_bytes=256,  # many chunks and pieces
+    )
     path, flat = ckpt
     reads = spy_reads(monkeypatch)
-    load_sharded(path, LAYOUTS[layout](), pattern=PATTERN)
+    load_with(path, LAYOUTS[layout](), options, pattern=PATTERN)
     assert merged(reads) == merged(ranges_of(path, flat))
 
 
@@ -374,8 +377,7 @@ def test_rows_joined_on_devices_are_read_a_block_at_a_time(
     ckpt: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # As on an accelerator: host memory for rows read whole stays about one block.
-    monkeypatch.setattr(_sharded, "STRIDED_MIN_RUN", 1 << 62)
-    monkeypatch.setattr(_sharded, "ROWS_ON_DEVICE", True)
+    options = ReadOptions(strided_min_run=1 << 62, rows_on_device=True)
     real = _sharded._read_by_rows
     calls: list[tuple[Any, int]] = []
 
@@ -387,7 +389,8 @@ def test_rows_joined_on_devices_are_read_a_block_at_a_time(
     monkeypatch.setattr(_sharded, "_read_by_rows", spy)
     path, flat = ckpt
     how = fsdp(mesh(2, 4))  # last dimensions split 4 ways: 4 distinct blocks each
-    check_loaded(load_sharded(path, how, pattern=PATTERN), expected(flat), how)
+    got = load_with(path, how, options, pattern=PATTERN)
+    check_loaded(got, expected(flat), how)
     assert calls
     read: dict[Any, int] = {}
     for src, size in calls:
@@ -399,8 +402,7 @@ def test_rows_joined_on_devices_are_read_a_block_at_a_time(
 
 def test_a_failed_read_is_raised(ckpt: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     path, _ = ckpt
-    monkeypatch.setattr(_sharded, "WORKERS", 3)
-    monkeypatch.setattr(_sharded, "CHUNK_BYTES", 256)
+    options = ReadOptions(workers=3, chunk_bytes=256)
     real = _sharded.read_into
 
     def read_into(f: Any, offset: int, out: np.ndarray) -> None:
@@ -411,7 +413,7 @@ def test_a_failed_read_is_raised(ckpt: Any, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(_sharded, "read_into", read_into)
     for how in (replicated(mesh(8, names=("fsdp",))), fsdp(mesh(2, 4))):
         with pytest.raises(OSError, match="disk gone"):
-            load_sharded(path, how, pattern=PATTERN)
+            load_with(path, how, options, pattern=PATTERN)
 
 
 def test_a_block_reads_exactly_its_layers(
@@ -545,12 +547,25 @@ def test_bad_checkpoints_as_for_load_flat(ckpt: Any, tmp_path: Path) -> None:
         load_sharded(tmp_path / "x.bin", one)
     with pytest.raises(ValueError, match="matches no tensor name"):
         load_sharded(path, one, pattern="blocks.{i}.")
+    # As in `stack_by_name`: stacking one kind of layers, layer 3 lacking a key is
+    # refused. `load_sharded` stacks as `stackedtree stack` does, so layer 3 is a
+    # kind of its own there (tested with the kinds below); missing layers and a
+    # tensor whose shape differs within its kind are refused.
     del flat[PATTERN.format(i=3) + "mlp.up_proj.weight"]
-    save_flat(tmp_path / "gap.safetensors", flat)
     with pytest.raises(
         ValueError, match=r"layer 3 is missing keys 'mlp\.up_proj\.weight'"
     ):
+        stack_by_name(flat, PATTERN)
+    for key in [k for k in flat if k.startswith(PATTERN.format(i=3))]:
+        del flat[key]
+    save_flat(tmp_path / "gap.safetensors", flat)
+    with pytest.raises(ValueError, match=r"missing layers 3; found layers 0-2, 4-7"):
         load_sharded(tmp_path / "gap.safetensors", one, pattern=PATTERN)
+    flat = per_layer()
+    flat[PATTERN.format(i=5) + "input_layernorm.weight"] = np.zeros(9, np.float32)
+    save_flat(tmp_path / "odd.safetensors", flat)
+    with pytest.raises(ValueError, match=r"input_layernorm.weight` has shape \(9,\)"):
+        load_sharded(tmp_path / "odd.safetensors", one, pattern=PATTERN)
 
 
 def test_a_stacked_file_of_several_kinds_loads_per_kind(tmp_path: Path) -> None:
@@ -581,6 +596,37 @@ def test_a_stacked_file_of_several_kinds_loads_per_kind(tmp_path: Path) -> None:
     got = load_sharded(tmp_path / "stacked.safetensors", how)
     assert "h.{i:B}.experts" in got and got["h.{i:B}.experts"].shape == (3, 8, 4)
     check_loaded(got, want, how)
+
+
+@pytest.mark.parametrize("files", [1, 3])
+def test_a_per_layer_folder_of_two_kinds_loads_as_the_command_stacks_it(
+    tmp_path: Path, files: int
+) -> None:
+    # DeepSeek-V3/Llama 4-like: dense layers, then MoE layers holding other keys.
+    # `load_sharded(pattern=...)` stacks it on the fly exactly as `stackedtree stack`
+    # writes it: the same names (`{i:A}`, `{i:B}`), order, shapes, dtypes and bits.
+    folder = tmp_path / "model"
+    folder.mkdir()
+    flat = deepseek(dense=2, moe=3)
+    if files == 1:
+        save_flat(folder / "model.safetensors", flat)
+    else:
+        save_shards(folder, flat, files)
+    stacked = tmp_path / "stacked.safetensors"
+    assert main(["stack", str(folder), "-o", str(stacked), "--quiet"]) == 0
+    want = load_flat(stacked)
+    assert "model.layers.{i:B}.mlp.gate.weight" in want
+
+    def how(name: str, shape: tuple[int, ...], dtype: Any) -> Sharding:
+        spec = P("x") if "{i" in name and shape[0] % 2 == 0 else P(None, "x")
+        return NamedSharding(mesh(2, names=("x",)), spec if shape[1:] else P())
+
+    got = load_sharded(folder, how, pattern=PATTERN)
+    assert list(got) == list(want)
+    check_loaded(got, want, how)
+    from_stacked = load_sharded(stacked, how)
+    assert list(from_stacked) == list(want)
+    check_loaded(from_stacked, want, how)
 
 
 # --------------------------------------------------------------------- two processes

@@ -22,6 +22,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ._text import ranges
+
 _DIGITS = re.compile(r"[0-9]+")
 _CANONICAL_INT = re.compile(r"0|[1-9][0-9]*")
 _LABEL = re.compile(r"[A-Za-z0-9_]+")
@@ -59,17 +61,6 @@ def check_label(label: object, arg: str) -> str:
             f"digits and `_`, such as 'dense' or 'A'."
         )
     return label
-
-
-def ranges(indices: Iterable[int]) -> str:
-    """`[0, 1, 2, 5, 7, 8]` -> `"0-2, 5, 7-8"`."""
-    runs: list[list[int]] = []
-    for i in sorted(set(indices)):
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,16 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import ckptgen
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 from ckptgen import (
     NAME_CHARS,
     _draw_array,
     assert_same_flat,
+    deepseek,
     patterns,
     run_command,
     same,
@@ -25,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stackedtree.checkpoint import (
+    StackedCheckpoint,
     convert_stack,
     convert_unstack,
     detect_kinds,
@@ -37,8 +39,8 @@ from stackedtree.checkpoint import (
     unstack_by_name,
 )
 from stackedtree.checkpoint._io import read_checkpoint
-from stackedtree.checkpoint._pattern import LayerPattern, kind_label
-from stackedtree.checkpoint._stacked import stacked_layout
+from stackedtree.checkpoint._layer_pattern import LayerPattern, kind_label
+from stackedtree.checkpoint._stacked import stored_plan
 from stackedtree.cli import main
 
 P = "model.layers.{i}."
@@ -88,26 +90,6 @@ def kind_cases(draw: st.DrawFn, max_layers: int = 5, max_kinds: int = 3) -> Kind
         for j, kk in enumerate(first)
     }
     return KindCase(pattern, flat, kinds)
-
-
-def deepseek(dense: int = 2, moe: int = 3, experts: int = 2) -> dict[str, np.ndarray]:
-    """A tiny DeepSeek-like checkpoint: dense layers, then MoE layers."""
-    rng = np.random.default_rng(0)
-    flat = {"model.embed_tokens.weight": rng.standard_normal((16, 8), np.float32)}
-    for i in range(dense + moe):
-        p = f"model.layers.{i}."
-        flat[p + "input_layernorm.weight"] = np.full(8, i, ml_dtypes.bfloat16)
-        flat[p + "self_attn.q_proj.weight"] = rng.standard_normal((8, 8), np.float32)
-        if i < dense:
-            flat[p + "mlp.up_proj.weight"] = rng.standard_normal((16, 8), np.float32)
-        else:
-            flat[p + "mlp.gate.weight"] = rng.standard_normal((experts, 8), np.float32)
-            for e in range(experts):
-                flat[p + f"mlp.experts.{e}.up_proj.weight"] = rng.integers(
-                    0, 9, (4, 8), np.int8
-                )
-    flat["model.norm.weight"] = np.ones(8, np.float32)
-    return flat
 
 
 # ------------------------------------------------------------------------ properties
@@ -168,7 +150,8 @@ def test_converting_by_kind_round_trips_bit_exactly(
             k: v for k, v in read_checkpoint(out).metadata.items() if k != "origin"
         }
     else:
-        stacked, rest, pattern = loaded
+        stacked, rest, pattern, kinds = loaded
+        assert kinds is None
         want = stack_by_name(case.flat, case.pattern)
         assert_same_flat(stacked, want[0])
     assert pattern == case.pattern
@@ -189,17 +172,7 @@ def test_converting_by_kind_round_trips_bit_exactly(
 
 
 def llama() -> dict[str, np.ndarray]:
-    flat = {"model.embed_tokens.weight": np.arange(24, dtype=np.float32).reshape(6, 4)}
-    for i in range(3):
-        p = f"model.layers.{i}."
-        flat[p + "input_layernorm.weight"] = np.full(4, i, ml_dtypes.bfloat16)
-        flat[p + "self_attn.q_proj.weight"] = (
-            np.arange(16, dtype=np.float16).reshape(4, 4) + i
-        )
-        flat[p + "mlp.up_proj.weight"] = np.arange(8, dtype=np.int32).reshape(2, 4) * i
-    flat["model.norm.weight"] = np.ones(4, np.float32)
-    flat["lm_head.weight"] = np.arange(24, dtype=np.float32).reshape(6, 4)
-    return flat
+    return ckptgen.llama(head=True)
 
 
 def sha256(path: Path) -> str:
@@ -207,25 +180,29 @@ def sha256(path: Path) -> str:
 
 
 def test_a_uniform_model_is_stacked_byte_for_byte_as_before(tmp_path: Path) -> None:
-    # The digests are of the files written before layers could be of several kinds.
+    # The digests are of the files the code before the stacking plan wrote for this
+    # checkpoint (whose format was that of before layers could be of several kinds).
     save_flat(tmp_path / "a.safetensors", llama(), metadata={"format": "pt"})
     done = convert_stack(tmp_path / "a.safetensors", tmp_path / "s.safetensors")
     assert done.kinds is None
     assert sha256(tmp_path / "s.safetensors") == (
-        "2f991d38614275489169718329cb41d6b4f1f813016390beb68bb352fb678612"
+        "d1e1e41855cbbbaa6b8ed16e245098f77bf97d404e69580eb85e65ead699e60f"
     )
     stacked, rest = stack_by_name(llama(), P)
     save_stacked(
         tmp_path / "s2.safetensors", stacked, P, rest, metadata={"format": "pt"}
     )
     assert sha256(tmp_path / "s2.safetensors") == (
-        "dd8b51c49e4a3e904b35857d7828556bbb2d674ef2804dca43c9bff24ee109bb"
+        "0178a70066c064a13b7e26b09a9b76791b4bf7ce1ca123452b492f2d61500f42"
     )
     convert_unstack(tmp_path / "s.safetensors", tmp_path / "u.safetensors")
     assert (tmp_path / "u.safetensors").read_bytes() == (
         tmp_path / "a.safetensors"
     ).read_bytes()
-    assert len(load_stacked(tmp_path / "s.safetensors")) == 3
+    # One shape for every file: four fields, `kinds` None for one kind of layers.
+    loaded = load_stacked(tmp_path / "s.safetensors")
+    assert len(loaded) == 4 and loaded.kinds is None
+    assert isinstance(loaded, StackedCheckpoint)
 
 
 def test_kinds_file_layout(tmp_path: Path) -> None:
@@ -498,9 +475,9 @@ def test_a_uniform_file_keeps_reading_as_before(tmp_path: Path) -> None:
         {"h.{i}.w": np.zeros((2, 3)), "h.{i:A}.w": np.ones(1)},
         metadata={"stackedtree.pattern": "h.{i}.", "stackedtree.num_layers": "2"},
     )
-    stacked, rest, _ = load_stacked(path)
+    stacked, rest, _, _ = load_stacked(path)
     assert list(stacked) == ["w"] and list(rest) == ["h.{i:A}.w"]
-    assert stacked_layout(read_checkpoint(path)).kinds[0].names == {"w": "h.{i}.w"}
+    assert stored_plan(read_checkpoint(path)).kinds[0].names == {"w": "h.{i}.w"}
 
 
 # ----------------------------------------------------------------- inspect, command
