@@ -69,9 +69,9 @@ def write_checkpoint(folder: Path, size_bytes: float, quick: bool) -> dict[str, 
     per_layer = (4 * d * d + 3 * d * f + 2 * d) * 2
     fixed = (2 * vocab * d + d) * 2
     n = max(DEVICES, DEVICES * math.ceil((size_bytes - fixed) / per_layer / DEVICES))
-    import _common as C  # imports jax: only in the parent, never in a child
+    from _hf_names import hf_llama_names
 
-    specs = C.hf_llama_names(d, f, vocab, n)
+    specs = hf_llama_names(d, f, vocab, n)
     shards = [specs[k::4] for k in range(4)]
     rng = np.random.default_rng(0)
     weight_map = {}
@@ -371,13 +371,13 @@ def main(argv: list[str] | None = None) -> int:
         config, _ = child_parser.parse_known_args(argv)
         print(json.dumps(child(json.loads(config.child))))
         return 0
-    import _common as C
+    from _report import finish, parser, start
 
-    parser = C.parser(__doc__)
-    parser.add_argument("--size-gb", type=float, default=1.0, help="checkpoint size")
-    parser.add_argument("--repeat", type=int, default=5, help="runs per row (median)")
-    parser.add_argument("--tmpdir", type=Path, help="where to write the checkpoint")
-    args, machine, t0 = C.start(parser, argv)
+    options = parser(__doc__)
+    options.add_argument("--size-gb", type=float, default=1.0, help="checkpoint size")
+    options.add_argument("--repeat", type=int, default=5, help="runs per row (median)")
+    options.add_argument("--tmpdir", type=Path, help="where to write the checkpoint")
+    args, machine, t0 = start(options, argv)
     from stackedtree.checkpoint import _sharded
 
     size = 8e6 if args.quick else args.size_gb * 1e9
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": rows,
         "wall_s": time.perf_counter() - t0,
     }
-    C.finish(args, results, report)
+    finish(args, results, report)
     return 0
 
 
