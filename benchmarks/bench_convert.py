@@ -203,6 +203,85 @@ def report(results: dict[str, Any]) -> str:
     )
 
 
+def commands(
+    src: Path, folder: Path, dtype: np.dtype, *, naive: bool
+) -> dict[str, list[str]]:
+    """The commands timed, by label, each writing its output into `folder`."""
+    py = sys.executable
+    runs: dict[str, list[str]] = {
+        "cp": ["cp", str(src), str(folder / "copy.safetensors")],
+        STARTUP: [
+            py,
+            "-c",
+            "import stackedtree.checkpoint",
+        ],
+        "stackedtree stack": [
+            py,
+            "-m",
+            "stackedtree",
+            "stack",
+            str(src),
+            "-o",
+            str(folder / "stacked.safetensors"),
+            "-q",
+        ],
+        "stackedtree unstack": [
+            py,
+            "-m",
+            "stackedtree",
+            "unstack",
+            str(folder / "stacked.safetensors"),
+            "-o",
+            str(folder / "back.safetensors"),
+            "-q",
+        ],
+    }
+    if naive:
+        if not _safetensors_holds(dtype, folder):
+            import safetensors
+
+            print(
+                f"note: safetensors {safetensors.__version__} cannot save and load "
+                f"{dtype} with numpy; skipping the naive script"
+            )
+        else:
+            runs[NAIVE_LABEL] = [
+                py,
+                "-c",
+                NAIVE,
+                str(src),
+                str(folder / "naive.safetensors"),
+            ]
+    return runs
+
+
+def time_commands(
+    runs: dict[str, list[str]], folder: Path, repeat: int
+) -> dict[str, dict[str, Any]]:
+    """Each command `repeat` times, its output removed before each run: the median
+    wall time (with its `sync`), every time and the peak RSS."""
+    outputs = {
+        label: Path(cmd[-2] if cmd[-1] == "-q" else cmd[-1])
+        for label, cmd in runs.items()
+    }
+    outputs[STARTUP] = folder / "none"
+    results: dict[str, dict[str, Any]] = {}
+    for label, cmd in runs.items():
+        trials = []
+        for _ in range(repeat):
+            outputs[label].unlink(missing_ok=True)  # each run writes a fresh file
+            trials.append(measure(cmd))
+        walls = sorted(t["wall_s"] for t in trials)
+        results[label] = {
+            "wall_s": walls[len(walls) // 2],
+            "wall_s_all": walls,
+            "command_s_all": [t["command_s"] for t in trials],
+            "peak_rss": max(t["peak_rss"] for t in trials),
+            "via": trials[0]["via"],
+        }
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parser(__doc__)
     options.add_argument(
@@ -222,76 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     import ml_dtypes
 
     dtype = np.dtype(ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32)
-    py = sys.executable
     repeat = 1 if args.quick else args.repeat
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmp:
         folder = Path(tmp)
         src = folder / "model.safetensors"
         n = write_checkpoint(src, int(args.size_gb * 1e9), dtype, args.quick)
         size = src.stat().st_size
-        runs: dict[str, list[str]] = {
-            "cp": ["cp", str(src), str(folder / "copy.safetensors")],
-            STARTUP: [
-                py,
-                "-c",
-                "import stackedtree.checkpoint",
-            ],
-            "stackedtree stack": [
-                py,
-                "-m",
-                "stackedtree",
-                "stack",
-                str(src),
-                "-o",
-                str(folder / "stacked.safetensors"),
-                "-q",
-            ],
-            "stackedtree unstack": [
-                py,
-                "-m",
-                "stackedtree",
-                "unstack",
-                str(folder / "stacked.safetensors"),
-                "-o",
-                str(folder / "back.safetensors"),
-                "-q",
-            ],
-        }
-        if not args.no_naive:
-            if not _safetensors_holds(dtype, folder):
-                import safetensors
-
-                print(
-                    f"note: safetensors {safetensors.__version__} cannot save and load "
-                    f"{dtype} with numpy; skipping the naive script"
-                )
-            else:
-                runs[NAIVE_LABEL] = [
-                    py,
-                    "-c",
-                    NAIVE,
-                    str(src),
-                    str(folder / "naive.safetensors"),
-                ]
-        outputs = {
-            label: Path(cmd[-2] if cmd[-1] == "-q" else cmd[-1])
-            for label, cmd in runs.items()
-        }
-        outputs[STARTUP] = folder / "none"
-        results: dict[str, dict[str, Any]] = {}
-        for label, cmd in runs.items():
-            trials = []
-            for _ in range(repeat):
-                outputs[label].unlink(missing_ok=True)  # each run writes a fresh file
-                trials.append(measure(cmd))
-            walls = sorted(t["wall_s"] for t in trials)
-            results[label] = {
-                "wall_s": walls[len(walls) // 2],
-                "wall_s_all": walls,
-                "command_s_all": [t["command_s"] for t in trials],
-                "peak_rss": max(t["peak_rss"] for t in trials),
-                "via": trials[0]["via"],
-            }
+        runs = commands(src, folder, dtype, naive=not args.no_naive)
+        results = time_commands(runs, folder, repeat)
         identical = filecmp.cmp(src, folder / "back.safetensors", shallow=False)
         (folder / "copy.safetensors").unlink(missing_ok=True)
 

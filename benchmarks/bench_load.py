@@ -359,6 +359,73 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def measure_loaders(
+    ck: dict[str, Any], folder: Path, repeat: int
+) -> tuple[list[dict[str, Any]], float]:
+    """Every loader under every sharding, each run right after a `cp` of the same bytes:
+    `(rows, median cp seconds)`, one row per sharding and loader."""
+    base = {
+        "index": ck["index"],
+        "d_model": ck["d_model"],
+        "local_devices": DEVICES,
+    }
+    rows: list[dict[str, Any]] = []
+    cps: list[float] = []
+
+    def summary(sharding: str, loader: str, trials: list[dict[str, Any]]) -> None:
+        row = {k: statistics.median(t[k] for t in trials) for k in trials[0]}
+        for k in ("seconds", "cpu"):
+            row[k + "_vs_cp"] = statistics.median(t[k] / t["cp_" + k] for t in trials)
+        rows.append({"sharding": sharding, "loader": loader, **row})
+        print(
+            f"{sharding:10} {loader:24} {row['seconds_vs_cp']:6.2f} x cp "
+            f"({row['cpu_vs_cp']:.2f} x cp's CPU time)",
+            flush=True,
+        )
+
+    def with_cp(run: Any) -> Any:
+        """`run()`, right after a `cp` of the same bytes, whose times it carries."""
+        cp_seconds, cp_cpu = time_cp(ck["files"], folder)
+        cps.append(cp_seconds)
+        out = run()
+        for r in out if isinstance(out, list) else [out]:
+            r["cp_seconds"], r["cp_cpu"] = cp_seconds, cp_cpu
+        return out
+
+    def measure(sharding: str, loader: str, **extra: Any) -> None:
+        config = {
+            **base,
+            "sharding": sharding,
+            "loader": loader.split()[0],
+            **extra,
+        }
+        summary(
+            sharding,
+            loader,
+            [with_cp(lambda: run_child(config)) for _ in range(repeat)],
+        )
+
+    for sharding in SHARDINGS:
+        measure(sharding, "load_sharded")
+        if sharding == "hidden":
+            measure(sharding, "load_sharded (strided)", strided_min_run=0)
+            measure(sharding, "load_sharded (rows)", strided_min_run=1 << 62)
+        # naive: the flat load, its stacked copy, and the device copies
+        need = ck["bytes"] * (2 + (DEVICES if sharding == "replicated" else 1))
+        if need * 1.5 < _available():
+            measure(sharding, "naive")
+        else:
+            rows.append(
+                {"sharding": sharding, "loader": "naive", "skipped": "(memory)"}
+            )
+    two = {**base, "sharding": "layer", "loader": "load_sharded"}
+    two["local_devices"] = DEVICES // 2
+    pairs = [with_cp(lambda: run_two_processes(two)) for _ in range(repeat)]
+    for i in range(2):
+        summary("layer", f"process {i} of 2", [p[i] for p in pairs])
+    return rows, statistics.median(cps)
+
+
 # ----------------------------------------------------------------- main
 
 
@@ -389,68 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             f"checkpoint: {ck['bytes'] / 1e9:.3f} GB, {ck['num_layers']} layers",
             flush=True,
         )
-        base = {
-            "index": ck["index"],
-            "d_model": ck["d_model"],
-            "local_devices": DEVICES,
-        }
-        rows: list[dict[str, Any]] = []
-        cps: list[float] = []
-
-        def summary(sharding: str, loader: str, trials: list[dict[str, Any]]) -> None:
-            row = {k: statistics.median(t[k] for t in trials) for k in trials[0]}
-            for k in ("seconds", "cpu"):
-                row[k + "_vs_cp"] = statistics.median(
-                    t[k] / t["cp_" + k] for t in trials
-                )
-            rows.append({"sharding": sharding, "loader": loader, **row})
-            print(
-                f"{sharding:10} {loader:24} {row['seconds_vs_cp']:6.2f} x cp "
-                f"({row['cpu_vs_cp']:.2f} x cp's CPU time)",
-                flush=True,
-            )
-
-        def with_cp(run: Any) -> Any:
-            """`run()`, right after a `cp` of the same bytes, whose times it carries."""
-            cp_seconds, cp_cpu = time_cp(ck["files"], folder)
-            cps.append(cp_seconds)
-            out = run()
-            for r in out if isinstance(out, list) else [out]:
-                r["cp_seconds"], r["cp_cpu"] = cp_seconds, cp_cpu
-            return out
-
-        def measure(sharding: str, loader: str, **extra: Any) -> None:
-            config = {
-                **base,
-                "sharding": sharding,
-                "loader": loader.split()[0],
-                **extra,
-            }
-            summary(
-                sharding,
-                loader,
-                [with_cp(lambda: run_child(config)) for _ in range(repeat)],
-            )
-
-        for sharding in SHARDINGS:
-            measure(sharding, "load_sharded")
-            if sharding == "hidden":
-                measure(sharding, "load_sharded (strided)", strided_min_run=0)
-                measure(sharding, "load_sharded (rows)", strided_min_run=1 << 62)
-            # naive: the flat load, its stacked copy, and the device copies
-            need = ck["bytes"] * (2 + (DEVICES if sharding == "replicated" else 1))
-            if need * 1.5 < _available():
-                measure(sharding, "naive")
-            else:
-                rows.append(
-                    {"sharding": sharding, "loader": "naive", "skipped": "(memory)"}
-                )
-        two = {**base, "sharding": "layer", "loader": "load_sharded"}
-        two["local_devices"] = DEVICES // 2
-        pairs = [with_cp(lambda: run_two_processes(two)) for _ in range(repeat)]
-        for i in range(2):
-            summary("layer", f"process {i} of 2", [p[i] for p in pairs])
-        cp = statistics.median(cps)
+        rows, cp = measure_loaders(ck, folder, repeat)
     results = {
         "benchmark": "bench_load",
         "quick": args.quick,

@@ -226,6 +226,49 @@ def plots(results: dict[str, Any]) -> list[Plot]:
     ]
 
 
+def compile_all(
+    n: int,
+    stacked: Any,
+    x: jax.Array,
+    temp: dict[str, dict[str, int | None]],
+    errors: dict[str, str],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Compiles every variant's `value_and_grad` at N = n, recording its temporary
+    bytes in `temp` (None and a line in `errors` when it fails): `(compiled, params)`."""
+    compiled, params_of = {}, {}
+    for name in temp:
+        try:
+            make, params = variants(n, stacked)[name]
+            r = compile_seconds(lambda make=make: jax.value_and_grad(make()), params, x)
+            temp[name][str(n)] = temp_bytes(r["compiled"])
+            compiled[name], params_of[name] = r["compiled"], params
+        except Exception as e:
+            errors[f"{name}@{n}"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            temp[name][str(n)] = None
+            log(f"  N={n} {name}: FAILED {errors[f'{name}@{n}']}")
+    return compiled, params_of
+
+
+def same_as_plain(
+    compiled: dict[str, Any],
+    params_of: dict[str, Any],
+    stacked: Any,
+    x: jax.Array,
+    n: int,
+) -> dict[str, bool]:
+    """Whether each variant gives the plain scan's loss and gradient."""
+    ref_loss, ref_grad = compiled["no_remat"](stacked, x)
+    ref = _flat_grad(ref_grad, n)
+    same = {}
+    for name, c in compiled.items():
+        loss, grad = c(params_of[name], x)
+        same[name] = bool(np.allclose(loss, ref_loss, rtol=1e-5)) and all(
+            np.allclose(a, b, rtol=1e-4, atol=1e-6)
+            for a, b in zip(_flat_grad(grad, n), ref, strict=True)
+        )
+    return same
+
+
 def main(argv: list[str] | None = None) -> int:
     args, machine, t_start = start(parser(__doc__), argv)
     q = args.quick
@@ -238,30 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     steps: dict[str, Any] = {}
     for n in ns:
         stacked, x = heavy_setup(n, q)
-        compiled, params_of = {}, {}
-        for name in names:
-            try:
-                make, params = variants(n, stacked)[name]
-                r = compile_seconds(
-                    lambda make=make: jax.value_and_grad(make()), params, x
-                )
-                temp[name][str(n)] = temp_bytes(r["compiled"])
-                compiled[name], params_of[name] = r["compiled"], params
-            except Exception as e:
-                errors[f"{name}@{n}"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                temp[name][str(n)] = None
-                log(f"  N={n} {name}: FAILED {errors[f'{name}@{n}']}")
+        compiled, params_of = compile_all(n, stacked, x, temp, errors)
         # Same loss and gradient as the plain scan, before anything is timed.
-        ref_loss, ref_grad = compiled["no_remat"](stacked, x)
-        ref = _flat_grad(ref_grad, n)
-        checks[str(n)] = {}
-        for name, c in compiled.items():
-            loss, grad = c(params_of[name], x)
-            same = bool(np.allclose(loss, ref_loss, rtol=1e-5)) and all(
-                np.allclose(a, b, rtol=1e-4, atol=1e-6)
-                for a, b in zip(_flat_grad(grad, n), ref, strict=True)
-            )
-            checks[str(n)][name] = same
+        checks[str(n)] = same_as_plain(compiled, params_of, stacked, x, n)
         log(
             f"  N={n:3d} g={sqrt_group_size(n):2d}  backward temp MB: "
             + "  ".join(f"{k} {fmt(mb(temp[k][str(n)]))}" for k in names)
