@@ -33,8 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _common as C
 import numpy as np
+from _hf_names import hf_llama_names
+from _report import dig, finish, parser, ratio, start, table
 
 from stackedtree.checkpoint._io import safetensors_header
 
@@ -83,7 +84,7 @@ def write_checkpoint(path: Path, size_bytes: int, dtype: np.dtype, quick: bool) 
     per_layer = (4 * d * d + 3 * d * f + 2 * d) * dtype.itemsize
     fixed = (2 * vocab * d + d) * dtype.itemsize
     n = max(2, -(-(size_bytes - fixed) // per_layer))
-    specs = C.hf_llama_names(d, f, vocab, n)
+    specs = hf_llama_names(d, f, vocab, n)
     rng = np.random.default_rng(0)
     with open(path, "wb") as out:
         out.write(safetensors_header([(name, dtype, shape) for name, shape in specs]))
@@ -100,10 +101,10 @@ def measure(cmd: list[str]) -> dict[str, Any]:
     `sync` after it charges the command with writing back its own output.
     """
     os.sync()
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     own = run_and_measure(cmd)
     os.sync()
-    return {"wall_s": time.perf_counter() - start, **own}
+    return {"wall_s": time.perf_counter() - t0, **own}
 
 
 def run_and_measure(cmd: list[str]) -> dict[str, Any]:
@@ -130,10 +131,10 @@ def run_and_measure(cmd: list[str]) -> dict[str, Any]:
             }
         if r.returncode != 0:
             raise RuntimeError(f"{cmd} failed:\n{r.stderr}")
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(
@@ -159,7 +160,7 @@ LABELS = {
 
 def headline(results: dict[str, Any]) -> list[tuple[str, float | None]]:
     """This script's rows of the headline table: `(measure, value)`."""
-    stack = C.dig(results, "results", "stackedtree stack") or {}
+    stack = dig(results, "results", "stackedtree stack") or {}
     return [
         ("`stackedtree stack` / cp, time with sync", stack.get("time_vs_cp")),
         ("`stackedtree stack` peak RSS / checkpoint size", stack.get("rss_fraction")),
@@ -174,7 +175,7 @@ def report(results: dict[str, Any]) -> str:
             LABELS.get(step, step),
             r.get("wall_s"),
             r.get("time_vs_cp"),
-            C.ratio(r.get("peak_rss"), 2**20),
+            ratio(r.get("peak_rss"), 2**20),
             r.get("rss_fraction"),
         ]
         for step, r in res.items()
@@ -194,7 +195,7 @@ def report(results: dict[str, Any]) -> str:
             "whole checkpoint (`safetensors.numpy.load_file`), `np.stack`s each "
             "weight and saves. RSS is the process's own peak resident memory.",
             "",
-            C.table(
+            table(
                 ["step", "time + sync (s)", "/ cp", "RSS (MiB)", "RSS / ckpt"],
                 rows,
             ),
@@ -202,93 +203,112 @@ def report(results: dict[str, Any]) -> str:
     )
 
 
+def commands(
+    src: Path, folder: Path, dtype: np.dtype, *, naive: bool
+) -> dict[str, list[str]]:
+    """The commands timed, by label, each writing its output into `folder`."""
+    py = sys.executable
+    runs: dict[str, list[str]] = {
+        "cp": ["cp", str(src), str(folder / "copy.safetensors")],
+        STARTUP: [
+            py,
+            "-c",
+            "import stackedtree.checkpoint",
+        ],
+        "stackedtree stack": [
+            py,
+            "-m",
+            "stackedtree",
+            "stack",
+            str(src),
+            "-o",
+            str(folder / "stacked.safetensors"),
+            "-q",
+        ],
+        "stackedtree unstack": [
+            py,
+            "-m",
+            "stackedtree",
+            "unstack",
+            str(folder / "stacked.safetensors"),
+            "-o",
+            str(folder / "back.safetensors"),
+            "-q",
+        ],
+    }
+    if naive:
+        if not _safetensors_holds(dtype, folder):
+            import safetensors
+
+            print(
+                f"note: safetensors {safetensors.__version__} cannot save and load "
+                f"{dtype} with numpy; skipping the naive script"
+            )
+        else:
+            runs[NAIVE_LABEL] = [
+                py,
+                "-c",
+                NAIVE,
+                str(src),
+                str(folder / "naive.safetensors"),
+            ]
+    return runs
+
+
+def time_commands(
+    runs: dict[str, list[str]], folder: Path, repeat: int
+) -> dict[str, dict[str, Any]]:
+    """Each command `repeat` times, its output removed before each run: the median
+    wall time (with its `sync`), every time and the peak RSS."""
+    outputs = {
+        label: Path(cmd[-2] if cmd[-1] == "-q" else cmd[-1])
+        for label, cmd in runs.items()
+    }
+    outputs[STARTUP] = folder / "none"
+    results: dict[str, dict[str, Any]] = {}
+    for label, cmd in runs.items():
+        trials = []
+        for _ in range(repeat):
+            outputs[label].unlink(missing_ok=True)  # each run writes a fresh file
+            trials.append(measure(cmd))
+        walls = sorted(t["wall_s"] for t in trials)
+        results[label] = {
+            "wall_s": walls[len(walls) // 2],
+            "wall_s_all": walls,
+            "command_s_all": [t["command_s"] for t in trials],
+            "peak_rss": max(t["peak_rss"] for t in trials),
+            "via": trials[0]["via"],
+        }
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = C.parser(__doc__)
-    parser.add_argument(
+    options = parser(__doc__)
+    options.add_argument(
         "--size-gb", type=float, default=1.0, help="checkpoint size (GB)"
     )
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--tmpdir", type=Path, help="where to write the checkpoints")
-    parser.add_argument("--no-naive", action="store_true", help="skip the naive script")
-    parser.add_argument(
+    options.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    options.add_argument("--tmpdir", type=Path, help="where to write the checkpoints")
+    options.add_argument(
+        "--no-naive", action="store_true", help="skip the naive script"
+    )
+    options.add_argument(
         "--repeat", type=int, default=3, help="runs per step; the median time is kept"
     )
-    args, machine, t_start = C.start(parser, argv)
+    args, machine, t_start = start(options, argv)
     if args.quick:
         args.size_gb = 0.02
     import ml_dtypes
 
     dtype = np.dtype(ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32)
-    py = sys.executable
     repeat = 1 if args.quick else args.repeat
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmp:
         folder = Path(tmp)
         src = folder / "model.safetensors"
         n = write_checkpoint(src, int(args.size_gb * 1e9), dtype, args.quick)
         size = src.stat().st_size
-        runs: dict[str, list[str]] = {
-            "cp": ["cp", str(src), str(folder / "copy.safetensors")],
-            STARTUP: [
-                py,
-                "-c",
-                "import stackedtree.checkpoint",
-            ],
-            "stackedtree stack": [
-                py,
-                "-m",
-                "stackedtree",
-                "stack",
-                str(src),
-                "-o",
-                str(folder / "stacked.safetensors"),
-                "-q",
-            ],
-            "stackedtree unstack": [
-                py,
-                "-m",
-                "stackedtree",
-                "unstack",
-                str(folder / "stacked.safetensors"),
-                "-o",
-                str(folder / "back.safetensors"),
-                "-q",
-            ],
-        }
-        if not args.no_naive:
-            if not _safetensors_holds(dtype, folder):
-                import safetensors
-
-                print(
-                    f"note: safetensors {safetensors.__version__} cannot save and load "
-                    f"{dtype} with numpy; skipping the naive script"
-                )
-            else:
-                runs[NAIVE_LABEL] = [
-                    py,
-                    "-c",
-                    NAIVE,
-                    str(src),
-                    str(folder / "naive.safetensors"),
-                ]
-        outputs = {
-            label: Path(cmd[-2] if cmd[-1] == "-q" else cmd[-1])
-            for label, cmd in runs.items()
-        }
-        outputs[STARTUP] = folder / "none"
-        results: dict[str, dict[str, Any]] = {}
-        for label, cmd in runs.items():
-            trials = []
-            for _ in range(repeat):
-                outputs[label].unlink(missing_ok=True)  # each run writes a fresh file
-                trials.append(measure(cmd))
-            walls = sorted(t["wall_s"] for t in trials)
-            results[label] = {
-                "wall_s": walls[len(walls) // 2],
-                "wall_s_all": walls,
-                "command_s_all": [t["command_s"] for t in trials],
-                "peak_rss": max(t["peak_rss"] for t in trials),
-                "via": trials[0]["via"],
-            }
+        runs = commands(src, folder, dtype, naive=not args.no_naive)
+        results = time_commands(runs, folder, repeat)
         identical = filecmp.cmp(src, folder / "back.safetensors", shallow=False)
         (folder / "copy.safetensors").unlink(missing_ok=True)
 
@@ -311,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "wall_s": time.perf_counter() - t_start,
     }
-    C.finish(args, payload, report)
+    finish(args, payload, report)
     return 0 if identical else 1
 
 

@@ -69,9 +69,9 @@ def write_checkpoint(folder: Path, size_bytes: float, quick: bool) -> dict[str, 
     per_layer = (4 * d * d + 3 * d * f + 2 * d) * 2
     fixed = (2 * vocab * d + d) * 2
     n = max(DEVICES, DEVICES * math.ceil((size_bytes - fixed) / per_layer / DEVICES))
-    import _common as C  # imports jax: only in the parent, never in a child
+    from _hf_names import hf_llama_names
 
-    specs = C.hf_llama_names(d, f, vocab, n)
+    specs = hf_llama_names(d, f, vocab, n)
     shards = [specs[k::4] for k in range(4)]
     rng = np.random.default_rng(0)
     weight_map = {}
@@ -359,6 +359,73 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def measure_loaders(
+    ck: dict[str, Any], folder: Path, repeat: int
+) -> tuple[list[dict[str, Any]], float]:
+    """Every loader under every sharding, each run right after a `cp` of the same bytes:
+    `(rows, median cp seconds)`, one row per sharding and loader."""
+    base = {
+        "index": ck["index"],
+        "d_model": ck["d_model"],
+        "local_devices": DEVICES,
+    }
+    rows: list[dict[str, Any]] = []
+    cps: list[float] = []
+
+    def summary(sharding: str, loader: str, trials: list[dict[str, Any]]) -> None:
+        row = {k: statistics.median(t[k] for t in trials) for k in trials[0]}
+        for k in ("seconds", "cpu"):
+            row[k + "_vs_cp"] = statistics.median(t[k] / t["cp_" + k] for t in trials)
+        rows.append({"sharding": sharding, "loader": loader, **row})
+        print(
+            f"{sharding:10} {loader:24} {row['seconds_vs_cp']:6.2f} x cp "
+            f"({row['cpu_vs_cp']:.2f} x cp's CPU time)",
+            flush=True,
+        )
+
+    def with_cp(run: Any) -> Any:
+        """`run()`, right after a `cp` of the same bytes, whose times it carries."""
+        cp_seconds, cp_cpu = time_cp(ck["files"], folder)
+        cps.append(cp_seconds)
+        out = run()
+        for r in out if isinstance(out, list) else [out]:
+            r["cp_seconds"], r["cp_cpu"] = cp_seconds, cp_cpu
+        return out
+
+    def measure(sharding: str, loader: str, **extra: Any) -> None:
+        config = {
+            **base,
+            "sharding": sharding,
+            "loader": loader.split()[0],
+            **extra,
+        }
+        summary(
+            sharding,
+            loader,
+            [with_cp(lambda: run_child(config)) for _ in range(repeat)],
+        )
+
+    for sharding in SHARDINGS:
+        measure(sharding, "load_sharded")
+        if sharding == "hidden":
+            measure(sharding, "load_sharded (strided)", strided_min_run=0)
+            measure(sharding, "load_sharded (rows)", strided_min_run=1 << 62)
+        # naive: the flat load, its stacked copy, and the device copies
+        need = ck["bytes"] * (2 + (DEVICES if sharding == "replicated" else 1))
+        if need * 1.5 < _available():
+            measure(sharding, "naive")
+        else:
+            rows.append(
+                {"sharding": sharding, "loader": "naive", "skipped": "(memory)"}
+            )
+    two = {**base, "sharding": "layer", "loader": "load_sharded"}
+    two["local_devices"] = DEVICES // 2
+    pairs = [with_cp(lambda: run_two_processes(two)) for _ in range(repeat)]
+    for i in range(2):
+        summary("layer", f"process {i} of 2", [p[i] for p in pairs])
+    return rows, statistics.median(cps)
+
+
 # ----------------------------------------------------------------- main
 
 
@@ -371,13 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         config, _ = child_parser.parse_known_args(argv)
         print(json.dumps(child(json.loads(config.child))))
         return 0
-    import _common as C
+    from _report import finish, parser, start
 
-    parser = C.parser(__doc__)
-    parser.add_argument("--size-gb", type=float, default=1.0, help="checkpoint size")
-    parser.add_argument("--repeat", type=int, default=5, help="runs per row (median)")
-    parser.add_argument("--tmpdir", type=Path, help="where to write the checkpoint")
-    args, machine, t0 = C.start(parser, argv)
+    options = parser(__doc__)
+    options.add_argument("--size-gb", type=float, default=1.0, help="checkpoint size")
+    options.add_argument("--repeat", type=int, default=5, help="runs per row (median)")
+    options.add_argument("--tmpdir", type=Path, help="where to write the checkpoint")
+    args, machine, t0 = start(options, argv)
     from stackedtree.checkpoint import _sharded
 
     size = 8e6 if args.quick else args.size_gb * 1e9
@@ -389,68 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             f"checkpoint: {ck['bytes'] / 1e9:.3f} GB, {ck['num_layers']} layers",
             flush=True,
         )
-        base = {
-            "index": ck["index"],
-            "d_model": ck["d_model"],
-            "local_devices": DEVICES,
-        }
-        rows: list[dict[str, Any]] = []
-        cps: list[float] = []
-
-        def summary(sharding: str, loader: str, trials: list[dict[str, Any]]) -> None:
-            row = {k: statistics.median(t[k] for t in trials) for k in trials[0]}
-            for k in ("seconds", "cpu"):
-                row[k + "_vs_cp"] = statistics.median(
-                    t[k] / t["cp_" + k] for t in trials
-                )
-            rows.append({"sharding": sharding, "loader": loader, **row})
-            print(
-                f"{sharding:10} {loader:24} {row['seconds_vs_cp']:6.2f} x cp "
-                f"({row['cpu_vs_cp']:.2f} x cp's CPU time)",
-                flush=True,
-            )
-
-        def with_cp(run: Any) -> Any:
-            """`run()`, right after a `cp` of the same bytes, whose times it carries."""
-            cp_seconds, cp_cpu = time_cp(ck["files"], folder)
-            cps.append(cp_seconds)
-            out = run()
-            for r in out if isinstance(out, list) else [out]:
-                r["cp_seconds"], r["cp_cpu"] = cp_seconds, cp_cpu
-            return out
-
-        def measure(sharding: str, loader: str, **extra: Any) -> None:
-            config = {
-                **base,
-                "sharding": sharding,
-                "loader": loader.split()[0],
-                **extra,
-            }
-            summary(
-                sharding,
-                loader,
-                [with_cp(lambda: run_child(config)) for _ in range(repeat)],
-            )
-
-        for sharding in SHARDINGS:
-            measure(sharding, "load_sharded")
-            if sharding == "hidden":
-                measure(sharding, "load_sharded (strided)", strided_min_run=0)
-                measure(sharding, "load_sharded (rows)", strided_min_run=1 << 62)
-            # naive: the flat load, its stacked copy, and the device copies
-            need = ck["bytes"] * (2 + (DEVICES if sharding == "replicated" else 1))
-            if need * 1.5 < _available():
-                measure(sharding, "naive")
-            else:
-                rows.append(
-                    {"sharding": sharding, "loader": "naive", "skipped": "(memory)"}
-                )
-        two = {**base, "sharding": "layer", "loader": "load_sharded"}
-        two["local_devices"] = DEVICES // 2
-        pairs = [with_cp(lambda: run_two_processes(two)) for _ in range(repeat)]
-        for i in range(2):
-            summary("layer", f"process {i} of 2", [p[i] for p in pairs])
-        cp = statistics.median(cps)
+        rows, cp = measure_loaders(ck, folder, repeat)
     results = {
         "benchmark": "bench_load",
         "quick": args.quick,
@@ -463,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": rows,
         "wall_s": time.perf_counter() - t0,
     }
-    C.finish(args, results, report)
+    finish(args, results, report)
     return 0
 
 

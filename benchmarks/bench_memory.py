@@ -27,10 +27,22 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import _common as C
+import _env  # noqa: F401  (before jax: examples/ on the path, --quick flags)
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _hlo import temp_bytes
+from _models import (
+    Dense2,
+    heavy_layer,
+    heavy_model,
+    heavy_scan_loss,
+    heavy_setup,
+    heavy_text,
+)
+from _plots import FIGSIZE, Plot, plot_where, pyplot
+from _report import dig, finish, fmt, log, mb, ms, parser, start, table
+from _timing import compile_seconds, interleaved_steps, summary
 
 from stackedtree._scan import sqrt_group_size
 
@@ -39,7 +51,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 LossFn = Callable[[Any, jax.Array], jax.Array]
 
 
-def flax_remat_scan(n: int, stacked: C.Dense2) -> tuple[Callable[[], LossFn], Any]:
+def flax_remat_scan(n: int, stacked: Dense2) -> tuple[Callable[[], LossFn], Any]:
     """`(make_loss, params)` for `nn.remat_scan` over the heavy layer, same weights."""
     import flax.linen as nn
 
@@ -59,7 +71,7 @@ def flax_remat_scan(n: int, stacked: C.Dense2) -> tuple[Callable[[], LossFn], An
                 w2 = self.param(
                     "w2", nn.initializers.zeros, (width, width), jnp.float32
                 )
-                return C.heavy_layer(x, C.Dense2(w1, w2))
+                return heavy_layer(x, Dense2(w1, w2))
 
         class Model(nn.Module):
             @nn.compact
@@ -93,11 +105,11 @@ def flax_remat_scan(n: int, stacked: C.Dense2) -> tuple[Callable[[], LossFn], An
     return make, params
 
 
-def variants(n: int, stacked: C.Dense2) -> dict[str, tuple[Callable[[], LossFn], Any]]:
+def variants(n: int, stacked: Dense2) -> dict[str, tuple[Callable[[], LossFn], Any]]:
     return {
-        "no_remat": ((lambda: C.heavy_scan_loss()), stacked),
-        "per_layer": ((lambda: C.heavy_scan_loss(remat=True)), stacked),
-        "sqrt_group": ((lambda: C.heavy_scan_loss(remat_group="sqrt")), stacked),
+        "no_remat": ((lambda: heavy_scan_loss()), stacked),
+        "per_layer": ((lambda: heavy_scan_loss(remat=True)), stacked),
+        "sqrt_group": ((lambda: heavy_scan_loss(remat_group="sqrt")), stacked),
         "flax_remat_scan": flax_remat_scan(n, stacked),
     }
 
@@ -136,8 +148,8 @@ def report(results: dict[str, Any]) -> str:
     checks = results.get("same_loss_and_grad") or {}
     ns = results.get("ns", [])
     rows = [
-        [n, C.dig(results, "group_size", str(n))]
-        + [C.mb(C.dig(temp, k, str(n))) for k in LABELS]
+        [n, dig(results, "group_size", str(n))]
+        + [mb(dig(temp, k, str(n))) for k in LABELS]
         for n in ns
     ]
     differ = [
@@ -156,23 +168,23 @@ def report(results: dict[str, Any]) -> str:
     )
     step = results.get("step") or {}
     steps = ", ".join(
-        f"{label} {C.fmt(C.ms(C.dig(step, k, 'median_s')))} ms"
+        f"{label} {fmt(ms(dig(step, k, 'median_s')))} ms"
         for k, label in LABELS.items()
         if k in step
     )
-    repeats = C.dig(step, "per_layer", "repeats")
+    repeats = dig(step, "per_layer", "repeats")
     return "\n".join(
         [
             "### Backward memory against depth",
             "",
-            C.heavy_text(results.get("model") or {})
+            heavy_text(results.get("model") or {})
             + " XLA's temporary memory of the compiled `jax.value_and_grad` "
             "(`temp_size_in_bytes`) for `scan_layers` with no remat, `remat=True` "
             '(`remat` below) and `remat_group="sqrt"` (`sqrt`), and for Flax '
             "`nn.remat_scan(Block, lengths=(N // g, g))` (`remat_scan`) with the same "
             f"group size g. {checked}",
             "",
-            C.table(
+            table(
                 ["N", "g", "none (MB)", "remat (MB)", "sqrt (MB)", "remat_scan (MB)"],
                 rows,
             ),
@@ -183,20 +195,20 @@ def report(results: dict[str, Any]) -> str:
     )
 
 
-def plots(results: dict[str, Any]) -> list[C.Plot]:
+def plots(results: dict[str, Any]) -> list[Plot]:
     """Backward temporary memory against N for every variant."""
-    plt = C.pyplot()
+    plt = pyplot()
     temp = results.get("temp_bytes") or {}
     if plt is None or not temp:
         return []
-    fig, ax = plt.subplots(figsize=C.FIGSIZE)
+    fig, ax = plt.subplots(figsize=FIGSIZE)
     for k, by_n in temp.items():
-        pts = sorted((int(n), C.mb(b)) for n, b in by_n.items() if b is not None)
+        pts = sorted((int(n), mb(b)) for n, b in by_n.items() if b is not None)
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=LABELS.get(k, k))
     model = results.get("model") or {}
     layer = (model.get("layer") or "").split(",")[0]
-    fig.suptitle(C.plot_where(results.get("machine") or {}))
+    fig.suptitle(plot_where(results.get("machine") or {}))
     ax.set_title(f"backward temporary memory, layer {layer}")
     ax.set_xlabel("layers N")
     ax.set_xticks(results.get("ns", []))
@@ -205,7 +217,7 @@ def plots(results: dict[str, Any]) -> list[C.Plot]:
     ax.legend()
     fig.tight_layout()
     return [
-        C.Plot(
+        Plot(
             "memory",
             "Backward temporary memory against the number of layers, with and "
             "without remat",
@@ -214,8 +226,51 @@ def plots(results: dict[str, Any]) -> list[C.Plot]:
     ]
 
 
+def compile_all(
+    n: int,
+    stacked: Any,
+    x: jax.Array,
+    temp: dict[str, dict[str, int | None]],
+    errors: dict[str, str],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Compiles every variant's `value_and_grad` at N = n, recording its temporary
+    bytes in `temp` (None and a line in `errors` when it fails): `(compiled, params)`."""
+    compiled, params_of = {}, {}
+    for name in temp:
+        try:
+            make, params = variants(n, stacked)[name]
+            r = compile_seconds(lambda make=make: jax.value_and_grad(make()), params, x)
+            temp[name][str(n)] = temp_bytes(r["compiled"])
+            compiled[name], params_of[name] = r["compiled"], params
+        except Exception as e:
+            errors[f"{name}@{n}"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            temp[name][str(n)] = None
+            log(f"  N={n} {name}: FAILED {errors[f'{name}@{n}']}")
+    return compiled, params_of
+
+
+def same_as_plain(
+    compiled: dict[str, Any],
+    params_of: dict[str, Any],
+    stacked: Any,
+    x: jax.Array,
+    n: int,
+) -> dict[str, bool]:
+    """Whether each variant gives the plain scan's loss and gradient."""
+    ref_loss, ref_grad = compiled["no_remat"](stacked, x)
+    ref = _flat_grad(ref_grad, n)
+    same = {}
+    for name, c in compiled.items():
+        loss, grad = c(params_of[name], x)
+        same[name] = bool(np.allclose(loss, ref_loss, rtol=1e-5)) and all(
+            np.allclose(a, b, rtol=1e-4, atol=1e-6)
+            for a, b in zip(_flat_grad(grad, n), ref, strict=True)
+        )
+    return same
+
+
 def main(argv: list[str] | None = None) -> int:
-    args, machine, t_start = C.start(C.parser(__doc__), argv)
+    args, machine, t_start = start(parser(__doc__), argv)
     q = args.quick
     ns = [4, 9] if q else [16, 36, 64, 100]
     step_n = ns[-1] if q else 64
@@ -225,40 +280,19 @@ def main(argv: list[str] | None = None) -> int:
     checks: dict[str, dict[str, bool]] = {}
     steps: dict[str, Any] = {}
     for n in ns:
-        stacked, x = C.heavy_setup(n, q)
-        compiled, params_of = {}, {}
-        for name in names:
-            try:
-                make, params = variants(n, stacked)[name]
-                r = C.compile_seconds(
-                    lambda make=make: jax.value_and_grad(make()), params, x
-                )
-                temp[name][str(n)] = C.temp_bytes(r["compiled"])
-                compiled[name], params_of[name] = r["compiled"], params
-            except Exception as e:
-                errors[f"{name}@{n}"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                temp[name][str(n)] = None
-                C.log(f"  N={n} {name}: FAILED {errors[f'{name}@{n}']}")
+        stacked, x = heavy_setup(n, q)
+        compiled, params_of = compile_all(n, stacked, x, temp, errors)
         # Same loss and gradient as the plain scan, before anything is timed.
-        ref_loss, ref_grad = compiled["no_remat"](stacked, x)
-        ref = _flat_grad(ref_grad, n)
-        checks[str(n)] = {}
-        for name, c in compiled.items():
-            loss, grad = c(params_of[name], x)
-            same = bool(np.allclose(loss, ref_loss, rtol=1e-5)) and all(
-                np.allclose(a, b, rtol=1e-4, atol=1e-6)
-                for a, b in zip(_flat_grad(grad, n), ref, strict=True)
-            )
-            checks[str(n)][name] = same
-        C.log(
+        checks[str(n)] = same_as_plain(compiled, params_of, stacked, x, n)
+        log(
             f"  N={n:3d} g={sqrt_group_size(n):2d}  backward temp MB: "
-            + "  ".join(f"{k} {C.fmt(C.mb(temp[k][str(n)]))}" for k in names)
+            + "  ".join(f"{k} {fmt(mb(temp[k][str(n)]))}" for k in names)
             + "  | same loss+grad: "
             + " ".join(f"{k}={v}" for k, v in checks[str(n)].items())
         )
         if n == step_n:
             timed = {k: c for k, c in compiled.items() if checks[str(n)][k]}
-            times = C.interleaved_steps(
+            times = interleaved_steps(
                 {
                     k: (lambda c=c, p=params_of[k], x=x: c(p, x))
                     for k, c in timed.items()
@@ -266,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                 repeats=3 if q else 7,
                 warmup=1,
             )
-            steps = {"n": n, **{k: C.summary(v) for k, v in times.items()}}
-            C.log(
+            steps = {"n": n, **{k: summary(v) for k, v in times.items()}}
+            log(
                 f"  N={n} step (median): "
                 + "  ".join(f"{k} {np.median(v):.3f}s" for k, v in times.items())
             )
@@ -289,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_memory",
         "quick": q,
         "machine": machine,
-        "model": C.heavy_model(q)
+        "model": heavy_model(q)
         | {"measured": "jax.value_and_grad of mean(out ** 2) w.r.t. the parameters"},
         "ns": ns,
         "group_size": {str(n): sqrt_group_size(n) for n in ns},
@@ -307,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "wall_s": time.perf_counter() - t_start,
     }
-    C.finish(args, payload, report)
+    finish(args, payload, report)
     return 0 if ok else 1
 
 

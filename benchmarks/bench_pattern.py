@@ -22,30 +22,22 @@ Run `python benchmarks/bench_pattern.py [--quick] [--json PATH]`.
 from __future__ import annotations
 
 import gc
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+import _env  # noqa: F401  (before jax: examples/ on the path, --quick flags)
+import gemma_pattern as gemma
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _hlo import strip_hlo
+from _report import finish, log, parser, start
+from _timing import paired_ratio, summary
 
-if "--quick" in sys.argv[1:]:
-    # A smoke run checks that everything runs, not how fast: cheaper XLA compiles.
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    ).strip()
-
-import _common as C  # noqa: E402
-import gemma_pattern as gemma  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import stackedtree  # noqa: E402
+import stackedtree
 
 PERIOD = "LLLLLG"
 FULL = gemma.Config(vocab=256, d_model=128, heads=4, head_dim=32, d_ff=256, window=16)
@@ -202,7 +194,7 @@ def check_equal(n: int, quick: bool) -> dict[str, Any]:
                 jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True
             )
         )
-        C.log(f"  {name:12s} loss {loss:.6f}  max |grad - loop's| {err:.1e}")
+        log(f"  {name:12s} loss {loss:.6f}  max |grad - loop's| {err:.1e}")
         if not np.isclose(loss, want_loss, rtol=1e-5) or err > 1e-4:
             raise AssertionError(f"{name} disagrees with the loop; not timing it")
     return {"n": n, "losses": {k: v[0] for k, v in out.items()}, "all_equal": True}
@@ -243,14 +235,12 @@ def compile_vs_n(
 
     keys = ("total_s", "lower_s", "cpu_s")
     seconds = {
-        name: {
-            str(n): {key: C.summary(series(name, n, key)) for key in keys} for n in ns
-        }
+        name: {str(n): {key: summary(series(name, n, key)) for key in keys} for n in ns}
         for name in VARIANTS
     }
     ratios = {
         str(n): {
-            key: C.paired_ratio(
+            key: paired_ratio(
                 series("scan_pattern", n, key), series("super_block", n, key)
             )
             for key in keys
@@ -258,14 +248,14 @@ def compile_vs_n(
         for n in ns
     }
     same_hlo = {
-        str(n): C.strip_hlo(compiled[("super_block", n)].as_text())
-        == C.strip_hlo(compiled[("scan_pattern", n)].as_text())
+        str(n): strip_hlo(compiled[("super_block", n)].as_text())
+        == strip_hlo(compiled[("scan_pattern", n)].as_text())
         for n in ns
     }
     for n in ns:
         med = {k: seconds[k][str(n)]["total_s"]["median_s"] for k in VARIANTS}
         r = ratios[str(n)]
-        C.log(
+        log(
             f"  N={n:3d}  compile of grad (median s): "
             + "  ".join(f"{k} {v:.2f}" for k, v in med.items())
             + f"; scan_pattern/super_block wall {r['total_s']['median_ratio']:.3f}, "
@@ -313,10 +303,10 @@ def step_time(
     out = {
         "n": n,
         "repeats": repeats,
-        "seconds": {k: C.summary(v) for k, v in steps.items()},
-        "ratio": C.paired_ratio(steps["scan_pattern"], steps["super_block"]),
+        "seconds": {k: summary(v) for k, v in steps.items()},
+        "ratio": paired_ratio(steps["scan_pattern"], steps["super_block"]),
     }
-    C.log(
+    log(
         f"  N={n}: step scan_pattern/super_block {out['ratio']['median_ratio']:.3f} "
         f"(medians {statistics.median(steps['scan_pattern']) * 1e3:.1f} ms / "
         f"{statistics.median(steps['super_block']) * 1e3:.1f} ms, {repeats} each)"
@@ -403,15 +393,15 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, machine, t_start = C.start(C.parser(__doc__), argv)
+    args, machine, t_start = start(parser(__doc__), argv)
     q = args.quick
-    C.log("checking the loop, the super-block scan and scan_pattern agree")
+    log("checking the loop, the super-block scan and scan_pattern agree")
     check = check_equal(12 if q else 26, q)
-    C.log("(a) compile time of the gradient against N")
+    log("(a) compile time of the gradient against N")
     a, executables = compile_vs_n(
         [12] if q else [26, 62, 122], q, repeats=1 if q else 7
     )
-    C.log("(b) step time of the gradient")
+    log("(b) step time of the gradient")
     step_n = 12 if q else 62
     b = step_time(step_n, q, repeats=3 if q else 30, compiled=executables.get(step_n))
 
@@ -439,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "wall_s": time.perf_counter() - t_start,
     }
-    C.finish(args, results, report)
+    finish(args, results, report)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""One Llama-style decoder block, scanned over N layers seven ways.
+"""One Llama-style decoder block, scanned over N layers eight ways.
 
 The block is `examples/llama_model.py`'s `decoder_block` in every variant, and every
 variant's parameters are filled from the same stacked weights:
@@ -11,10 +11,12 @@ variant's parameters are filled from the same stacked weights:
 - `flax_linen_scan`: a linen Module repeated with `nn.scan(variable_axes={'params': 0},
   split_rngs={'params': True}, length=N)`;
 - `flax_nnx_scan`: an `nnx.Module` stacked with `nnx.vmap` and run with `nnx.scan`;
+- `flax_nnx_scan_layers`: the same `nnx.Module`, one per layer, stacked with
+  `stackedtree.stack` (a module is a pytree) and run with `scan_layers`;
 - `equinox_scan`: `eqx.filter_vmap` builds stacked modules, `eqx.partition` splits off the
   arrays, `jax.lax.scan` runs over them and `eqx.combine` rebuilds each layer.
 
-Before anything is timed, every variant's loss and gradient norm must match the
+The styles are in `_peer_styles.py`. Before anything is timed, every variant's loss and gradient norm must match the
 hand-written scan (printed and asserted at every N). Then, for each N: trace + lower +
 compile seconds of the forward and of `jax.grad`, and the steady step time of the compiled
 gradient, the variants run alternately.
@@ -29,244 +31,22 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable
 from typing import Any
 
-import _common as C
+import _env  # noqa: F401  (before jax: examples/ on the path, --quick flags)
 import jax
 import jax.numpy as jnp
 import numpy as np
-from llama_model import Config, DecoderBlock, block_shapes, decoder_block
+from _models import llama_model, llama_setup, llama_text
+from _peer_styles import DESCRIPTIONS, LABELS, REFERENCE, VARIANTS
+from _plots import FIGSIZE, Plot, plot_where, pyplot
+from _report import dig, finish, log, parser, start, table
+from _timing import compile_seconds, interleaved_steps, summary
 
 import stackedtree
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
-
-LossFn = Callable[[Any, jax.Array], jax.Array]
-
-
-def _names(cfg: Config) -> tuple[list[str], list[jax.ShapeDtypeStruct], Any]:
-    """Flat parameter names (`attention_q_proj`), per-layer shapes, and the treedef."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(block_shapes(cfg, jnp.float32))
-    names = ["_".join(str(getattr(k, "name", k)) for k in path) for path, _ in flat]
-    return names, [s for _, s in flat], treedef
-
-
-def _to_named(tree: DecoderBlock) -> dict[str, Any]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {
-        "_".join(str(getattr(k, "name", k)) for k in path): leaf for path, leaf in flat
-    }
-
-
-def _from_named(named: dict[str, Any], cfg: Config) -> DecoderBlock:
-    names, _, treedef = _names(cfg)
-    return jax.tree.unflatten(treedef, [named[n] for n in names])
-
-
-# --------------------------------------------------------------------------------------
-# The variants. Each returns `(make_loss, params)`: `make_loss()` builds a fresh loss
-# function `loss(params, x)` (fresh closures, so no trace cache is shared between
-# measurements), `params` is that framework's parameter tree holding the shared weights.
-
-
-def v_python_loop(
-    cfg: Config, stacked: DecoderBlock
-) -> tuple[Callable[[], LossFn], Any]:
-    return (lambda: C.llama_python_loop(cfg)), stacked
-
-
-def v_lax_scan(cfg: Config, stacked: DecoderBlock) -> tuple[Callable[[], LossFn], Any]:
-    return (lambda: C.llama_lax_scan(cfg)), stacked
-
-
-def v_scan_layers(
-    cfg: Config, stacked: DecoderBlock
-) -> tuple[Callable[[], LossFn], Any]:
-    return (lambda: C.llama_scan_layers(cfg)), stacked
-
-
-def v_haiku(cfg: Config, stacked: DecoderBlock) -> tuple[Callable[[], LossFn], Any]:
-    import haiku as hk
-
-    names, shapes, _ = _names(cfg)
-
-    def build() -> Any:
-        class Block(hk.Module):
-            def __call__(self, x: jax.Array) -> jax.Array:
-                named = {
-                    n: hk.get_parameter(n, s.shape, s.dtype, init=jnp.zeros)
-                    for n, s in zip(names, shapes, strict=True)
-                }
-                return decoder_block(_from_named(named, cfg), x, cfg)
-
-        def forward(x: jax.Array) -> jax.Array:
-            return hk.layer_stack(cfg.num_layers)(lambda x: Block(name="block")(x))(x)
-
-        return hk.without_apply_rng(hk.transform(forward))
-
-    model = build()
-    x0 = jnp.zeros((1, 2, cfg.d_model), jnp.float32)
-    template = jax.eval_shape(model.init, jax.random.key(0), x0)
-    named = _to_named(stacked)
-    (module,) = template  # e.g. "layer_stack/~/block": one module, N-stacked params
-    params = {module: {}}
-    for n, sds in template[module].items():
-        if tuple(sds.shape) != named[n].shape:
-            raise ValueError(
-                f"haiku param {module}/{n}: {sds.shape} != {named[n].shape}"
-            )
-        params[module][n] = named[n]
-
-    def make() -> LossFn:
-        apply = build().apply
-
-        def loss(params: Any, x: jax.Array) -> jax.Array:
-            return C.llama_loss_value(apply(params, x))
-
-        return loss
-
-    return make, params
-
-
-def v_flax_linen(
-    cfg: Config, stacked: DecoderBlock
-) -> tuple[Callable[[], LossFn], Any]:
-    import flax.linen as nn
-
-    names, shapes, _ = _names(cfg)
-
-    def build() -> Any:
-        class Block(nn.Module):
-            cfg: Config
-
-            @nn.compact
-            def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
-                named = {
-                    n: self.param(n, nn.initializers.zeros, s.shape, s.dtype)
-                    for n, s in zip(names, shapes, strict=True)
-                }
-                return decoder_block(_from_named(named, self.cfg), x, self.cfg), None
-
-        class Model(nn.Module):
-            cfg: Config
-
-            @nn.compact
-            def __call__(self, x: jax.Array) -> jax.Array:
-                scanned = nn.scan(
-                    Block,
-                    variable_axes={"params": 0},
-                    split_rngs={"params": True},
-                    length=self.cfg.num_layers,
-                )
-                x, _ = scanned(self.cfg, name="layers")(x, None)
-                return x
-
-        return Model(cfg)
-
-    model = build()
-    x0 = jnp.zeros((1, 2, cfg.d_model), jnp.float32)
-    template = jax.eval_shape(model.init, jax.random.key(0), x0)
-    named = _to_named(stacked)
-    layer = template["params"]["layers"]
-    for n, sds in layer.items():
-        if tuple(sds.shape) != named[n].shape:
-            raise ValueError(f"linen param layers/{n}: {sds.shape} != {named[n].shape}")
-    params = {"params": {"layers": {n: named[n] for n in layer}}}
-
-    def make() -> LossFn:
-        m = build()
-
-        def loss(params: Any, x: jax.Array) -> jax.Array:
-            return C.llama_loss_value(m.apply(params, x))
-
-        return loss
-
-    return make, params
-
-
-def v_flax_nnx(cfg: Config, stacked: DecoderBlock) -> tuple[Callable[[], LossFn], Any]:
-    from flax import nnx
-
-    names, _, _ = _names(cfg)
-
-    class Block(nnx.Module):
-        def __init__(self, p: DecoderBlock):
-            for n, leaf in _to_named(p).items():
-                setattr(self, n, nnx.Param(leaf))
-
-        def __call__(self, x: jax.Array) -> jax.Array:
-            named = {n: getattr(self, n)[...] for n in names}
-            return decoder_block(_from_named(named, cfg), x, cfg)
-
-    class Model(nnx.Module):
-        def __init__(self, stacked: DecoderBlock):
-            # The NNX docs' pattern: a vmap-created stack of blocks ...
-            @nnx.vmap(in_axes=0, out_axes=0)
-            def create(p: DecoderBlock) -> Block:
-                return Block(p)
-
-            self.blocks = create(stacked)
-
-        def __call__(self, x: jax.Array) -> jax.Array:
-            # ... run with nnx.scan over the layer axis.
-            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-            def forward(x: jax.Array, block: Block) -> jax.Array:
-                return block(x)
-
-            return forward(x, self.blocks)
-
-    graphdef, state = nnx.split(Model(stacked))
-
-    def make() -> LossFn:
-        def loss(state: Any, x: jax.Array) -> jax.Array:
-            return C.llama_loss_value(nnx.merge(graphdef, state)(x))
-
-        return loss
-
-    return make, state
-
-
-def v_equinox(cfg: Config, stacked: DecoderBlock) -> tuple[Callable[[], LossFn], Any]:
-    import equinox as eqx
-
-    class Block(eqx.Module):
-        p: DecoderBlock
-        cfg: Config = eqx.field(static=True)
-
-        def __call__(self, x: jax.Array) -> jax.Array:
-            return decoder_block(self.p, x, self.cfg)
-
-    model = eqx.filter_vmap(lambda p: Block(p, cfg))(stacked)
-
-    def make() -> LossFn:
-        def loss(model: Any, x: jax.Array) -> jax.Array:
-            dynamic, static = eqx.partition(model, eqx.is_array)
-
-            def f(x: jax.Array, dyn: Any) -> tuple[jax.Array, None]:
-                return eqx.combine(dyn, static)(x), None
-
-            x, _ = jax.lax.scan(f, x, dynamic)
-            return C.llama_loss_value(x)
-
-        return loss
-
-    return make, model
-
-
-VARIANTS: dict[
-    str, Callable[[Config, DecoderBlock], tuple[Callable[[], LossFn], Any]]
-] = {
-    "python_loop": v_python_loop,
-    "lax_scan": v_lax_scan,
-    "scan_layers": v_scan_layers,
-    "haiku_layer_stack": v_haiku,
-    "flax_linen_scan": v_flax_linen,
-    "flax_nnx_scan": v_flax_nnx,
-    "equinox_scan": v_equinox,
-}
-REFERENCE = "lax_scan"
 
 
 def tolerance() -> dict[str, float]:
@@ -292,7 +72,7 @@ def _error(e: BaseException) -> str:
 
 
 def run_n(n: int, quick: bool, step_repeats: int, rotate: int) -> dict[str, Any]:
-    cfg, stacked, x = C.llama_setup(n, quick)
+    cfg, stacked, x = llama_setup(n, quick)
     rows: dict[str, dict[str, Any]] = {}
     compiled_grads: dict[str, tuple[Any, Any]] = {}
     names = list(VARIANTS)
@@ -302,8 +82,8 @@ def run_n(n: int, quick: bool, step_repeats: int, rotate: int) -> dict[str, Any]
         rows[name] = row
         try:
             make, params = VARIANTS[name](cfg, stacked)
-            fwd = C.compile_seconds(make, params, x)
-            grad = C.compile_seconds(lambda make=make: jax.grad(make()), params, x)
+            fwd = compile_seconds(make, params, x)
+            grad = compile_seconds(lambda make=make: jax.grad(make()), params, x)
             row["forward_compile_s"] = fwd["total_s"]
             row["forward_lower_s"] = fwd["lower_s"]
             row["grad_compile_s"] = grad["total_s"]
@@ -315,7 +95,7 @@ def run_n(n: int, quick: bool, step_repeats: int, rotate: int) -> dict[str, Any]
             compiled_grads[name] = (grad["compiled"], params)
         except Exception as e:
             row["error"] = _error(e)
-            C.log(f"  N={n} {name}: FAILED {row['error']}")
+            log(f"  N={n} {name}: FAILED {row['error']}")
             traceback.print_exc()
     ref = rows[REFERENCE]
     tol = tolerance()
@@ -329,52 +109,38 @@ def run_n(n: int, quick: bool, step_repeats: int, rotate: int) -> dict[str, Any]
                 row["grad_norm"], ref["grad_norm"], rtol=tol["grad_norm_rtol"]
             )
         )
-    C.log(f"  N={n}: loss and gradient norm against {REFERENCE}")
+    log(f"  N={n}: loss and gradient norm against {REFERENCE}")
     for name in names:
         r = rows[name]
         if "error" in r:
-            C.log(f"    {name:18s} FAILED: {r['error']}")
+            log(f"    {name:20s} FAILED: {r['error']}")
         else:
-            C.log(
-                f"    {name:18s} loss {r['loss']:.7f}  |grad| {r['grad_norm']:.7f}  "
+            log(
+                f"    {name:20s} loss {r['loss']:.7f}  |grad| {r['grad_norm']:.7f}  "
                 f"matches {r['matches']}"
             )
     # Time only the variants that compute the same thing.
     timed = {k: v for k, v in compiled_grads.items() if rows[k]["matches"]}
-    steps = C.interleaved_steps(
+    steps = interleaved_steps(
         {k: (lambda c=c, p=p: c(p, x)) for k, (c, p) in timed.items()},
         step_repeats,
         warmup=1,
     )
     for name, ts in steps.items():
-        rows[name]["grad_step"] = C.summary(ts)
-    C.log(
-        f"  N={n}: {'variant':18s} {'fwd compile':>11s} {'grad compile':>12s} {'grad step':>10s}"
+        rows[name]["grad_step"] = summary(ts)
+    log(
+        f"  N={n}: {'variant':20s} {'fwd compile':>11s} {'grad compile':>12s} {'grad step':>10s}"
     )
     for name in names:
         r = rows[name]
         if "error" in r:
             continue
         step = r.get("grad_step", {}).get("median_s")
-        C.log(
-            f"        {name:18s} {r['forward_compile_s']:10.2f}s {r['grad_compile_s']:11.2f}s "
+        log(
+            f"        {name:20s} {r['forward_compile_s']:10.2f}s {r['grad_compile_s']:11.2f}s "
             f"{'n/a' if step is None else f'{step * 1e3:8.1f}ms'}"
         )
     return rows
-
-
-# --------------------------------------------------------------------------------------
-# Report and plot
-
-LABELS = {
-    "python_loop": "Python loop",
-    "lax_scan": "jax.lax.scan",
-    "scan_layers": "scan_layers",
-    "haiku_layer_stack": "Haiku layer_stack",
-    "flax_linen_scan": "Flax nn.scan",
-    "flax_nnx_scan": "Flax nnx.scan",
-    "equinox_scan": "Equinox + lax.scan",
-}
 
 
 def _cell(row: dict[str, Any], value: Any) -> Any:
@@ -393,7 +159,7 @@ def report(results: dict[str, Any]) -> str:
         f"{LABELS.get(v, v)} at N={n}: {row.get('error', 'different loss or gradient')}"
         for n in ns
         for v in variants
-        if not (row := C.dig(res, str(n), v) or {}).get("matches")
+        if not (row := dig(res, str(n), v) or {}).get("matches")
     ]
     checked = (
         "All variants matched."
@@ -405,19 +171,19 @@ def report(results: dict[str, Any]) -> str:
             r
             for n in ns
             for v in variants
-            if (r := C.dig(res, str(n), v, "grad_step", "repeats"))
+            if (r := dig(res, str(n), v, "grad_step", "repeats"))
         }
     )
+    words = {7: "seven", 8: "eight", 9: "nine"}
+    styles = "; ".join(DESCRIPTIONS.get(v, f"`{v}`") for v in variants)
     out = [
-        "### The same decoder in seven layer-scanning styles",
+        "### The same decoder in "
+        f"{words.get(len(variants), str(len(variants)))} layer-scanning styles",
         "",
-        C.llama_text(results.get("model") or {})
-        + " Every variant holds the same weights: a Python loop; a hand-written "
-        "`jax.lax.scan`; `scan_layers`; Haiku `hk.layer_stack`; Flax linen `nn.scan`; "
-        "Flax NNX `nnx.vmap` + `nnx.scan`; Equinox `filter_vmap` + `partition` + "
-        f"`jax.lax.scan`. Before timing, each one's loss and gradient norm were "
-        f"compared with `{ref}` at every N (relative tolerances "
-        f"{tol.get('loss_rtol')} and {tol.get('grad_norm_rtol')}). {checked}",
+        llama_text(results.get("model") or {})
+        + f" Every variant holds the same weights: {styles}. Before timing, each one's "
+        f"loss and gradient norm were compared with `{ref}` at every N (relative "
+        f"tolerances {tol.get('loss_rtol')} and {tol.get('grad_norm_rtol')}). {checked}",
     ]
     for heading, key, scale in (
         ("Gradient compile time (s)", "grad_compile_s", 1.0),
@@ -428,8 +194,8 @@ def report(results: dict[str, Any]) -> str:
         for v in variants:
             cells = []
             for n in ns:
-                row = C.dig(res, str(n), v) or {}
-                x = C.dig(row, key, "median_s") if key == "grad_step" else row.get(key)
+                row = dig(res, str(n), v) or {}
+                x = dig(row, key, "median_s") if key == "grad_step" else row.get(key)
                 cells.append(_cell(row, x * scale if x is not None else None))
             rows.append([LABELS.get(v, v), *cells])
         out += ["", f"#### {heading}", ""]
@@ -442,23 +208,23 @@ def report(results: dict[str, Any]) -> str:
             ]
         else:
             out += ["Trace, lowering and XLA compile, once per variant and N.", ""]
-        out.append(C.table(["variant", *(f"N={n}" for n in ns)], rows))
+        out.append(table(["variant", *(f"N={n}" for n in ns)], rows))
     return "\n".join(out)
 
 
-def plots(results: dict[str, Any]) -> list[C.Plot]:
+def plots(results: dict[str, Any]) -> list[Plot]:
     """Compile time against N, of the gradient and of the forward, for every variant."""
-    plt = C.pyplot()
+    plt = pyplot()
     if plt is None:
         return []
-    fig, axes = plt.subplots(1, 2, figsize=C.FIGSIZE, sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE, sharey=True)
     ns, res = results.get("ns", []), results.get("results") or {}
     for ax, key, what in (
         (axes[0], "grad_compile_s", "jax.grad"),
         (axes[1], "forward_compile_s", "the forward"),
     ):
         for v in results.get("variants", []):
-            pts = [(n, C.dig(res, str(n), v, key)) for n in ns]
+            pts = [(n, dig(res, str(n), v, key)) for n in ns]
             pts = [(n, y) for n, y in pts if isinstance(y, int | float)]
             if pts:
                 ours = v == "scan_layers"  # drawn on top, so the others cannot hide it
@@ -478,10 +244,10 @@ def plots(results: dict[str, Any]) -> list[C.Plot]:
     axes[0].set_ylabel("trace + lower + compile (s)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False)
-    fig.suptitle(C.plot_where(results.get("machine") or {}))
+    fig.suptitle(plot_where(results.get("machine") or {}))
     fig.tight_layout(rect=(0, 0.13, 1, 1))
     return [
-        C.Plot(
+        Plot(
             "compile_time",
             "Compile time of jax.grad and of the forward against the number of layers",
             fig,
@@ -490,7 +256,7 @@ def plots(results: dict[str, Any]) -> list[C.Plot]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, machine, t_start = C.start(C.parser(__doc__), argv)
+    args, machine, t_start = start(parser(__doc__), argv)
     q = args.quick
     ns = [2, 4] if q else [8, 16, 32, 64]
     results: dict[str, Any] = {}
@@ -523,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_peers",
         "quick": q,
         "machine": machine,
-        "model": C.llama_model(q),
+        "model": llama_model(q),
         "variants": list(VARIANTS),
         "reference": REFERENCE,
         "tolerance": tolerance(),
@@ -533,9 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         "stackedtree_version": getattr(stackedtree, "__version__", None),
         "wall_s": time.perf_counter() - t_start,
     }
-    C.finish(args, payload, report)
+    finish(args, payload, report)
     if not ok:
-        C.log(f"MISMATCH or FAILURE: {', '.join(mismatched)} (reported, not timed)")
+        log(f"MISMATCH or FAILURE: {', '.join(mismatched)} (reported, not timed)")
     return 0 if ok else 1
 
 

@@ -35,15 +35,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import _env  # noqa: F401  (before jax: examples/ on the path, --quick flags)
+
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
-import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _hlo import temp_bytes
+from _models import LLAMA_QUICK, LLAMA_SMALL, llama_loss_value
+from _report import finish, log, parser, ratio, start, table
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from llama_model import Config, decoder_block, init_block
@@ -194,7 +198,7 @@ def variants(
 
         def pipe_loss(p: Any, h: jax.Array) -> jax.Array:
             h = pipeline_layers(layer, h, p, mesh=pipe_mesh, microbatches=microbatches)
-            return C.llama_loss_value(h)
+            return llama_loss_value(h)
 
         staged = jax.device_put(
             stage_layers(params, STAGES, repeats=repeats),
@@ -207,7 +211,7 @@ def variants(
         )
 
     def scan_loss(p: Any, h: jax.Array) -> jax.Array:
-        return C.llama_loss_value(scan_layers(layer, h, p)[0])
+        return llama_loss_value(scan_layers(layer, h, p)[0])
 
     batch = jax.device_put(x, NamedSharding(flat_mesh, P("fsdp")))
     specs = fsdp_specs(params, "fsdp", 8)
@@ -241,7 +245,7 @@ def compare(cfg: Config, quick: bool) -> dict[str, Any]:
         results[name] = (value, [np.asarray(g) for g in jax.tree.leaves(grad)])
         rows[name] = {
             "param_bytes_per_device": device_bytes(p),
-            "temp_bytes_per_device": C.temp_bytes(compiled),
+            "temp_bytes_per_device": temp_bytes(compiled),
             "collectives": hlo_collectives(compiled.as_text()),
         }
     # Every variant against the plain data-parallel scan.
@@ -252,7 +256,7 @@ def compare(cfg: Config, quick: bool) -> dict[str, Any]:
             for a, b in zip(grad, want_grad, strict=True)
         )
         rows[name]["same_loss_and_grad"] = same
-        C.log(
+        log(
             f"  {name:13s} params/device {rows[name]['param_bytes_per_device']:>9d} B"
             f"  temp {rows[name]['temp_bytes_per_device']} B  same={same}  "
             + " ".join(
@@ -313,7 +317,7 @@ def schedule(quick: bool) -> list[dict[str, Any]]:
                     "bubble": (STAGES - 1) / steps,
                 }
             )
-            C.log(
+            log(
                 f"  S={STAGES} R={repeats} M={microbatches:2d}: {steps} steps "
                 f"(R*M+S-1 = {formula}), bubble {(STAGES - 1) / steps:.1%}"
             )
@@ -343,7 +347,7 @@ def report(results: dict[str, Any]) -> str:
         "temporary memory of the compiled step (saved activations, gathered "
         "parameters).",
         "",
-        C.table(
+        table(
             ["variant", "params (KiB)", "temp (KiB)", "same result"],
             [
                 [
@@ -364,7 +368,7 @@ def report(results: dict[str, Any]) -> str:
         "gradient sum, which XLA on CPU places inside the pipeline's loop (once per "
         "pipeline step) rather than once at the end.",
         "",
-        C.table(
+        table(
             ["variant", *[SHORT[k] for k in KINDS], "KiB"],
             [
                 [
@@ -382,7 +386,7 @@ def report(results: dict[str, Any]) -> str:
         "R * M + S - 1, and the idle fraction (S - 1) / steps; each step runs "
         "N / (R * S) layers.",
         "",
-        C.table(
+        table(
             ["S", "R", "M", "steps", "R*M+S-1", "layers/step", "bubble"],
             [
                 [
@@ -415,22 +419,22 @@ def headline(results: dict[str, Any]) -> list[tuple[str, float | None]]:
     return [
         (
             "pipeline (R=2) / FSDP scan, collective bytes per step, 8 devices",
-            C.ratio(kib("pipeline R=2"), kib("scan FSDP")),
+            ratio(kib("pipeline R=2"), kib("scan FSDP")),
         ),
     ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, machine, t_start = C.start(C.parser(__doc__), argv)
+    args, machine, t_start = start(parser(__doc__), argv)
     if jax.device_count() < 8:
-        C.log(
+        log(
             "needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
         )
         return 2
-    cfg = C.LLAMA_QUICK if args.quick else C.LLAMA_SMALL
-    C.log("bytes and collectives of the gradient step:")
+    cfg = LLAMA_QUICK if args.quick else LLAMA_SMALL
+    log("bytes and collectives of the gradient step:")
     compared = compare(cfg, args.quick)
-    C.log("schedule:")
+    log("schedule:")
     steps = schedule(args.quick)
     ok = all(r["same_loss_and_grad"] for r in compared["variants"].values()) and all(
         r["steps"] == r["formula"] for r in steps
@@ -446,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         "all_match": ok,
         "wall_s": time.perf_counter() - t_start,
     }
-    C.finish(args, results, report)
+    finish(args, results, report)
     return 0 if ok else 1
 
 

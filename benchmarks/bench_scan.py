@@ -22,16 +22,38 @@ import sys
 import time
 from typing import Any
 
-import _common as C
+import _env  # noqa: F401  (before jax: examples/ on the path, --quick flags)
 import jax
 import numpy as np
+from _hlo import strip_hlo, temp_bytes
+from _models import (
+    grad_of,
+    heavy_model,
+    heavy_scan_loss,
+    heavy_setup,
+    heavy_text,
+    llama_lax_scan,
+    llama_model,
+    llama_python_loop,
+    llama_scan_layers,
+    llama_setup,
+    llama_text,
+)
+from _report import dig, finish, fmt, log, mb, ms, parser, ratio, start, table
+from _timing import (
+    compile_seconds,
+    interleaved_compile,
+    interleaved_steps,
+    paired_ratio,
+    summary,
+)
 
 from stackedtree._scan import sqrt_group_size
 
 LLAMA_VARIANTS = {
-    "python_loop": C.llama_python_loop,
-    "lax_scan": C.llama_lax_scan,
-    "scan_layers": C.llama_scan_layers,
+    "python_loop": llama_python_loop,
+    "lax_scan": llama_lax_scan,
+    "scan_layers": llama_scan_layers,
 }
 
 
@@ -42,7 +64,7 @@ def check_llama_equal(n: int, quick: bool) -> dict[str, Any]:
     in the unrolled loop and in the scans, which would hide real bugs behind a loose
     tolerance.
     """
-    cfg, params, x = C.llama_setup(n, quick)
+    cfg, params, x = llama_setup(n, quick)
     losses, grads = {}, {}
     for name, make in LLAMA_VARIANTS.items():
         with jax.default_matmul_precision("highest"):
@@ -59,7 +81,7 @@ def check_llama_equal(n: int, quick: bool) -> dict[str, Any]:
             )
         )
         ok &= same_loss and same_grad
-        C.log(
+        log(
             f"  {name:12s} loss {losses[name]:.6f}  same loss {same_loss}  same grad {same_grad}"
         )
     if not ok:
@@ -73,13 +95,13 @@ def compile_vs_n(ns: list[int], quick: bool, scan_repeats: int) -> dict[str, Any
     """(a) gradient compile time against N for the loop and both scans."""
     results: dict[str, dict[str, Any]] = {name: {} for name in LLAMA_VARIANTS}
     for n in ns:
-        cfg, params, x = C.llama_setup(n, quick)
+        cfg, params, x = llama_setup(n, quick)
         makers = {
-            name: (lambda make=make, cfg=cfg: C.grad_of(make(cfg)))
+            name: (lambda make=make, cfg=cfg: grad_of(make(cfg)))
             for name, make in LLAMA_VARIANTS.items()
         }
         # The loop's compile time is large and grows with N; one measurement suffices.
-        loop = C.compile_seconds(makers["python_loop"], params, x)
+        loop = compile_seconds(makers["python_loop"], params, x)
         loop.pop("compiled")
         results["python_loop"][str(n)] = {
             **loop,
@@ -87,7 +109,7 @@ def compile_vs_n(ns: list[int], quick: bool, scan_repeats: int) -> dict[str, Any
             "repeats": 1,
         }
         scans = {k: v for k, v in makers.items() if k != "python_loop"}
-        times, _ = C.interleaved_compile(scans, (params, x), scan_repeats)
+        times, _ = interleaved_compile(scans, (params, x), scan_repeats)
         for name, ts in times.items():
             results[name][str(n)] = {
                 "best_s": min(ts),
@@ -95,7 +117,7 @@ def compile_vs_n(ns: list[int], quick: bool, scan_repeats: int) -> dict[str, Any
                 "times_s": ts,
                 "repeats": len(ts),
             }
-        C.log(
+        log(
             f"  N={n:3d}  compile of grad (best of repeats): "
             + "  ".join(
                 f"{k} {results[k][str(n)]['best_s']:.2f}s" for k in LLAMA_VARIANTS
@@ -108,33 +130,31 @@ def scan_layers_vs_lax_scan(
     n: int, quick: bool, compile_repeats: int, step_repeats: int
 ) -> dict[str, Any]:
     """(b) compile and step time of the jitted gradient, interleaved, as ratios."""
-    cfg, params, x = C.llama_setup(n, quick)
+    cfg, params, x = llama_setup(n, quick)
     makers = {
-        "scan_layers": lambda: C.grad_of(C.llama_scan_layers(cfg)),
-        "lax_scan": lambda: C.grad_of(C.llama_lax_scan(cfg)),
+        "scan_layers": lambda: grad_of(llama_scan_layers(cfg)),
+        "lax_scan": lambda: grad_of(llama_lax_scan(cfg)),
     }
     if not quick:
-        C.compile_seconds(makers["lax_scan"], params, x)  # warm JAX's own caches first
-    compile_times, compiled = C.interleaved_compile(
-        makers, (params, x), compile_repeats
-    )
-    same_hlo = C.strip_hlo(compiled["scan_layers"].as_text()) == C.strip_hlo(
+        compile_seconds(makers["lax_scan"], params, x)  # warm JAX's own caches first
+    compile_times, compiled = interleaved_compile(makers, (params, x), compile_repeats)
+    same_hlo = strip_hlo(compiled["scan_layers"].as_text()) == strip_hlo(
         compiled["lax_scan"].as_text()
     )
-    steps = C.interleaved_steps(
+    steps = interleaved_steps(
         {name: (lambda c=c: c(params, x)) for name, c in compiled.items()}, step_repeats
     )
     out = {
         "n": n,
-        "compile": {k: C.summary(v) | {"times_s": v} for k, v in compile_times.items()},
-        "step": {k: C.summary(v) for k, v in steps.items()},
-        "compile_ratio": C.paired_ratio(
+        "compile": {k: summary(v) | {"times_s": v} for k, v in compile_times.items()},
+        "step": {k: summary(v) for k, v in steps.items()},
+        "compile_ratio": paired_ratio(
             compile_times["scan_layers"], compile_times["lax_scan"]
         ),
-        "step_ratio": C.paired_ratio(steps["scan_layers"], steps["lax_scan"]),
+        "step_ratio": paired_ratio(steps["scan_layers"], steps["lax_scan"]),
         "optimized_hlo_identical": same_hlo,
     }
-    C.log(
+    log(
         f"  N={n}: scan_layers/lax.scan compile {out['compile_ratio']['median_ratio']:.3f} "
         f"(median of {compile_repeats} each; min ratio {out['compile_ratio']['min_ratio']:.3f}), "
         f"step {out['step_ratio']['median_ratio']:.3f} "
@@ -155,21 +175,21 @@ def remat_memory(ns: list[int], quick: bool, step_repeats: int) -> dict[str, Any
     """(c) backward temporary bytes against N, and step times at the largest N."""
     temp: dict[str, dict[str, int | None]] = {name: {} for name in REMAT_VARIANTS}
     for n in ns:
-        params, x = C.heavy_setup(n, quick)
+        params, x = heavy_setup(n, quick)
         for name, opts in REMAT_VARIANTS.items():
-            r = C.compile_seconds(
-                lambda opts=opts: jax.grad(C.heavy_scan_loss(**opts)), params, x
+            r = compile_seconds(
+                lambda opts=opts: jax.grad(heavy_scan_loss(**opts)), params, x
             )
-            temp[name][str(n)] = C.temp_bytes(r["compiled"])
-        C.log(
+            temp[name][str(n)] = temp_bytes(r["compiled"])
+        log(
             f"  N={n:3d}  backward temp MB: "
-            + "  ".join(f"{k} {C.fmt(C.mb(temp[k][str(n)]))}" for k in REMAT_VARIANTS)
+            + "  ".join(f"{k} {fmt(mb(temp[k][str(n)]))}" for k in REMAT_VARIANTS)
         )
     n = ns[-1]
-    params, x = C.heavy_setup(n, quick)
+    params, x = heavy_setup(n, quick)
     compiled = {
-        name: C.compile_seconds(
-            lambda opts=opts: jax.grad(C.heavy_scan_loss(**opts)), params, x
+        name: compile_seconds(
+            lambda opts=opts: jax.grad(heavy_scan_loss(**opts)), params, x
         )["compiled"]
         for name, opts in REMAT_VARIANTS.items()
     }
@@ -182,23 +202,23 @@ def remat_memory(ns: list[int], quick: bool, step_repeats: int) -> dict[str, Any
         ):
             if not np.allclose(a, b, rtol=1e-4, atol=1e-6):
                 raise AssertionError(f"{name} gradient differs from no_remat")
-    steps = C.interleaved_steps(
+    steps = interleaved_steps(
         {name: (lambda c=c: c(params, x)) for name, c in compiled.items()}, step_repeats
     )
-    mem_ratio = C.ratio(temp["sqrt_group"][str(n)], temp["per_layer"][str(n)])
-    step_ratio = C.paired_ratio(steps["sqrt_group"], steps["per_layer"])
-    C.log(
-        f"  N={n}: sqrt_group/per_layer temp {C.fmt(mem_ratio)} (goal <= 0.5), step "
+    mem_ratio = ratio(temp["sqrt_group"][str(n)], temp["per_layer"][str(n)])
+    step_ratio = paired_ratio(steps["sqrt_group"], steps["per_layer"])
+    log(
+        f"  N={n}: sqrt_group/per_layer temp {fmt(mem_ratio)} (goal <= 0.5), step "
         f"{step_ratio['median_ratio']:.3f} (goal <= 1.3); step medians "
         + "  ".join(f"{k} {np.median(v):.3f}s" for k, v in steps.items())
     )
     return {
-        "model": C.heavy_model(quick),
+        "model": heavy_model(quick),
         "ns": ns,
         "temp_bytes": temp,
         "step_n": n,
         "sqrt_group_size": sqrt_group_size(n),
-        "step": {k: C.summary(v) for k, v in steps.items()},
+        "step": {k: summary(v) for k, v in steps.items()},
         "memory_ratio_sqrt_over_per_layer": mem_ratio,
         "step_ratio_sqrt_over_per_layer": step_ratio,
         "gradients_equal": True,
@@ -253,7 +273,7 @@ def report(results: dict[str, Any]) -> str:
     out = [
         "### Scan against a Python loop and a hand-written `jax.lax.scan`",
         "",
-        C.llama_text(a.get("model") or b.get("model") or {})
+        llama_text(a.get("model") or b.get("model") or {})
         + " The loop, `jax.lax.scan` and `scan_layers` gave the same loss and "
         f"gradient at N={check.get('n')} before anything was timed.",
         "",
@@ -261,31 +281,30 @@ def report(results: dict[str, Any]) -> str:
         "",
         "Trace, lowering and XLA compile of `jax.grad` of the loss: the loop's grows "
         "with N, a scan's does not. Scans: best of "
-        f"{C.dig(a, 'seconds', 'scan_layers', str(a.get('ns', [0])[-1]), 'repeats')} "
+        f"{dig(a, 'seconds', 'scan_layers', str(a.get('ns', [0])[-1]), 'repeats')} "
         "interleaved compiles; loop: one compile.",
         "",
     ]
     secs = a.get("seconds") or {}
     rows = [
-        [n, *(C.dig(secs, k, str(n), "best_s") for k in LABELS)]
-        for n in a.get("ns", [])
+        [n, *(dig(secs, k, str(n), "best_s") for k in LABELS)] for n in a.get("ns", [])
     ]
-    out += [C.table(["N", *(f"{v} (s)" for v in LABELS.values())], rows), ""]
+    out += [table(["N", *(f"{v} (s)" for v in LABELS.values())], rows), ""]
 
     comp, step = b.get("compile") or {}, b.get("step") or {}
     rows = [
         [
             LABELS[k],
-            C.dig(comp, k, "median_s"),
-            C.ms(C.dig(step, k, "median_s")),
+            dig(comp, k, "median_s"),
+            ms(dig(step, k, "median_s")),
         ]
         for k in ("scan_layers", "lax_scan")
     ]
     rows.append(
         [
             "scan_layers / lax.scan",
-            C.dig(b, "compile_ratio", "median_ratio"),
-            C.dig(b, "step_ratio", "median_ratio"),
+            dig(b, "compile_ratio", "median_ratio"),
+            dig(b, "step_ratio", "median_ratio"),
         ]
     )
     hlo = b.get("optimized_hlo_identical")
@@ -293,35 +312,34 @@ def report(results: dict[str, Any]) -> str:
         "#### `scan_layers` against `jax.lax.scan`",
         "",
         f"The gradient at N={b.get('n')}: "
-        f"{C.dig(comp, 'scan_layers', 'repeats')} compiles and "
-        f"{C.dig(step, 'scan_layers', 'repeats')} steps of each, alternating; medians. "
+        f"{dig(comp, 'scan_layers', 'repeats')} compiles and "
+        f"{dig(step, 'scan_layers', 'repeats')} steps of each, alternating; medians. "
         "The goal is a ratio within 0.95-1.05. The two optimised HLO programs are "
         f"{'identical' if hlo else 'not identical'} (metadata aside).",
         "",
-        C.table(["", "compile (s)", "step (ms)"], rows),
+        table(["", "compile (s)", "step (ms)"], rows),
         "",
     ]
 
     temp = c.get("temp_bytes") or {}
     rows = [
-        [n, *(C.mb(C.dig(temp, k, str(n))) for k in REMAT_LABELS)]
-        for n in c.get("ns", [])
+        [n, *(mb(dig(temp, k, str(n))) for k in REMAT_LABELS)] for n in c.get("ns", [])
     ]
     steps = ", ".join(
-        f"{label} {C.fmt(C.ms(C.dig(c, 'step', k, 'median_s')))} ms"
+        f"{label} {fmt(ms(dig(c, 'step', k, 'median_s')))} ms"
         for k, label in REMAT_LABELS.items()
     )
     out += [
         "#### Memory with rematerialisation",
         "",
-        C.heavy_text(c.get("model") or {})
+        heavy_text(c.get("model") or {})
         + " XLA's temporary memory of the compiled gradient (`temp_size_in_bytes`); "
         '`sqrt` is `remat_group="sqrt"`:',
         "",
-        C.table(["N", "no remat (MB)", "remat=True (MB)", "sqrt (MB)"], rows),
+        table(["N", "no remat (MB)", "remat=True (MB)", "sqrt (MB)"], rows),
         "",
         f"Gradient step at N={c.get('step_n')} (g={c.get('sqrt_group_size')}), median "
-        f"of {C.dig(c, 'step', 'per_layer', 'repeats')} alternating: {steps}. The goal "
+        f"of {dig(c, 'step', 'per_layer', 'repeats')} alternating: {steps}. The goal "
         'is `remat_group="sqrt"` at most half the memory of `remat=True`, for at most '
         "1.3x its step time.",
     ]
@@ -329,23 +347,23 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, machine, t_start = C.start(C.parser(__doc__), argv)
+    args, machine, t_start = start(parser(__doc__), argv)
     q = args.quick
 
-    C.log("checking the loop, lax.scan and scan_layers agree (loss and gradient)")
+    log("checking the loop, lax.scan and scan_layers agree (loss and gradient)")
     check = check_llama_equal(2 if q else 4, q)
 
-    C.log("(a) compile time of the gradient against N")
+    log("(a) compile time of the gradient against N")
     a = compile_vs_n([2, 4] if q else [8, 16, 32, 64], q, scan_repeats=1 if q else 2)
-    a["model"] = C.llama_model(q)
+    a["model"] = llama_model(q)
 
-    C.log("(b) scan_layers against a hand-written jax.lax.scan")
+    log("(b) scan_layers against a hand-written jax.lax.scan")
     b = scan_layers_vs_lax_scan(
         4 if q else 32, q, compile_repeats=1 if q else 10, step_repeats=3 if q else 30
     )
-    b["model"] = C.llama_model(q)
+    b["model"] = llama_model(q)
 
-    C.log("(c) backward temporary memory with remat")
+    log("(c) backward temporary memory with remat")
     c = remat_memory([4, 9] if q else [16, 32, 64], q, step_repeats=3 if q else 9)
 
     last = str(a["ns"][-1])
@@ -372,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         "headline": headline,
         "wall_s": time.perf_counter() - t_start,
     }
-    C.finish(args, payload, report)
+    finish(args, payload, report)
     return 0
 
 

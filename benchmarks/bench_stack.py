@@ -23,9 +23,11 @@ import timeit
 from collections.abc import Callable
 from typing import Any
 
-import _common as C
+import _env  # noqa: F401  (before jax: examples/ on the path, --quick flags)
 import jax
 import numpy as np
+from _report import dig, finish, fmt, ms, parser, ratio, start, table
+from _timing import block
 from llama_model import Config, block_shapes
 
 from stackedtree import stack, unstack
@@ -49,9 +51,9 @@ def measure(fn: Callable[[], Any], repeat: int, number: int) -> dict[str, float]
 
 
 def first_call(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - t0
 
 
 def run(cfg: Config, repeat: int, number: int) -> dict[str, Any]:
@@ -87,7 +89,7 @@ def run(cfg: Config, repeat: int, number: int) -> dict[str, Any]:
     # 2. unstack, numpy and jax leaves.
     stacked_np = stack(layers)
     stacked_jax = jax.device_put(stacked_np)
-    C.block(stacked_jax)
+    block(stacked_jax)
 
     def naive(s: Any) -> list[Any]:
         return [jax.tree.map(lambda x, i=i: x[i], s) for i in range(n)]
@@ -100,18 +102,16 @@ def run(cfg: Config, repeat: int, number: int) -> dict[str, Any]:
     # slicing: one small compiled op per leaf shape).
     fresh = jax.device_put(stack([numpy_layer(cfg, rng) for _ in range(n + 1)]))
     results["unstack_jax_first_call_s"] = {
-        "stackedtree.unstack": first_call(lambda: C.block(unstack(fresh))),
-        "per-index slicing": first_call(lambda: C.block(naive(fresh))),
+        "stackedtree.unstack": first_call(lambda: block(unstack(fresh))),
+        "per-index slicing": first_call(lambda: block(naive(fresh))),
     }
     results["unstack_jax"] = {
         "stackedtree.unstack": measure(
-            lambda: C.block(unstack(stacked_jax)), repeat, number
+            lambda: block(unstack(stacked_jax)), repeat, number
         ),
-        "per-index slicing": measure(
-            lambda: C.block(naive(stacked_jax)), repeat, number
-        ),
+        "per-index slicing": measure(lambda: block(naive(stacked_jax)), repeat, number),
         "list(x) per leaf": measure(
-            lambda: C.block(jax.tree.map(list, stacked_jax)), repeat, number
+            lambda: block(jax.tree.map(list, stacked_jax)), repeat, number
         ),
     }
     return results
@@ -130,7 +130,7 @@ TASKS = {
 
 
 def _min(r: dict[str, Any], task: str, impl: str) -> float | None:
-    return C.dig(r, task, impl, "min_s")
+    return dig(r, task, impl, "min_s")
 
 
 def headline(results: dict[str, Any]) -> list[tuple[str, float | None]]:
@@ -139,7 +139,7 @@ def headline(results: dict[str, Any]) -> list[tuple[str, float | None]]:
     return [
         (
             "stackedtree.stack / np.copyto (preallocated), time",
-            C.ratio(
+            ratio(
                 _min(r, "stack", "stackedtree.stack"),
                 _min(r, "stack", "np.copyto (preallocated)"),
             ),
@@ -147,7 +147,7 @@ def headline(results: dict[str, Any]) -> list[tuple[str, float | None]]:
         *(
             (
                 f"per-index slicing / unstack, time, {kind} leaves",
-                C.ratio(
+                ratio(
                     _min(r, f"unstack_{kind}", "per-index slicing"),
                     _min(r, f"unstack_{kind}", "stackedtree.unstack"),
                 ),
@@ -164,8 +164,8 @@ def report(results: dict[str, Any]) -> str:
         [
             TASKS[task] if i == 0 else "",
             impl,
-            C.ms(t.get("min_s")),
-            C.ratio(t.get("min_s"), _min(r, task, base)),
+            ms(t.get("min_s")),
+            ratio(t.get("min_s"), _min(r, task, base)),
         ]
         for task, base in BASELINES.items()
         for i, (impl, t) in enumerate((r.get(task) or {}).items())
@@ -182,17 +182,17 @@ def report(results: dict[str, Any]) -> str:
             "is against np.copyto into a preallocated buffer (the floor: one memory "
             "copy) for stack, against per-index slicing for unstack.",
             "",
-            C.table(["task", "implementation", "min (ms)", "ratio"], rows),
+            table(["task", "implementation", "min (ms)", "ratio"], rows),
             "",
             "First call of unstack on jax leaves, compile included: "
-            + ", ".join(f"{k} {C.fmt(C.ms(v))} ms" for k, v in first.items())
+            + ", ".join(f"{k} {fmt(ms(v))} ms" for k, v in first.items())
             + ".",
         ]
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, machine, t_start = C.start(C.parser(__doc__), argv)
+    args, machine, t_start = start(parser(__doc__), argv)
     cfg, repeat, number = (QUICK, 3, 2) if args.quick else (FULL, 7, 5)
     results = run(cfg, repeat, number)
     payload = {
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "wall_s": time.perf_counter() - t_start,
     }
-    C.finish(args, payload, report)
+    finish(args, payload, report)
     return 0
 
 

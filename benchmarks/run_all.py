@@ -28,7 +28,10 @@ from collections import deque
 from types import ModuleType
 from typing import Any
 
-import _common as C
+from _env import HERE, ROOT
+from _machine import machine_info, machine_line, title
+from _plots import SAVE_DPI, Plot, pyplot
+from _report import fmt, log, table, write_json
 
 # In the order they run and are published. A new script is listed here.
 SCRIPTS = [
@@ -47,7 +50,7 @@ def module(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(name)
     except Exception:  # a broken script is reported by its own run; keep the others
-        C.log(f"== {name}: cannot import:\n{traceback.format_exc(limit=2)}")
+        log(f"== {name}: cannot import:\n{traceback.format_exc(limit=2)}")
         return None
 
 
@@ -68,11 +71,11 @@ def run_one(name: str, args: argparse.Namespace, json_path: str) -> dict[str, An
     """Runs one script; its entry in `results.json`, with its own JSON as `data`."""
     cmd = command(name, args)
     entry: dict[str, Any] = {"script": cmd[0], "command": " ".join(["python", *cmd])}
-    if not os.path.exists(os.path.join(C.ROOT, cmd[0])):
+    if not os.path.exists(os.path.join(ROOT, cmd[0])):
         entry.update(status="missing", error=f"{cmd[0]} does not exist")
-        C.log(f"== {name}: MISSING ({entry['error']})")
+        log(f"== {name}: MISSING ({entry['error']})")
         return entry
-    C.log(f"== {name}: {entry['command']}")
+    log(f"== {name}: {entry['command']}")
     tail: deque[str] = deque(maxlen=40)
     t0 = time.perf_counter()
     with subprocess.Popen(
@@ -80,7 +83,7 @@ def run_one(name: str, args: argparse.Namespace, json_path: str) -> dict[str, An
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        cwd=C.ROOT,
+        cwd=ROOT,
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -98,7 +101,7 @@ def run_one(name: str, args: argparse.Namespace, json_path: str) -> dict[str, An
     if entry["status"] != "ok":
         why = f"exit code {rc}" if rc else "no JSON written"
         entry["error"] = f"{why}; last lines of output:\n" + "\n".join(tail)
-    C.log(f"== {name}: {entry['status']} in {entry['seconds']:.0f}s")
+    log(f"== {name}: {entry['status']} in {entry['seconds']:.0f}s")
     return entry
 
 
@@ -115,7 +118,7 @@ def hook(name: str, entry: dict[str, Any], fn: str) -> Any:
     try:
         return getattr(mod, fn)(entry["data"])
     except Exception as e:
-        C.log(f"== {name}.{fn} failed on its results: {type(e).__name__}: {e}")
+        log(f"== {name}.{fn} failed on its results: {type(e).__name__}: {e}")
         return None
 
 
@@ -127,13 +130,13 @@ def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def save_plots(results: dict[str, Any], out_dir: str, suffix: str) -> list[C.Plot]:
+def save_plots(results: dict[str, Any], out_dir: str, suffix: str) -> list[Plot]:
     made = []
     for name, entry in results["benchmarks"].items():
         for plot in hook(name, entry, "plots") or []:
             path = os.path.join(out_dir, f"{plot.name}{suffix}.png")
-            plot.figure.savefig(path, dpi=C.SAVE_DPI)
-            C.pyplot().close(plot.figure)
+            plot.figure.savefig(path, dpi=SAVE_DPI)
+            pyplot().close(plot.figure)
             made.append(plot._replace(name=f"{plot.name}{suffix}.png", figure=None))
     return made
 
@@ -151,10 +154,10 @@ def section(name: str, entry: dict[str, Any]) -> str:
     return "\n".join([*out, report or ""]).strip()
 
 
-def markdown(results: dict[str, Any], plots: list[C.Plot]) -> str:
+def markdown(results: dict[str, Any], plots: list[Plot]) -> str:
     m = results["machine"]
     ran = ", ".join(
-        f"`{name}` ({C.fmt(e.get('seconds'))} s)"
+        f"`{name}` ({fmt(e.get('seconds'))} s)"
         if e["status"] == "ok"
         else f"`{name}` ({e['status']})"
         for name, e in results["benchmarks"].items()
@@ -165,9 +168,9 @@ def markdown(results: dict[str, Any], plots: list[C.Plot]) -> str:
     out = [
         "<!-- Written by benchmarks/run_all.py from the results JSON; do not edit. -->",
         "",
-        f"## {C.title(m)}",
+        f"## {title(m)}",
         "",
-        f"_Machine: {C.machine_line(m)}._",
+        f"_Machine: {machine_line(m)}._",
         "",
         f"Made by `{results['command']}`, which ran {ran}.{quick}",
         "",
@@ -180,7 +183,7 @@ def markdown(results: dict[str, Any], plots: list[C.Plot]) -> str:
         "",
         "<!-- headline -->",
         "",
-        C.table(["measure", "value"], rows),
+        table(["measure", "value"], rows),
         "",
         "Ratios are A / B of the same quantity measured in the same process; below 1 "
         "means A is smaller (faster, or less memory).",
@@ -197,7 +200,7 @@ def publish(results: dict[str, Any], out_dir: str, tag: str) -> list[str]:
     suffix = f"_{tag}" if tag else ""
     results["headline"] = headline(results)
     paths = [os.path.join(out_dir, f"results{suffix}.{ext}") for ext in ("json", "md")]
-    C.write_json(paths[0], results)  # first: whatever fails later, the figures are kept
+    write_json(paths[0], results)  # first: whatever fails later, the figures are kept
     plots = save_plots(results, out_dir, suffix)
     with open(paths[1], "w") as f:
         f.write(markdown(results, plots))
@@ -210,7 +213,7 @@ def publish(results: dict[str, Any], out_dir: str, tag: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI smoke run: tiny sizes")
-    p.add_argument("--out", default=C.HERE, help="output folder (default: benchmarks/)")
+    p.add_argument("--out", default=HERE, help="output folder (default: benchmarks/)")
     p.add_argument("--tag", default="", help="name the outputs results_TAG.json, ...")
     p.add_argument(
         "--device-label",
@@ -231,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         with open(args.render) as f:
             results = json.load(f)
-        C.log("wrote " + ", ".join(publish(results, args.out, args.tag)))
+        log("wrote " + ", ".join(publish(results, args.out, args.tag)))
         return 0
     argv = sys.argv[1:] if argv is None else argv
-    machine = C.machine_info(args.device_label)
-    C.log("machine:", C.machine_line(machine))
+    machine = machine_info(args.device_label)
+    log("machine:", machine_line(machine))
     t0 = time.perf_counter()
     bench: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,19 +253,19 @@ def main(argv: list[str] | None = None) -> int:
         "benchmarks": bench,
     }
     written = publish(results, args.out, args.tag)
-    C.log(
+    log(
         "\n"
-        + C.table(
+        + table(
             ["measure", "value"],
             [[h["measure"], h["value"]] for h in results["headline"]],
         )
     )
-    C.log("wrote " + ", ".join(written))
+    log("wrote " + ", ".join(written))
     failed = [f"{n} ({e['status']})" for n, e in bench.items() if e["status"] != "ok"]
     if failed:
-        C.log("FAILED: " + ", ".join(failed))
+        log("FAILED: " + ", ".join(failed))
         return 1
-    C.log(f"all {len(bench)} benchmarks ok in {results['wall_s']:.0f}s")
+    log(f"all {len(bench)} benchmarks ok in {results['wall_s']:.0f}s")
     return 0
 
 

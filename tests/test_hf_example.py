@@ -1,4 +1,8 @@
-"""The Hugging Face Llama-family example: rules, config.json, logits, strictness."""
+"""The Hugging Face Llama-family example: rules, config.json, logits, strictness.
+
+The checkpoints, configs and the reference model it is checked against are in
+`hf_llama_reference.py`.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import hf_llama_checkpoint as ex
+import hf_llama_reference as ref
 import llama_model
 
 import stackedtree
@@ -27,7 +32,7 @@ from stackedtree.checkpoint import (
 )
 
 CFG = ex.SMALL
-VARIANTS = list(ex.VARIANTS.items())
+VARIANTS = list(ref.VARIANTS.items())
 
 
 def bits_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -47,7 +52,7 @@ def bits_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def test_round_trips_are_bit_exact(
     name: str, cfg: llama_model.Config, dtype: Any
 ) -> None:
-    hf = ex.random_hf_checkpoint(cfg, seed=3, dtype=dtype)
+    hf = ref.random_hf_checkpoint(cfg, seed=3, dtype=dtype)
     block, rest = ex.hf_to_stacked(hf, cfg)
     assert bits_equal(ex.stacked_to_hf(block, cfg, rest), hf)
     assert bits_equal(ex.model_to_hf(ex.hf_to_model(hf, cfg), cfg), hf)
@@ -55,7 +60,7 @@ def test_round_trips_are_bit_exact(
 
 @pytest.mark.parametrize(("name", "cfg"), VARIANTS)
 def test_block_has_the_model_layout(name: str, cfg: llama_model.Config) -> None:
-    block, rest = ex.hf_to_stacked(ex.random_hf_checkpoint(cfg), cfg)
+    block, rest = ex.hf_to_stacked(ref.random_hf_checkpoint(cfg), cfg)
     want = llama_model.block_shapes(cfg, np.float32)
     got = jax.tree.map(lambda x: (x.shape, x.dtype), block)
     assert got == jax.tree.map(lambda s: ((cfg.num_layers, *s.shape), s.dtype), want)
@@ -65,7 +70,7 @@ def test_block_has_the_model_layout(name: str, cfg: llama_model.Config) -> None:
 
 def test_query_heads_read_their_kv_group() -> None:
     """Query head n of layer i is HF's rows n*h:(n+1)*h, in kv group n // q_per_kv."""
-    hf = ex.random_hf_checkpoint(CFG, seed=1)
+    hf = ref.random_hf_checkpoint(CFG, seed=1)
     block, _ = ex.hf_to_stacked(hf, CFG)
     h, q = CFG.head_dim, CFG.q_per_kv
     for i in range(CFG.num_layers):
@@ -82,7 +87,7 @@ def test_query_heads_read_their_kv_group() -> None:
 
 
 def test_a_stacked_checkpoint_converts_too(tmp_path: Path) -> None:
-    hf = ex.random_hf_checkpoint(CFG)
+    hf = ref.random_hf_checkpoint(CFG)
     stacked, rest = stack_by_name(hf, "model.layers.{i}.")
     save_stacked(str(tmp_path / "s.safetensors"), stacked, "model.layers.{i}.", rest)
     model = ex.hf_to_model(load_flat(str(tmp_path / "s.safetensors")), CFG)
@@ -95,12 +100,12 @@ def test_a_stacked_checkpoint_converts_too(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("name", "cfg"), VARIANTS)
 def test_logits_equal_the_reference(name: str, cfg: llama_model.Config) -> None:
     """Under the suite's `jax_numpy_rank_promotion="raise"`."""
-    hf = ex.random_hf_checkpoint(cfg, seed=2)
+    hf = ref.random_hf_checkpoint(cfg, seed=2)
     model = ex.hf_to_model(hf, cfg)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab, (2, 6))
     logits = np.asarray(llama_model.model_forward(model, tokens, cfg))
     for b in range(2):
-        want = ex.reference_logits(hf, tokens[b], cfg)
+        want = ref.reference_logits(hf, tokens[b], cfg)
         np.testing.assert_allclose(logits[b], want, rtol=1e-4, atol=1e-4)
 
 
@@ -112,12 +117,12 @@ def test_logits_equal_the_reference(name: str, cfg: llama_model.Config) -> None:
     ],
 )
 def test_the_reference_catches_a_different_model(change: dict[str, Any]) -> None:
-    cfg = ex.VARIANTS["Llama 3.2 (llama3 rope, tied)"]._replace(
+    cfg = ref.VARIANTS["Llama 3.2 (llama3 rope, tied)"]._replace(
         qkv_bias=True, out_bias=True
     )
-    hf = ex.random_hf_checkpoint(cfg, seed=2)
+    hf = ref.random_hf_checkpoint(cfg, seed=2)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab, 12)
-    want = ex.reference_logits(hf, tokens, cfg)
+    want = ref.reference_logits(hf, tokens, cfg)
     other = cfg._replace(**change)
     if not other.qkv_bias:
         hf = {k: x for k, x in hf.items() if not k.endswith("bias")}
@@ -128,7 +133,7 @@ def test_the_reference_catches_a_different_model(change: dict[str, Any]) -> None
 
 def test_the_reference_catches_a_wrong_head_grouping() -> None:
     """Grouping the query heads kv-minor instead of kv-major changes the logits."""
-    hf = ex.random_hf_checkpoint(CFG, seed=2)
+    hf = ref.random_hf_checkpoint(CFG, seed=2)
     model = ex.hf_to_model(hf, CFG)
     a = model.layers.attention
     n, d, q, kv, h = a.q_proj.shape
@@ -138,14 +143,14 @@ def test_the_reference_catches_a_wrong_head_grouping() -> None:
     )
     tokens = np.random.default_rng(0).integers(0, CFG.vocab, 12)
     got = np.asarray(llama_model.model_forward(model, tokens[None], CFG))[0]
-    assert np.max(np.abs(got - ex.reference_logits(hf, tokens, CFG))) > 1e-2
+    assert np.max(np.abs(got - ref.reference_logits(hf, tokens, CFG))) > 1e-2
 
 
 # --------------------------------------------------------------- strict conversions
 
 
 def test_a_bias_the_config_does_not_announce_is_refused() -> None:
-    hf = ex.random_hf_checkpoint(CFG._replace(qkv_bias=True))
+    hf = ref.random_hf_checkpoint(CFG._replace(qkv_bias=True))
     with pytest.raises(ValueError) as e:
         ex.hf_to_stacked(hf, CFG)
     assert str(e.value).splitlines() == [
@@ -159,7 +164,7 @@ def test_a_bias_the_config_does_not_announce_is_refused() -> None:
 
 
 def test_an_announced_bias_missing_from_the_checkpoint_is_refused() -> None:
-    hf = ex.random_hf_checkpoint(CFG)
+    hf = ref.random_hf_checkpoint(CFG)
     with pytest.raises(
         ValueError,
         match=re.escape(
@@ -171,10 +176,10 @@ def test_an_announced_bias_missing_from_the_checkpoint_is_refused() -> None:
 
 
 def test_tied_and_untied_heads_are_told_apart() -> None:
-    untied = ex.random_hf_checkpoint(CFG)
+    untied = ref.random_hf_checkpoint(CFG)
     with pytest.raises(ValueError, match=re.escape("unused tensor 'lm_head.weight'")):
         ex.hf_to_model(untied, CFG._replace(tie_embeddings=True))
-    tied = ex.random_hf_checkpoint(CFG._replace(tie_embeddings=True))
+    tied = ref.random_hf_checkpoint(CFG._replace(tie_embeddings=True))
     with pytest.raises(
         ValueError,
         match=re.escape("unfilled leaf lm_head: `flat` has no 'lm_head.weight'"),
@@ -183,7 +188,7 @@ def test_tied_and_untied_heads_are_told_apart() -> None:
 
 
 def test_shapes_other_than_the_config_are_refused() -> None:
-    hf = ex.random_hf_checkpoint(CFG)
+    hf = ref.random_hf_checkpoint(CFG)
     with pytest.raises(
         ValueError, match=re.escape("split_axis(-2, (2, 2, 8)) cannot split axis -2")
     ):
@@ -205,7 +210,7 @@ def test_shapes_other_than_the_config_are_refused() -> None:
 def test_config_json_of_both_transformers_versions(
     name: str, cfg: llama_model.Config, version: int, tmp_path: Path
 ) -> None:
-    hf = ex.hf_config(cfg, transformers=version)
+    hf = ref.hf_config(cfg, transformers=version)
     assert ("rope_parameters" in hf) == (version == 5)
     assert ex.config_from_hf(hf) == cfg
     (tmp_path / "config.json").write_text(json.dumps(hf))
@@ -214,7 +219,7 @@ def test_config_json_of_both_transformers_versions(
 
 
 def llama(**changes: Any) -> dict[str, Any]:
-    return {**ex.hf_config(CFG), **changes}
+    return {**ref.hf_config(CFG), **changes}
 
 
 def test_config_defaults_follow_transformers() -> None:
@@ -330,12 +335,63 @@ def test_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     ex.main([])
     out = capsys.readouterr().out
     assert "round trip: 39 tensors bit-exact" in out
-    for name in ex.VARIANTS:
+    assert "logits of 2 sequences of 8 tokens: (2, 8, 50), float32" in out
+
+
+def test_example_runs_on_a_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder as transformers writes it: shards, their index and config.json."""
+    cfg = ref.VARIANTS["Qwen2"]
+    hf = ref.random_hf_checkpoint(cfg, seed=4)
+    names = sorted(hf)
+    weight_map = {}
+    for k, part in enumerate((names[::2], names[1::2])):
+        shard = f"model-{k + 1:05d}-of-00002.safetensors"
+        save_flat(str(tmp_path / shard), {n: hf[n] for n in part})
+        weight_map.update(dict.fromkeys(part, shard))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text(json.dumps(ref.hf_config(cfg)))
+    ex.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"round trip: {len(hf)} tensors bit-exact" in out
+    assert "attention=BiasedAttention(" in out
+
+
+def test_every_variant_matches_the_reference(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """From files on disk (config.json included) to logits, for every variant."""
+    ref.check_variants()
+    out = capsys.readouterr().out
+    for name in ref.VARIANTS:
         assert f"{name}: logits match the reference" in out
 
 
 def test_save_and_load_of_a_converted_model(tmp_path: Path) -> None:
-    hf = ex.random_hf_checkpoint(CFG)
+    hf = ref.random_hf_checkpoint(CFG)
     save_flat(str(tmp_path / "model.safetensors"), hf)
     model = ex.hf_to_model(load_flat(str(tmp_path / "model.safetensors")), CFG)
     assert stackedtree.num_layers(model.layers) == CFG.num_layers
+
+
+def test_the_transformers_comparison_fails_outside_its_tolerance() -> None:
+    """`--transformers` needs torch, which the tests never have: its verdict is
+    checked on made-up comparisons."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import compare_transformers as ct
+
+    ok = ct.Comparison("Llama", "float32", 3, 3.4e-6, 3.5, None)
+    ok_bf16 = ct.Comparison("Qwen2", "bfloat16", 3, 0.05, 3.5, 0.05)
+    assert ct.failures([ok, ok_bf16]) == []
+    bad = [
+        ok._replace(max_difference=2e-5),
+        ok._replace(max_difference=float("nan")),
+        ok_bf16._replace(max_difference=0.25),
+    ]
+    got = ct.failures([ok, *bad, ok_bf16])
+    assert got == [
+        f"outside the tolerance {ct.TOLERANCE[c.dtype]}: {c.line()}" for c in bad
+    ]
+    assert "Qwen2 (3 shards, bfloat16): max |logit difference| 2.5e-01" in got[2]
