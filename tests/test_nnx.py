@@ -298,3 +298,89 @@ def test_nnx_optimizer_steps_equal_nnx_scan() -> None:
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         np.testing.assert_allclose(_data(a), _data(b), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(ours.blocks.dropout.rngs.count[...], [3] * N)
+
+
+# --------------------------------------------------------- names, rules and Muon
+
+
+def test_flatten_names_names_variables_by_their_path() -> None:
+    from stackedtree.checkpoint import flatten_names, unflatten_names
+
+    stacked = make_stack()
+    names = flatten_names(nnx.state(stacked, nnx.Param))
+    assert list(names) == [
+        "linear.bias",
+        "linear.kernel",
+        "norm.scale",
+    ]
+    assert list(flatten_names(stacked)) == [
+        "dropout.rngs.count",
+        "dropout.rngs.key",
+        "linear.bias",
+        "linear.kernel",
+        "norm.scale",
+    ]
+    back = unflatten_names(flatten_names(stacked), stacked)
+    assert type(back) is Block and leaves_equal(back, stacked)
+
+
+def test_rules_fill_a_stacked_module_from_per_layer_tensors() -> None:
+    from stackedtree.checkpoint import (
+        Rule,
+        flatten_by_rules,
+        transpose,
+        unflatten_by_rules,
+    )
+
+    rng = np.random.default_rng(0)
+    flat = {}
+    for i in range(N):
+        flat[f"model.layers.{i}.proj.weight"] = rng.standard_normal((D, D), np.float32)
+        flat[f"model.layers.{i}.proj.bias"] = rng.standard_normal(D).astype(np.float32)
+        flat[f"model.layers.{i}.norm.weight"] = rng.standard_normal(D).astype(
+            np.float32
+        )
+    rules = [
+        Rule("model.layers.{i}.proj.weight", "linear.kernel", transpose(1, 0)),
+        Rule("model.layers.{i}.proj.bias", "linear.bias"),
+        Rule("model.layers.{i}.norm.weight", "norm.scale"),
+    ]
+    stacked = make_stack()
+    params = unflatten_by_rules(flat, rules, nnx.state(stacked, nnx.Param))
+    nnx.update(stacked, jax.device_put(params))
+    for i in range(N):
+        np.testing.assert_array_equal(
+            stacked.linear.kernel[i], flat[f"model.layers.{i}.proj.weight"].T
+        )
+    back = flatten_by_rules(nnx.state(stacked, nnx.Param), rules)
+    assert set(back) == set(flat)
+    for name, x in back.items():
+        np.testing.assert_array_equal(np.asarray(x), flat[name])
+
+
+def test_muon_dims_with_nnx_optimizer_updates_each_layer_as_alone() -> None:
+    from stackedtree import muon_dims
+
+    stacked = make_stack()
+    stacked.dropout.deterministic = True
+    x = x_input()
+
+    def loss(m: Any) -> jax.Array:
+        return jnp.mean(jnp.sin(scan_layers(block_fn, x, m)[0]))
+
+    grads = nnx.grad(loss)(stacked)
+    dims = muon_dims(nnx.state(stacked, nnx.Param))
+    assert dims["linear"]["kernel"] == optax.contrib.MuonDimensionNumbers(1, 2)
+    assert dims["norm"]["scale"] is None
+    layers = [get_layer(stacked, i) for i in range(N)]
+    tx = optax.contrib.muon(0.1, muon_weight_dimension_numbers=muon_dims)
+    nnx.Optimizer(stacked, tx, wrt=nnx.Param).update(stacked, grads)
+    for i, layer in enumerate(layers):
+        one = nnx.Optimizer(layer, optax.contrib.muon(0.1), wrt=nnx.Param)
+        one.update(layer, get_layer(grads, i))
+        for a, b in zip(
+            jax.tree.leaves(nnx.state(get_layer(stacked, i), nnx.Param)),
+            jax.tree.leaves(nnx.state(layer, nnx.Param)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

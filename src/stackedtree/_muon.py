@@ -19,6 +19,7 @@ import jax
 
 from ._check import fail
 from ._leaf import fmt_shape, is_array, shape_of, static_repr
+from ._nnx import is_variable
 from ._tree import KeyPath, PyTree, path_str, structure_difference
 
 
@@ -80,6 +81,20 @@ def _stacked_dims(
     return type(dims)(one(red, dims.reduction_axis), one(outp, dims.output_axis))
 
 
+def _is_leaf(x: Any) -> bool:
+    """None, and a Flax NNX variable: its dimension numbers stand in its place, as
+    optax sees it (`nnx.Optimizer` hands optax the variables' values)."""
+    return x is None or is_variable(x)
+
+
+def _value(x: Any) -> Any:
+    """An NNX variable's value, or `x` itself."""
+    if not is_variable(x):
+        return x
+    values = jax.tree_util.tree_leaves(x)
+    return values[0] if len(values) == 1 else x
+
+
 def muon_dims(stacked: PyTree, /, per_layer: PyTree = None) -> PyTree:
     """The `optax.contrib.MuonDimensionNumbers` tree that makes Muon work per layer.
 
@@ -92,7 +107,10 @@ def muon_dims(stacked: PyTree, /, per_layer: PyTree = None) -> PyTree:
 
     Args:
         stacked: A stacked tree (array leaves with a leading layer axis; static leaves
-            get None).
+            get None). A Flax NNX variable counts as its value, so
+            `muon_dims(nnx.state(model, nnx.Param))` has the structure optax sees
+            under `nnx.Optimizer`; or pass `muon_dims` itself, which optax calls with
+            the parameters.
         per_layer: One layer's dimension numbers: a tree with one layer's structure
             holding a `MuonDimensionNumbers` (axes of one layer's leaf; negative axes
             count from its end, as optax reads them) or None (not Muon) in place of
@@ -119,8 +137,8 @@ def muon_dims(stacked: PyTree, /, per_layer: PyTree = None) -> PyTree:
         {'scale': None, 'w': MuonDimensionNumbers(reduction_axis=1, output_axis=2)}
     """
     dims_type = _optax_dims()
-    is_none = lambda x: x is None  # noqa: E731
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(stacked, is_leaf=is_none)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(stacked, is_leaf=_is_leaf)
+    leaves = [(path, _value(leaf)) for path, leaf in leaves]
     shapes = []
     for path, leaf in leaves:
         if is_array(leaf) and not shape_of(leaf):
@@ -159,15 +177,12 @@ def _per_layer_dims(stacked: PyTree, per_layer: PyTree, dims_type: Any) -> list[
     def is_dims(x: Any) -> bool:
         return x is None or isinstance(x, dims_type)
 
-    def is_none(x: Any) -> bool:
-        return x is None
-
     found, got = jax.tree_util.tree_flatten_with_path(per_layer, is_leaf=is_dims)
-    want: Any = jax.tree.structure(stacked, is_leaf=is_none)
+    want: Any = jax.tree.structure(stacked, is_leaf=_is_leaf)
     if got != want:
         zero = lambda x: 0  # noqa: E731 - only the structures are compared
         where = structure_difference(
-            jax.tree.map(zero, stacked, is_leaf=is_none),
+            jax.tree.map(zero, stacked, is_leaf=_is_leaf),
             jax.tree.map(zero, per_layer, is_leaf=is_dims),
         )
         raise ValueError(

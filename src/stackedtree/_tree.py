@@ -211,13 +211,35 @@ def check_index(index: Any, n: int, arg: str = "index") -> int | jax.Array:
 # ------------------------------------------------------------ pytrees <-> flat names
 
 
+def _name_paths(tree: Any) -> list[tuple[KeyPath, Any]]:
+    """The key path that names each leaf: a Flax NNX variable's value is named by the
+    variable's own path (`blocks.up.kernel`, as `nnx.to_flat_state` names it) rather
+    than with a trailing `.value`."""
+    from ._nnx import is_variable
+
+    out = []
+    for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)[
+        0
+    ]:
+        inner = (
+            jax.tree_util.tree_flatten_with_path(node)[0] if is_variable(node) else []
+        )
+        if len(inner) == 1:
+            out.append((path, inner[0][1]))
+        elif is_variable(node):
+            out.extend((path + sub, leaf) for sub, leaf in inner)
+        else:
+            out.append((path, node))
+    return out
+
+
 def _names_and_leaves(tree: Any, sep: str) -> tuple[list[str], list[Any], Any]:
     if not isinstance(sep, str):
         raise TypeError(f"`sep` must be a str, got {type(sep).__name__}.")
     path_leaves, treedef = flatten(tree)
     names = [
         jax.tree_util.keystr(path, simple=True, separator=sep)
-        for path, _ in path_leaves
+        for path, _ in _name_paths(tree)
     ]
     dup = [n for n, c in Counter(names).items() if c > 1]
     if dup:
