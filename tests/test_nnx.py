@@ -115,6 +115,16 @@ def test_set_slice_and_concat_keep_modules() -> None:
     assert leaves_equal(concat_layers([head, tail]), stacked)
 
 
+def test_stacking_layers_with_different_hyperparameters_names_the_field() -> None:
+    layers = [make_block(jax.random.key(0)), Block(nnx.Rngs(1), rate=0.25)]
+    with pytest.raises(
+        ValueError,
+        match=r"`layers\[1\]` has a different tree structure from `layers\[0\]` at "
+        r"dropout\.rate: static field 0\.25 != 0\.5",
+    ):
+        stack(layers)
+
+
 def test_describe_shows_fields_and_variables_without_internals() -> None:
     text = describe(make_stack(), width=80)
     assert text == (
@@ -384,3 +394,17 @@ def test_muon_dims_with_nnx_optimizer_updates_each_layer_as_alone() -> None:
             strict=True,
         ):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_module_closed_over_by_jax_jit_is_refused_by_nnx_not_reused() -> None:
+    # The advanced counters cannot leave a plain `jax.jit` through a closure; NNX says
+    # so (as it does for `nnx.scan`) rather than the next call drawing the same masks.
+    stacked = make_stack()
+
+    @jax.jit
+    def forward(x: jax.Array) -> jax.Array:
+        return scan_layers(block_fn, x, stacked)[0]
+
+    with pytest.raises(Exception, match="different trace level"):
+        forward(x_input())
+    np.testing.assert_array_equal(stacked.dropout.rngs.count[...], [0] * N)
