@@ -131,3 +131,21 @@ def test_on_tracers_inside_jit() -> None:
 
     f({"w": jnp.zeros((5, 3))})
     assert seen == ["{'w': f32[5,3]}"]
+
+
+def test_a_tree_exactly_as_wide_as_width_stays_on_one_line() -> None:
+    tree = {"w": np.zeros((3, 4)), "b": np.zeros(4)}
+    flat = "{'w': (3, 4), 'b': (4)}"
+    assert describe(tree, width=1000) == flat
+    assert describe(tree, width=len(flat)) == flat
+    assert describe(tree, width=len(flat) - 1) == "{\n  'w': (3, 4),\n  'b': (4)\n}"
+
+
+def test_a_child_exactly_as_wide_as_width_stays_on_one_line() -> None:
+    # The nested node's line, its indent and the comma after it included, is 26 columns.
+    tree = {"attention": {"q": np.zeros(2)}, "n": np.zeros(1)}
+    line = "  'attention': {'q': (2)},"
+    assert describe(tree, width=len(line)) == "{\n" + line + "\n  'n': (1)\n}"
+    assert describe(tree, width=len(line) - 1) == (
+        "{\n  'attention': {\n    'q': (2)\n  },\n  'n': (1)\n}"
+    )

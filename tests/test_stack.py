@@ -159,6 +159,49 @@ def test_unstack_jax_does_not_slice_per_layer_and_leaf(
     assert_bits_equal([list(layer.attention) for layer in layers], naive)
 
 
+def test_unstack_jax_on_the_cpu_compiles_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A shape no other test uses, so no compiled program could be cached for it.
+    stacked = {
+        "w": jnp.asarray(np.arange(7 * 13 * 11, dtype=np.float32).reshape(7, 13, 11))
+    }
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        layers = unstack(stacked)
+    assert not [r for r in caplog.records if "ompil" in r.getMessage()]
+    for i, layer in enumerate(layers):
+        assert isinstance(layer["w"], jax.Array)
+        assert_bits_equal(layer["w"], stacked["w"][i])
+
+
+def test_unstack_jax_keeps_device_commitment_and_kinds() -> None:
+    device = jax.devices()[-1]
+    committed = jax.device_put(jnp.arange(12.0).reshape(3, 4), device)
+    free = jnp.arange(12).reshape(3, 4)
+    weak = jnp.full((3, 2), 1.5)  # weakly typed: from a Python float
+    keys = jax.random.split(jax.random.key(0), 3)
+    layers = unstack({"c": committed, "f": free, "weak": weak, "keys": keys})
+    for i, layer in enumerate(layers):
+        assert layer["c"].devices() == {device} and layer["c"].committed
+        assert not layer["f"].committed
+        assert layer["weak"].weak_type == weak.weak_type
+        assert_bits_equal(layer["c"], committed[i])
+        assert_bits_equal(layer["f"], free[i])
+        np.testing.assert_array_equal(
+            jax.random.key_data(layer["keys"]), jax.random.key_data(keys[i])
+        )
+
+
+def test_unstack_jax_sharded_over_devices() -> None:
+    mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    spec = jax.sharding.PartitionSpec(None, "x")
+    stacked = jax.device_put(
+        jnp.arange(24.0).reshape(3, 8), jax.sharding.NamedSharding(mesh, spec)
+    )
+    for i, layer in enumerate(unstack(stacked)):
+        assert_bits_equal(layer, stacked[i])
+
+
 def test_unstack_under_jit() -> None:
     @jax.jit
     def f(s: Any) -> Any:

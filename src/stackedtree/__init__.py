@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ._index import set_layer as set_layer
     from ._index import slice_layers as slice_layers
     from ._index import ungroup_layers as ungroup_layers
+    from ._muon import muon_dims as muon_dims
     from ._pattern import scan_pattern as scan_pattern
     from ._pipeline import pipeline_layers as pipeline_layers
     from ._pipeline import stage_layers as stage_layers
@@ -49,6 +50,7 @@ _SOURCES = {
     "layer_keys": "._stack",
     "layer_shardings": "._sharding",
     "layer_specs": "._sharding",
+    "muon_dims": "._muon",
     "num_layers": "._stack",
     "pipeline_layers": "._pipeline",
     "scan_layers": "._scan",

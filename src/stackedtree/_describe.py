@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import jax
 
 from ._leaf import dtype_of, is_array, shape_of, short_dtype
+from ._nnx import INTERNAL_PREFIX, is_module, is_variable
 from ._tree import PyTree
 
 
@@ -18,14 +19,25 @@ class _Node(NamedTuple):
     close: str
 
 
+def _array(x: Any, dtypes: bool) -> str:
+    """An array leaf: `(32, 4096)`, or `f32[32,4096]` with `dtypes`."""
+    shape = shape_of(x)
+    if dtypes:
+        return f"{short_dtype(dtype_of(x))}[{','.join(map(str, shape))}]"
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
 def _build(x: Any, dtypes: bool) -> _Node | str:
     if is_array(x):
-        shape = shape_of(x)
-        if dtypes:
-            return f"{short_dtype(dtype_of(x))}[{','.join(map(str, shape))}]"
-        return "(" + ", ".join(map(str, shape)) + ")"
+        return _array(x, dtypes)
     if x is None:
         return "None"
+    if is_variable(x):
+        # An NNX variable reads as its kind and its value's shape: `Param(4, 8)`.
+        values = jax.tree_util.tree_leaves(x)
+        if len(values) == 1 and is_array(values[0]):
+            atom = _array(values[0], dtypes)
+            return type(x).__name__ + (f"({atom})" if dtypes else atom)
     if isinstance(x, tuple) and hasattr(x, "_fields"):
         return _Node(
             f"{type(x).__name__}(",
@@ -58,6 +70,8 @@ def _build(x: Any, dtypes: bool) -> _Node | str:
     items = []
     for path, child in children:
         key = jax.tree_util.keystr(path, simple=True)
+        if key.startswith(INTERNAL_PREFIX) and is_module(x):
+            continue  # NNX's bookkeeping (trace state), not the user's module
         items.append((f"{key}=", _build(child, dtypes)))
     return _Node(f"{type(x).__name__}(", items, ")")
 
@@ -93,8 +107,11 @@ def describe(tree: PyTree, /, *, dtypes: bool = False, width: int = 88) -> str:
     NamedTuples and dataclasses (Equinox modules included) print as `Name(field=...)`,
     dicts as `{'k': ...}`, lists and tuples as `[...]` and `(...)`; array leaves as their
     shape, `(32, 4096)`, or `f32[32,4096]` with `dtypes=True`; static leaves by `repr`.
-    There are no trailing commas, so a 1-d shape reads `(4096)`. A node that does not fit
-    in `width` columns puts its children on indented lines.
+    There are no trailing commas, so a 1-d shape reads `(4096)`. Flax NNX modules print
+    their fields, and their variables as the variable's kind and shape,
+    `Linear(bias=Param(4, 8), kernel=Param(4, 8, 8))` (hyperparameters such as
+    `in_features` are left out). A node that does not fit in `width` columns puts its
+    children on indented lines.
 
     Works on stacked trees, per-layer trees (inside a scanned function, on tracers) and
     trees of `jax.ShapeDtypeStruct`.

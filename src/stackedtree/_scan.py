@@ -17,6 +17,7 @@ import numpy as np
 
 from ._check import count_layers, fail, leading_shapes, num_layers_of, tree_problems
 from ._leaf import dtype_of, fmt_shape, is_array
+from ._nnx import track_layer_state
 from ._stack import check_key, layer_keys
 from ._tree import PyTree, arrays_only, at, merge_static, split_static
 
@@ -319,6 +320,7 @@ def scan_layers(
         check_xs(xs, n)
     if key is not None:
         check_key(key)
+    fn, write_back = track_layer_state(fn, layers)  # NNX state: see _nnx.py
     layer_arrays, layer_static = split_static(layers)
     xs_arrays, xs_static = split_static(xs)
     keys = None if key is None else layer_keys(key, n)
@@ -338,4 +340,4 @@ def scan_layers(
         carry, ys = jax.lax.scan(step, init, seq, unroll=unroll, reverse=reverse)
     else:
         carry, ys = _grouped_scan(step, init, seq, n, g, unroll=unroll, reverse=reverse)
-    return carry, merge_static(ys, y_static[0])
+    return carry, write_back(merge_static(ys, y_static[0]))

@@ -133,10 +133,33 @@ def num_layers(stacked: PyTree, /) -> int:
     return num_layers_of(stacked, "stacked")
 
 
+def _in_host_memory(x: jax.Array) -> bool:
+    """A concrete array on one CPU device, whose numpy view shares its bytes.
+
+    Typed PRNG keys (no numpy dtype) and weakly typed arrays (a transfer would make
+    them strongly typed) are left to jax.
+    """
+    if isinstance(x, jax.core.Tracer) or x.is_deleted():
+        return False
+    if x.sharding.num_devices != 1 or getattr(x, "weak_type", False):
+        return False
+    if jnp.issubdtype(x.dtype, jax.dtypes.extended):
+        return False
+    return next(iter(x.devices())).platform == "cpu"
+
+
 def _unstack_leaf(x: Any, n: int) -> list[Any]:
     if isinstance(x, jax.ShapeDtypeStruct):
         return [jax.ShapeDtypeStruct(shape_of(x)[1:], x.dtype)] * n
     if isinstance(x, jax.Array):
+        if _in_host_memory(x):
+            # The array's bytes already are host memory: numpy views of them, put back
+            # as jax arrays by one transfer call, need no compiled program. Splitting
+            # on the device compiles one program per leaf shape, which made the first
+            # `unstack` of a model several times slower than slicing it.
+            host = np.asarray(x)
+            device = next(iter(x.devices())) if x.committed else None
+            return list(jax.device_put([host[i, ...] for i in range(n)], device))
         # Iterating a concrete jax array splits it with one compiled unstack (cached per
         # shape); iterating a tracer slices it while tracing, which costs nothing at run
         # time.
@@ -153,8 +176,10 @@ def unstack(stacked: PyTree, /) -> list[PyTree]:
     """The inverse of `stack`: a list of N per-layer trees.
 
     One operation per leaf rather than N x leaves slices: numpy leaves come back as views
-    of the stacked array, and each concrete jax leaf is split by one compiled call.
-    Static leaves are shared by every returned layer.
+    of the stacked array; a concrete jax leaf on the CPU is split as numpy views of its
+    bytes and put back as jax arrays by one transfer, so nothing is compiled (on the
+    same device, committed as it was); elsewhere by one compiled call. Static leaves are
+    shared by every returned layer.
 
     Args:
         stacked: A stacked tree (array leaves with a common leading length N).

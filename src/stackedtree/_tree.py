@@ -57,6 +57,36 @@ def _children(x: Any) -> tuple[list[tuple[KeyPath, Any]], Any]:
     return leaves, treedef
 
 
+def _static_fields(x: Any) -> list[str]:
+    """The attribute names of a dataclass (Equinox modules included) or a Flax NNX
+    module, children and static fields alike; NNX's own bookkeeping left out."""
+    from ._nnx import INTERNAL_PREFIX, is_module
+
+    if dataclasses.is_dataclass(x):
+        return [f.name for f in dataclasses.fields(x)]
+    if is_module(x):
+        return [k for k in sorted(vars(x)) if not k.startswith(INTERNAL_PREFIX)]
+    return []
+
+
+def _static_field_difference(
+    x: Any, y: Any, keys: list[Any], path: KeyPath
+) -> str | None:
+    """Where two nodes of one type differ in a static field (not a child), or None."""
+    children = {k.name for k in keys if isinstance(k, jax.tree_util.GetAttrKey)}
+    for name in _static_fields(x):
+        if name in children:
+            continue
+        vx, vy = getattr(x, name, None), getattr(y, name, None)
+        if not static_equal(vx, vy):
+            field = path_str((*path, jax.tree_util.GetAttrKey(name)))
+            return (
+                f" at {field}: static field {vy!r} != {vx!r} (static fields "
+                "are part of the tree structure and must be equal)"
+            )
+    return None
+
+
 def structure_difference(a: PyTree, b: PyTree) -> str:
     """Describes where the pytree structures of `a` and `b` first differ.
 
@@ -112,20 +142,9 @@ def structure_difference(a: PyTree, b: PyTree) -> str:
         if dx.node_data() != dy.node_data():
             # Same type and keys: the difference is in static metadata (e.g. an Equinox
             # static field), which lives in the node definition rather than in a leaf.
-            if dataclasses.is_dataclass(x):
-                children = {
-                    k.name for k in kx if isinstance(k, jax.tree_util.GetAttrKey)
-                }
-                for f in dataclasses.fields(x):
-                    if f.name in children:
-                        continue
-                    vx, vy = getattr(x, f.name, None), getattr(y, f.name, None)
-                    if not static_equal(vx, vy):
-                        field = path_str((*path, jax.tree_util.GetAttrKey(f.name)))
-                        return (
-                            f" at {field}: static field {vy!r} != {vx!r} (static fields "
-                            "are part of the tree structure and must be equal)"
-                        )
+            found = _static_field_difference(x, y, kx, path)
+            if found is not None:
+                return found
             _, ax = dx.node_data()
             _, ay = dy.node_data()
             return f"{loc}: static node data {ay!r} != {ax!r}"
@@ -211,13 +230,35 @@ def check_index(index: Any, n: int, arg: str = "index") -> int | jax.Array:
 # ------------------------------------------------------------ pytrees <-> flat names
 
 
+def _name_paths(tree: Any) -> list[tuple[KeyPath, Any]]:
+    """The key path that names each leaf: a Flax NNX variable's value is named by the
+    variable's own path (`blocks.up.kernel`, as `nnx.to_flat_state` names it) rather
+    than with a trailing `.value`."""
+    from ._nnx import is_variable
+
+    out = []
+    for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)[
+        0
+    ]:
+        inner = (
+            jax.tree_util.tree_flatten_with_path(node)[0] if is_variable(node) else []
+        )
+        if len(inner) == 1:
+            out.append((path, inner[0][1]))
+        elif is_variable(node):
+            out.extend((path + sub, leaf) for sub, leaf in inner)
+        else:
+            out.append((path, node))
+    return out
+
+
 def _names_and_leaves(tree: Any, sep: str) -> tuple[list[str], list[Any], Any]:
     if not isinstance(sep, str):
         raise TypeError(f"`sep` must be a str, got {type(sep).__name__}.")
     path_leaves, treedef = flatten(tree)
     names = [
         jax.tree_util.keystr(path, simple=True, separator=sep)
-        for path, _ in path_leaves
+        for path, _ in _name_paths(tree)
     ]
     dup = [n for n, c in Counter(names).items() if c > 1]
     if dup:
