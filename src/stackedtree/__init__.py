@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ._index import set_layer as set_layer
     from ._index import slice_layers as slice_layers
     from ._index import ungroup_layers as ungroup_layers
-    from ._pattern import scan_pattern as scan_pattern
+    from ._scan_pattern import scan_pattern as scan_pattern
     from ._pipeline import pipeline_layers as pipeline_layers
     from ._pipeline import stage_layers as stage_layers
     from ._pipeline import unstage_layers as unstage_layers
@@ -52,7 +52,7 @@ _SOURCES = {
     "num_layers": "._stack",
     "pipeline_layers": "._pipeline",
     "scan_layers": "._scan",
-    "scan_pattern": "._pattern",
+    "scan_pattern": "._scan_pattern",
     "set_layer": "._index",
     "shard_layers": "._sharding",
     "slice_layers": "._index",

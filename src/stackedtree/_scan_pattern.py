@@ -28,7 +28,7 @@ from ._scan import Remat, layer_step, resolve_remat
 from ._stack import check_key, layer_keys
 from ._tree import PyTree, at, map_arrays, merge_static, split_static
 
-Kind = Hashable
+KindLabel = Hashable
 UNROLL = 2  # runs of up to this many layers outside the period are not scanned
 LayerFn = Callable[..., tuple[PyTree, PyTree]]
 
@@ -56,10 +56,10 @@ class Split(NamedTuple):
 
 
 def kind_runs(
-    kinds: Sequence[Kind], start: int, stop: int
-) -> list[tuple[Kind, int, int]]:
+    kinds: Sequence[KindLabel], start: int, stop: int
+) -> list[tuple[KindLabel, int, int]]:
     """The maximal runs of one kind in `kinds[start:stop]`: `(kind, first, stop)`."""
-    runs: list[tuple[Kind, int, int]] = []
+    runs: list[tuple[KindLabel, int, int]] = []
     for i in range(start, stop):
         if runs and runs[-1][0] == kinds[i]:
             runs[-1] = (kinds[i], runs[-1][1], i + 1)
@@ -75,7 +75,7 @@ def run_cost(length: int) -> int:
     return length if length <= UNROLL else 1
 
 
-def traced_calls(kinds: Sequence[Kind], split: Split) -> int:
+def traced_calls(kinds: Sequence[KindLabel], split: Split) -> int:
     """How many layer calls a split traces: the period's length, plus its runs'."""
     outside = kind_runs(kinds, 0, split.start) + kind_runs(
         kinds, split.stop, len(kinds)
@@ -84,7 +84,7 @@ def traced_calls(kinds: Sequence[Kind], split: Split) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def split_pattern(kinds: tuple[Kind, ...]) -> Split:
+def split_pattern(kinds: tuple[KindLabel, ...]) -> Split:
     """The split of a pattern that traces the fewest layer calls (`traced_calls`).
 
     A period of length p repeated k >= 2 times traces p calls (its body applies its
@@ -142,7 +142,7 @@ def _layer_list(indices: Sequence[int]) -> str:
     return ("layer " if len(indices) == 1 else "layers ") + shown
 
 
-def _check_kinds(fns: Any, pattern: Any) -> tuple[Kind, ...]:
+def _check_kinds(fns: Any, pattern: Any) -> tuple[KindLabel, ...]:
     """The pattern as a tuple of kinds, every kind with a function and every function
     used; else one error listing every problem."""
     if not isinstance(fns, Mapping):
@@ -177,7 +177,7 @@ def _check_kinds(fns: Any, pattern: Any) -> tuple[Kind, ...]:
                 f"`pattern` must hold hashable kind labels, got a "
                 f"{type(kind).__name__} at layer {i}."
             )
-    where: dict[Kind, list[int]] = {}
+    where: dict[KindLabel, list[int]] = {}
     for i, kind in enumerate(kinds):
         where.setdefault(kind, []).append(i)
     problems = [
@@ -226,23 +226,23 @@ class _Stacks:
         else:
             self.arrays, self.static = split_static(tree)
 
-    def static_of(self, kind: Kind) -> PyTree:
+    def static_of(self, kind: KindLabel) -> PyTree:
         return self.static[kind] if self.per_kind else self.static
 
-    def layer(self, kind: Kind, i: int) -> PyTree:
+    def layer(self, kind: KindLabel, i: int) -> PyTree:
         """The arrays of layer `i`, of kind `kind`."""
         if not self.per_kind:
             return _index(self.arrays, i)
         return _index(self.arrays[kind], self.ordinal[i])
 
-    def run(self, kind: Kind, start: int, stop: int) -> PyTree:
+    def run(self, kind: KindLabel, start: int, stop: int) -> PyTree:
         """The arrays of layers `[start, stop)`, all of kind `kind`."""
         if not self.per_kind:
             return _slice(self.arrays, start, stop)
         first = self.ordinal[start]
         return _slice(self.arrays[kind], first, first + stop - start)
 
-    def block(self, kinds: Sequence[Kind], split: Split) -> PyTree:
+    def block(self, kinds: Sequence[KindLabel], split: Split) -> PyTree:
         """The arrays of the repeated period, leading axes (repeats, per period)."""
         a, k = split.start, split.repeats
         if not self.per_kind:
@@ -254,7 +254,7 @@ class _Stacks:
             out[kind] = _fold(_slice(self.arrays[kind], first, first + k * count), k)
         return out
 
-    def pick(self, block: PyTree, kind: Kind, offset: tuple[int, int]) -> PyTree:
+    def pick(self, block: PyTree, kind: KindLabel, offset: tuple[int, int]) -> PyTree:
         """One layer of one repeat of `block`; `offset` is the layer's position in the
         period and its position among the period's layers of its kind."""
         if not self.per_kind:
@@ -279,7 +279,7 @@ def _index(tree: PyTree, i: int) -> PyTree:
 
 
 def _read_stacks(
-    tree: PyTree, arg: str, fns: Mapping[Kind, Any], counts: Mapping[Kind, int]
+    tree: PyTree, arg: str, fns: Mapping[KindLabel, Any], counts: Mapping[KindLabel, int]
 ) -> bool:
     """Whether `tree` is one stack per kind; checks every stack's length."""
     per_kind = isinstance(tree, Mapping) and set(tree.keys()) == set(fns)
@@ -324,7 +324,7 @@ class _Piece(NamedTuple):
     lead: int
 
 
-def _join_ys(kind: Kind, pieces: list[_Piece]) -> PyTree:
+def _join_ys(kind: KindLabel, pieces: list[_Piece]) -> PyTree:
     """A kind's outputs stacked in layer order, as the reference loop's `stack` does;
     outputs of other structures, shapes, dtypes or static leaves are a `TypeError`."""
 
@@ -371,16 +371,16 @@ def _join_ys(kind: Kind, pieces: list[_Piece]) -> PyTree:
 
 
 def scan_pattern(
-    fns: Mapping[Kind, LayerFn],
+    fns: Mapping[KindLabel, LayerFn],
     init: PyTree,
     layers: PyTree,
-    pattern: str | Sequence[Kind],
+    pattern: str | Sequence[KindLabel],
     /,
     *,
     xs: PyTree = None,
     key: jax.Array | None = None,
     remat: Remat = False,
-) -> tuple[PyTree, dict[Kind, PyTree]]:
+) -> tuple[PyTree, dict[KindLabel, PyTree]]:
     """Runs layers of several kinds in the order of `pattern`, compiled once for any N.
 
     Equivalent to this Python loop (`get_layer`, `stack` and `layer_keys` from this
@@ -458,7 +458,7 @@ def scan_pattern(
         (65.0, None, [3.0, 13.0])
     """
     kinds = _check_kinds(fns, pattern)
-    seen: Counter[Kind] = Counter()
+    seen: Counter[KindLabel] = Counter()
     ordinal = []
     for kind in kinds:
         ordinal.append(seen[kind])
@@ -471,7 +471,7 @@ def scan_pattern(
 
     def compute(
         init: PyTree, layers: PyTree, xs: PyTree, key: jax.Array | None
-    ) -> tuple[PyTree, dict[Kind, PyTree]]:
+    ) -> tuple[PyTree, dict[KindLabel, PyTree]]:
         params = _Stacks(layers, per_kind_layers, ordinal)
         inputs = None if xs is None else _Stacks(xs, per_kind_xs, ordinal)
         keys = (
@@ -481,7 +481,7 @@ def scan_pattern(
         )
         sources = (params, inputs, keys)
 
-        def step(kind: Kind) -> tuple[Callable[..., tuple[PyTree, PyTree]], list]:
+        def step(kind: KindLabel) -> tuple[Callable[..., tuple[PyTree, PyTree]], list]:
             return layer_step(
                 fns[kind],
                 init,
@@ -493,9 +493,9 @@ def scan_pattern(
                 name=f"fns[{kind!r}]",
             )
 
-        pieces: dict[Kind, list[_Piece]] = {kind: [] for kind in fns}
+        pieces: dict[KindLabel, list[_Piece]] = {kind: [] for kind in fns}
 
-        def run(carry: PyTree, kind: Kind, start: int, stop: int) -> PyTree:
+        def run(carry: PyTree, kind: KindLabel, start: int, stop: int) -> PyTree:
             if stop - start > UNROLL:
                 body, y_static = step(kind)
                 seq = tuple(
@@ -514,7 +514,7 @@ def scan_pattern(
 
         def period(carry: PyTree, split: Split) -> PyTree:
             layer_kinds = kinds[split.start : split.start + split.period]
-            within: Counter[Kind] = Counter()
+            within: Counter[KindLabel] = Counter()
             offsets: list[tuple[int, int]] = []
             for kind in layer_kinds:
                 offsets.append((len(offsets), within[kind]))

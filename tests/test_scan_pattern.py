@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stackedtree import get_layer, layer_keys, scan_layers, scan_pattern, stack
-from stackedtree._pattern import Split, kind_runs, split_pattern, traced_calls
+from stackedtree._scan_pattern import Split, kind_runs, split_pattern, traced_calls
 
 D, E = 4, 2  # model width; experts of the MoE kind
 
