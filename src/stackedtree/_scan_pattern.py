@@ -279,7 +279,10 @@ def _index(tree: PyTree, i: int) -> PyTree:
 
 
 def _read_stacks(
-    tree: PyTree, arg: str, fns: Mapping[KindLabel, Any], counts: Mapping[KindLabel, int]
+    tree: PyTree,
+    arg: str,
+    fns: Mapping[KindLabel, Any],
+    counts: Mapping[KindLabel, int],
 ) -> bool:
     """Whether `tree` is one stack per kind; checks every stack's length."""
     per_kind = isinstance(tree, Mapping) and set(tree.keys()) == set(fns)
