@@ -491,6 +491,8 @@ class _PatternScan:
             carry = self.period(carry, split)
         for kind, start, stop in kind_runs(kinds, split.stop, len(kinds)):
             carry = self.run(carry, kind, start, stop)
+        if self.options.update_xs:
+            return carry, {}  # the outputs are in the carried `xs`
         return carry, {k: _join_ys(k, self.pieces[k]) for k in self.options.fns}
 
 
