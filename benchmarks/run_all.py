@@ -36,6 +36,7 @@ SCRIPTS = [
     "bench_peers",
     "bench_memory",
     "bench_pattern",
+    "bench_decode",
     "bench_stack",
     "bench_convert",
     "bench_pipeline",
