@@ -39,6 +39,7 @@ SCRIPTS = [
     "bench_peers",
     "bench_memory",
     "bench_pattern",
+    "bench_decode",
     "bench_stack",
     "bench_convert",
     "bench_pipeline",

@@ -171,11 +171,19 @@ def rope_frequencies(
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope(x: jax.Array, theta: float, *, scaling: Llama3Rope | None = None) -> jax.Array:
-    """Rotary embedding on `(batch, seq, *heads, head_dim)` in the rotate-half layout."""
+def rope(
+    x: jax.Array,
+    theta: float,
+    *,
+    scaling: Llama3Rope | None = None,
+    offset: Any = 0,
+) -> jax.Array:
+    """Rotary embedding on `(batch, seq, *heads, head_dim)` in the rotate-half layout,
+    for positions `offset, offset + 1, ...` (a decode step passes its position)."""
     seq, head_dim = x.shape[1], x.shape[-1]
     freqs = jnp.asarray(rope_frequencies(head_dim, theta, scaling))
-    angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None, :]
+    positions = (jnp.arange(seq) + offset).astype(jnp.float32)
+    angles = positions[:, None] * freqs[None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)
     shape = (1, seq) + (1,) * (x.ndim - 3) + (head_dim,)
     cos, sin = jnp.cos(angles).reshape(shape), jnp.sin(angles).reshape(shape)
@@ -208,6 +216,53 @@ def attention(p: Attention | BiasedAttention, x: jax.Array, cfg: Config) -> jax.
     out = jnp.einsum("bqkst,btkh->bsqkh", weights, v)
     out = jnp.einsum("bsqkh,qkhd->bsd", out, p.out_proj)
     return _add_bias(out, getattr(p, "out_bias", None))
+
+
+def init_cache(cfg: Config, batch: int, length: int, dtype: Any = jnp.float32) -> Any:
+    """One layer's KV cache: keys and values `(batch, length, kv_heads, head_dim)`."""
+    shape = (batch, length, cfg.kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def cached_attention(
+    p: Attention | BiasedAttention, x: jax.Array, cfg: Config, cache: Any, pos: Any
+) -> tuple[jax.Array, Any]:
+    """`attention` of the tokens `x: (batch, seq, d_model)` at positions `pos, pos + 1,
+    ...`, given a cache holding the keys and values of the positions before `pos`:
+    writes theirs into the cache and attends to every position up to each token.
+    With the prompt at `pos=0` it fills the cache (prefill); with one token it is a
+    decode step."""
+    q = _add_bias(
+        jnp.einsum("bsd,dqkh->bsqkh", x, p.q_proj), getattr(p, "q_bias", None)
+    )
+    k = _add_bias(jnp.einsum("bsd,dkh->bskh", x, p.k_proj), getattr(p, "k_bias", None))
+    v = _add_bias(jnp.einsum("bsd,dkh->bskh", x, p.v_proj), getattr(p, "v_bias", None))
+    q = rope(q, cfg.rope_theta, scaling=cfg.rope_scaling, offset=pos)
+    k = rope(k, cfg.rope_theta, scaling=cfg.rope_scaling, offset=pos)
+    keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, pos, axis=1)
+    values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, pos, axis=1)
+    logits = jnp.einsum("bsqkh,btkh->bqkst", q, keys) / jnp.sqrt(cfg.head_dim).astype(
+        x.dtype
+    )
+    seq, length = x.shape[1], keys.shape[1]
+    mask = (jnp.arange(seq) + pos)[:, None] >= jnp.arange(length)[None, :]
+    logits = jnp.where(_lead(mask, logits.ndim), logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+    out = jnp.einsum("bqkst,btkh->bsqkh", weights, values)
+    out = jnp.einsum("bsqkh,qkhd->bsd", out, p.out_proj)
+    return _add_bias(out, getattr(p, "out_bias", None)), {"k": keys, "v": values}
+
+
+def cached_decoder_block(
+    p: DecoderBlock, x: jax.Array, cfg: Config, cache: Any, pos: Any
+) -> tuple[jax.Array, Any]:
+    """`decoder_block` (without dropout) through `cached_attention`: `(x, cache)`."""
+    h, cache = cached_attention(
+        p.attention, rms_norm(x, p.input_norm, cfg.rms_eps), cfg, cache, pos
+    )
+    x = x + h
+    y = rms_norm(x, p.post_attn_norm, cfg.rms_eps)
+    return x + (jax.nn.silu(y @ p.gate_proj) * (y @ p.up_proj)) @ p.down_proj, cache
 
 
 def decoder_block(

@@ -471,3 +471,229 @@ def test_empty_stack_with_sqrt_groups():
         remat_group="sqrt",
     )
     np.testing.assert_array_equal(carry, np.zeros(3))
+
+
+# --- rematerialisation inside groups ----------------------------------------------------
+
+
+def test_layers_inside_a_group_are_checkpointed_without_remat():
+    # A group recomputed in the backward pass keeps its g carries, not every value
+    # inside its layers: the layer step is checkpointed (saving nothing) inside the
+    # group's checkpoint even with remat=False.
+    assert checkpoint_policies(False, 2) == [None, None]
+    assert checkpoint_policies(False, "sqrt") == [None, None]
+
+
+def grad_temp_bytes(remat, remat_group, n=16, width=32):
+    """XLA temporary memory of the backward pass of an n-layer scan."""
+    w = jnp.ones((n, width, width)) / width
+    x = jnp.ones((8, width))
+
+    def loss(w, x):
+        def layer(c, w):
+            return jnp.tanh(jnp.tanh(c @ w) @ w), None
+
+        return scan_layers(layer, x, w, remat=remat, remat_group=remat_group)[0].sum()
+
+    compiled = jax.jit(jax.grad(loss)).lower(w, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_groups_without_remat_need_the_memory_of_groups_with_remat():
+    assert grad_temp_bytes(False, 4) <= grad_temp_bytes(True, 4)
+
+
+# --- update_xs: per-layer caches updated in place -----------------------------------------
+
+
+def cache_block(carry, layer, x, *, key=None):
+    """A layer whose `y` matches its `x` (a cache entry it rewrites)."""
+    h, _ = layer_block(carry, layer, x, key=key)
+    return h, jnp.tanh(h) * 0.5 + x
+
+
+def run_both(xs=XS, init=INIT, fn=cache_block, jit=True, **options):
+    """`scan_layers` with the xs/ys form and with `update_xs=True`."""
+    layers = make_layers()
+
+    def run(update_xs):
+        def go(init, xs):
+            return scan_layers(fn, init, layers, xs=xs, update_xs=update_xs, **options)
+
+        return (jax.jit(go) if jit else go)(init, xs)
+
+    return run(False), run(True)
+
+
+def assert_equal_bits(actual, expected):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        if not hasattr(e, "dtype"):
+            assert a == e
+            continue
+        assert a.dtype == e.dtype and a.shape == e.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_key", [False, True])
+@pytest.mark.parametrize(
+    ("remat", "remat_group"), [(False, None), (True, None), ("dots_saveable", 3)]
+)
+def test_update_xs_equals_the_xs_ys_form_bit_for_bit(
+    reverse, with_key, remat, remat_group
+):
+    key = jax.random.key(5) if with_key else None
+    ys_form, in_place = run_both(
+        key=key, reverse=reverse, remat=remat, remat_group=remat_group
+    )
+    assert_equal_bits(in_place, ys_form)
+    assert_close(
+        in_place,
+        reference_loop(
+            cache_block, INIT, make_layers(), xs=XS, key=key, reverse=reverse
+        ),
+    )
+
+
+@pytest.mark.parametrize("remat_group", [None, 4, "sqrt"])
+def test_update_xs_eager_and_unrolled(remat_group):
+    ys_form, in_place = run_both(jit=False, remat_group=remat_group, unroll=2)
+    assert_equal_bits(in_place, ys_form)
+
+
+def test_update_xs_pytree_caches_with_static_leaves_keep_their_form():
+    xs = {"k": XS, "v": -XS, "window": 3}
+
+    def fn(carry, layer, x):
+        assert x["window"] == 3
+        h = carry + x["k"] * x["v"]
+        return h, {"k": x["k"] + h, "v": x["v"] * 2.0, "window": 3}
+
+    ys_form, (carry, cache) = run_both(xs=xs, fn=fn, jit=False)
+    assert cache["window"] == 3
+    assert_equal_bits((carry, cache), ys_form)
+
+
+def test_update_xs_leaves_undonated_caches_alone():
+    before = np.asarray(XS).copy()
+    _, (_, cache) = run_both()
+    np.testing.assert_array_equal(np.asarray(XS), before)
+    assert not np.array_equal(np.asarray(cache), before)
+
+
+def elementwise_block(carry, layer, x):
+    h = jnp.tanh(carry * layer.w[0][None] + layer.b[None] * layer.scale + x)
+    return h, h * 0.5 + x
+
+
+@pytest.mark.parametrize("fn", [elementwise_block, cache_block])
+def test_update_xs_under_vmap(fn):
+    inits = jnp.stack([INIT, -INIT])
+    caches = jnp.stack([XS, XS * 3.0])
+    layers = make_layers()
+
+    def go(update_xs):
+        def one(init, xs):
+            return scan_layers(fn, init, layers, xs=xs, update_xs=update_xs)
+
+        return jax.jit(jax.vmap(one))(inits, caches)
+
+    if fn is elementwise_block:
+        assert_equal_bits(go(True), go(False))
+    else:
+        # Batched, XLA may tile the matmul of the two forms differently: equal up to
+        # float rounding (a few ulps), as each equals the unbatched loop.
+        assert_close(go(True), go(False), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat_group", [None, 3])
+def test_update_xs_under_grad(remat_group):
+    params = make_layers()[:2]
+
+    def loss(update_xs):
+        def f(params, init, xs):
+            layers = with_static(params)
+            carry, cache = scan_layers(
+                cache_block,
+                init,
+                layers,
+                xs=xs,
+                update_xs=update_xs,
+                remat_group=remat_group,
+            )
+            return jnp.sum(carry**2) + jnp.sum(jnp.sin(cache))
+
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(params, INIT, XS)
+
+    assert_close(loss(True), loss(False))
+
+
+def decode_step_memory(update_xs, n=16):
+    """Temporary and aliased bytes of a jitted decode step with donated caches, and
+    the caches' bytes."""
+    b, t, d = 2, 64, 32
+    layers = jnp.ones((n, d, d)) / d
+    cache = {"k": jnp.zeros((n, b, t, d)), "v": jnp.zeros((n, b, t, d))}
+
+    def attend(h, w, c, pos):
+        q = h @ w
+        k = jax.lax.dynamic_update_index_in_dim(c["k"], q, pos, 1)
+        v = jax.lax.dynamic_update_index_in_dim(c["v"], -q, pos, 1)
+        s = jax.nn.softmax(jnp.einsum("bd,btd->bt", q, k))
+        return h + jnp.einsum("bt,btd->bd", s, v), {"k": k, "v": v}
+
+    def step(layers, cache, h, pos):
+        fn = functools.partial(lambda pos, h, w, c: attend(h, w, c, pos), pos)
+        return scan_layers(fn, h, layers, xs=cache, update_xs=update_xs)
+
+    compiled = (
+        jax.jit(step, donate_argnums=1)
+        .lower(layers, cache, jnp.ones((b, d)), 3)
+        .compile()
+    )
+    memory = compiled.memory_analysis()
+    size = sum(x.nbytes for x in jax.tree.leaves(cache))
+    return memory.temp_size_in_bytes, memory.alias_size_in_bytes, size
+
+
+def test_update_xs_with_donation_updates_the_caches_in_place():
+    temp, alias, size = decode_step_memory(True)
+    assert alias == size  # the updated caches are the donated buffers
+    assert temp <= 0.2 * size  # no second copy of the caches
+    temp_ys, _, _ = decode_step_memory(False)
+    assert temp_ys >= size  # the xs/ys form holds a second copy
+
+
+def test_update_xs_needs_xs():
+    with pytest.raises(ValueError, match=r"`update_xs=True` needs `xs`"):
+        scan_layers(cache_block, INIT, make_layers(), update_xs=True)
+    with pytest.raises(TypeError, match=r"`update_xs` must be a bool, got str"):
+        scan_layers(cache_block, INIT, make_layers(), xs=XS, update_xs="yes")
+
+
+@pytest.mark.parametrize(
+    ("y", "match"),
+    [
+        (
+            lambda x: x[:1],
+            r"`y` differs from its `x` at \['k'\]: shape \(1, 4\) != \(2, 4\)",
+        ),
+        (
+            lambda x: x.astype(jnp.int32),
+            r"`y` differs from its `x` at \['k'\]: dtype int32 != float32",
+        ),
+        (lambda x: (x, x), r"`y` has a different structure from its `x`"),
+    ],
+)
+def test_update_xs_y_must_match_x(y, match):
+    def fn(carry, layer, x):
+        return carry, {"k": y(x["k"])}
+
+    with pytest.raises(
+        TypeError, match=r"with `update_xs=True`, `fn` must return"
+    ) as e:
+        jax.jit(
+            lambda: scan_layers(fn, INIT, make_layers(), xs={"k": XS}, update_xs=True)
+        )()
+    assert e.match(match)

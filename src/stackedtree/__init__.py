@@ -17,12 +17,12 @@ if TYPE_CHECKING:
     from ._index import slice_layers as slice_layers
     from ._index import ungroup_layers as ungroup_layers
     from ._muon import muon_dims as muon_dims
-    from ._pattern import scan_pattern as scan_pattern
     from ._pipeline import pipeline_layers as pipeline_layers
     from ._pipeline import stage_layers as stage_layers
     from ._pipeline import unstage_layers as unstage_layers
     from ._scan import Remat as Remat
     from ._scan import scan_layers as scan_layers
+    from ._scan_pattern import scan_pattern as scan_pattern
     from ._sharding import AxisName as AxisName
     from ._sharding import layer_shardings as layer_shardings
     from ._sharding import layer_specs as layer_specs
@@ -54,7 +54,7 @@ _SOURCES = {
     "num_layers": "._stack",
     "pipeline_layers": "._pipeline",
     "scan_layers": "._scan",
-    "scan_pattern": "._pattern",
+    "scan_pattern": "._scan_pattern",
     "set_layer": "._index",
     "shard_layers": "._sharding",
     "slice_layers": "._index",

@@ -150,6 +150,25 @@ def _short_type(x: Any) -> str:
     return type(x).__name__
 
 
+def check_y_like_x(x: PyTree, y: PyTree, fn: str = "fn") -> None:
+    """With `update_xs=True`, the `y` `fn` returned matches its `x` in structure,
+    shapes and dtypes (it is written back into `xs`)."""
+    problems = []
+    for path, phrase, _ in tree_problems(x, y):
+        if path is None:
+            problems.append(f"`y` has a different structure from its `x`{phrase}")
+        else:
+            problems.append(f"`y` differs from its `x`{at(path)}: {phrase}")
+    if problems:
+        fail(
+            problems,
+            f"with `update_xs=True`, `{fn}` must return a `y` with the structure, "
+            "shapes and dtypes of its `x` (actual != expected), as `y` is written back "
+            "into `xs` in place",
+            TypeError,
+        )
+
+
 def layer_step(
     fn: Callable[..., tuple[PyTree, PyTree]],
     init: PyTree,
@@ -160,13 +179,15 @@ def layer_step(
     checkpoint: bool,
     policy: Callable[..., bool] | None,
     name: str = "fn",
+    y_like_x: bool = False,
 ) -> tuple[Callable[[PyTree, tuple[PyTree, PyTree, Any]], tuple[PyTree, PyTree]], list]:
     """The body of a scan over layers, and the box of `y`'s static leaves.
 
     The body takes `(carry, (layer_arrays, x_arrays, key))`, merges the static leaves
     back, calls `fn` as the reference loop does (`key=` only with a key), checks the
-    pair it returns and its carry, and returns the array leaves of `y`; the static
-    leaves of `y` are kept once (as the reference loop's `stack` keeps them).
+    pair it returns and its carry (and, with `y_like_x`, that `y` matches `x`), and
+    returns the array leaves of `y`; the static leaves of `y` are kept once (as the
+    reference loop's `stack` keeps them).
     `name` is how errors refer to `fn` (`` fns['L'] `` in `scan_pattern`).
     """
 
@@ -186,6 +207,8 @@ def layer_step(
                 f"(use `(carry, None)` for no output), got {_short_type(out)}."
             )
         check_carry(init, out[0], name)
+        if y_like_x:
+            check_y_like_x(args[2], out[1], name)
         return out[0], out[1]
 
     def body(
@@ -197,6 +220,38 @@ def layer_step(
     if checkpoint:
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     return body, y_static
+
+
+def in_place(
+    step: Callable[[PyTree, tuple[PyTree, PyTree, Any]], tuple[PyTree, PyTree]],
+    part: Any = None,
+) -> Callable[[tuple[PyTree, PyTree], tuple[PyTree, Any, Any]], tuple[Any, None]]:
+    """A layer step that reads its `x` from, and writes its `y` back into, the stacked
+    `xs` it carries: `((carry, xs), (layer_arrays, index, key)) -> ((carry, xs), None)`.
+
+    `xs` (array leaves only) is read with `dynamic_index_in_dim` and written with
+    `dynamic_update_index_in_dim` at `index`, so under `jit` XLA updates the carried
+    buffer in place. `part`, when given, picks the stack of one kind out of a mapping
+    of stacks (`scan_pattern`). Only `step` is checkpointed (it was built so), so a
+    rematerialised layer saves its slice of `xs`, not the whole stack.
+    """
+
+    def body(
+        state: tuple[PyTree, PyTree], sliced: tuple[PyTree, Any, Any]
+    ) -> tuple[tuple[PyTree, PyTree], None]:
+        carry, xs = state
+        arrays, i, k = sliced
+        stack = xs if part is None else xs[part]
+        x = jax.tree.map(
+            lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stack
+        )
+        carry, y = step(carry, (arrays, x, k))
+        stack = jax.tree.map(
+            lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, i, 0), stack, y
+        )
+        return (carry, stack if part is None else {**xs, part: stack}), None
+
+    return body
 
 
 def _grouped_scan(
@@ -238,6 +293,18 @@ def _grouped_scan(
     )
 
 
+def check_update_xs(update_xs: Any, xs: PyTree) -> bool:
+    """`update_xs` as a bool; True needs `xs`."""
+    if not isinstance(update_xs, bool | np.bool_):
+        raise TypeError(f"`update_xs` must be a bool, got {type(update_xs).__name__}.")
+    if update_xs and xs is None:
+        raise ValueError(
+            "`update_xs=True` needs `xs`: each layer's `y` is written back into its "
+            "entry of `xs` (pass the stacked caches as `xs=`, or drop `update_xs`)."
+        )
+    return bool(update_xs)
+
+
 def scan_layers(
     fn: Callable[..., tuple[PyTree, PyTree]],
     init: PyTree,
@@ -250,6 +317,7 @@ def scan_layers(
     remat_group: int | str | None = None,
     unroll: int | bool = 1,
     reverse: bool = False,
+    update_xs: bool = False,
 ) -> tuple[PyTree, PyTree]:
     """Runs `fn` over a stack of layers with `jax.lax.scan`, compiling the layer once.
 
@@ -291,17 +359,29 @@ def scan_layers(
         unroll: As in `jax.lax.scan` (applies to the per-layer scan).
         reverse: As in `jax.lax.scan`: run from the last layer to the first. `ys[i]` is
             still layer `i`'s output and layer `i` still gets key `i`.
+        update_xs: With True (which needs `xs`), each layer's `y` must match its `x`
+            in structure, shapes and dtypes, and is written back into `xs` in place
+            (the decode step of a KV cache): the result equals `update_xs=False`'s,
+            but the stacked `xs` travel in the scan's carry and each layer reads and
+            writes its own slice, so under `jit` with `xs` donated the step holds no
+            second copy of `xs` and its output reuses their buffers. Without donation
+            the result is the same, in one fresh copy. Under `grad` the results are
+            equal too, and the backward pass keeps what `update_xs=False` keeps, plus,
+            with `remat_group`, one copy of `xs` per group (a group saves its carry).
 
     Returns:
         `(carry, ys)`: the final carry and the per-layer outputs stacked along a leading
-        axis of length N.
+        axis of length N; with `update_xs=True`, `(carry, xs_updated)`, in the form
+        `xs` was given.
 
     Raises:
         TypeError: if `fn` is not callable or does not return `(carry, y)` with a carry
-            matching `init`, if `key` is not a PRNG key, or `remat`/`remat_group` has the
-            wrong type.
+            matching `init` (and, with `update_xs=True`, a `y` matching its `x`), if
+            `key` is not a PRNG key, or `remat`/`remat_group`/`update_xs` has the wrong
+            type.
         ValueError: if `layers` is not a valid stack, `xs` has a leading length other than
-            N, `remat` names an unknown policy, or `remat_group` is out of range.
+            N, `remat` names an unknown policy, `remat_group` is out of range, or
+            `update_xs=True` comes without `xs`.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -310,12 +390,23 @@ def scan_layers(
         >>> carry, ys = scan_layers(lambda c, p: (c * p["w"], c), jnp.array(1.0), layers)
         >>> float(carry), ys.tolist()
         (6.0, [1.0, 1.0, 2.0])
+
+        A cache per layer, updated in place (donate it under `jit`):
+
+        >>> cache = jnp.zeros((3, 2))
+        >>> write = lambda c, p, x: (c * p["w"], x.at[0].set(c))
+        >>> carry, cache = scan_layers(
+        ...     write, jnp.array(1.0), layers, xs=cache, update_xs=True
+        ... )
+        >>> cache[:, 0].tolist()
+        [1.0, 1.0, 2.0]
     """
     if not callable(fn):
         raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
     n = num_layers_of(layers, "layers")
     checkpoint, policy = resolve_remat(remat)
     g = _resolve_group(remat_group, n)
+    update_xs = check_update_xs(update_xs, xs)
     if xs is not None:
         check_xs(xs, n)
     if key is not None:
@@ -334,10 +425,18 @@ def scan_layers(
         has_xs=xs is not None,
         checkpoint=checkpoint or g is not None,
         policy=policy,
+        y_like_x=update_xs,
     )
-    seq = (layer_arrays, xs_arrays, keys)
+    if update_xs:
+        # The stacked xs travel in the carry, each layer reading and writing its slice.
+        step, init = in_place(step), (init, xs_arrays)
+        seq = (layer_arrays, jnp.arange(n), keys)
+    else:
+        seq = (layer_arrays, xs_arrays, keys)
     if g is None:
         carry, ys = jax.lax.scan(step, init, seq, unroll=unroll, reverse=reverse)
     else:
         carry, ys = _grouped_scan(step, init, seq, n, g, unroll=unroll, reverse=reverse)
+    if update_xs:
+        (carry, ys), y_static = carry, [xs_static]
     return carry, write_back(merge_static(ys, y_static[0]))

@@ -24,11 +24,11 @@ import numpy as np
 
 from ._check import count_layers, fail, leading_shapes, tree_problems
 from ._leaf import dtype_of, is_array, shape_of
-from ._scan import Remat, layer_step, resolve_remat
+from ._scan import Remat, check_update_xs, in_place, layer_step, resolve_remat
 from ._stack import check_key, layer_keys
 from ._tree import PyTree, at, map_arrays, merge_static, split_static
 
-Kind = Hashable
+KindLabel = Hashable
 UNROLL = 2  # runs of up to this many layers outside the period are not scanned
 LayerFn = Callable[..., tuple[PyTree, PyTree]]
 
@@ -56,10 +56,10 @@ class Split(NamedTuple):
 
 
 def kind_runs(
-    kinds: Sequence[Kind], start: int, stop: int
-) -> list[tuple[Kind, int, int]]:
+    kinds: Sequence[KindLabel], start: int, stop: int
+) -> list[tuple[KindLabel, int, int]]:
     """The maximal runs of one kind in `kinds[start:stop]`: `(kind, first, stop)`."""
-    runs: list[tuple[Kind, int, int]] = []
+    runs: list[tuple[KindLabel, int, int]] = []
     for i in range(start, stop):
         if runs and runs[-1][0] == kinds[i]:
             runs[-1] = (kinds[i], runs[-1][1], i + 1)
@@ -75,7 +75,7 @@ def run_cost(length: int) -> int:
     return length if length <= UNROLL else 1
 
 
-def traced_calls(kinds: Sequence[Kind], split: Split) -> int:
+def traced_calls(kinds: Sequence[KindLabel], split: Split) -> int:
     """How many layer calls a split traces: the period's length, plus its runs'."""
     outside = kind_runs(kinds, 0, split.start) + kind_runs(
         kinds, split.stop, len(kinds)
@@ -84,7 +84,7 @@ def traced_calls(kinds: Sequence[Kind], split: Split) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def split_pattern(kinds: tuple[Kind, ...]) -> Split:
+def split_pattern(kinds: tuple[KindLabel, ...]) -> Split:
     """The split of a pattern that traces the fewest layer calls (`traced_calls`).
 
     A period of length p repeated k >= 2 times traces p calls (its body applies its
@@ -142,7 +142,7 @@ def _layer_list(indices: Sequence[int]) -> str:
     return ("layer " if len(indices) == 1 else "layers ") + shown
 
 
-def _check_kinds(fns: Any, pattern: Any) -> tuple[Kind, ...]:
+def _check_kinds(fns: Any, pattern: Any) -> tuple[KindLabel, ...]:
     """The pattern as a tuple of kinds, every kind with a function and every function
     used; else one error listing every problem."""
     if not isinstance(fns, Mapping):
@@ -177,7 +177,7 @@ def _check_kinds(fns: Any, pattern: Any) -> tuple[Kind, ...]:
                 f"`pattern` must hold hashable kind labels, got a "
                 f"{type(kind).__name__} at layer {i}."
             )
-    where: dict[Kind, list[int]] = {}
+    where: dict[KindLabel, list[int]] = {}
     for i, kind in enumerate(kinds):
         where.setdefault(kind, []).append(i)
     problems = [
@@ -226,23 +226,23 @@ class _Stacks:
         else:
             self.arrays, self.static = split_static(tree)
 
-    def static_of(self, kind: Kind) -> PyTree:
+    def static_of(self, kind: KindLabel) -> PyTree:
         return self.static[kind] if self.per_kind else self.static
 
-    def layer(self, kind: Kind, i: int) -> PyTree:
+    def layer(self, kind: KindLabel, i: int) -> PyTree:
         """The arrays of layer `i`, of kind `kind`."""
         if not self.per_kind:
             return _index(self.arrays, i)
         return _index(self.arrays[kind], self.ordinal[i])
 
-    def run(self, kind: Kind, start: int, stop: int) -> PyTree:
+    def run(self, kind: KindLabel, start: int, stop: int) -> PyTree:
         """The arrays of layers `[start, stop)`, all of kind `kind`."""
         if not self.per_kind:
             return _slice(self.arrays, start, stop)
         first = self.ordinal[start]
         return _slice(self.arrays[kind], first, first + stop - start)
 
-    def block(self, kinds: Sequence[Kind], split: Split) -> PyTree:
+    def block(self, kinds: Sequence[KindLabel], split: Split) -> PyTree:
         """The arrays of the repeated period, leading axes (repeats, per period)."""
         a, k = split.start, split.repeats
         if not self.per_kind:
@@ -254,7 +254,7 @@ class _Stacks:
             out[kind] = _fold(_slice(self.arrays[kind], first, first + k * count), k)
         return out
 
-    def pick(self, block: PyTree, kind: Kind, offset: tuple[int, int]) -> PyTree:
+    def pick(self, block: PyTree, kind: KindLabel, offset: tuple[int, int]) -> PyTree:
         """One layer of one repeat of `block`; `offset` is the layer's position in the
         period and its position among the period's layers of its kind."""
         if not self.per_kind:
@@ -279,7 +279,10 @@ def _index(tree: PyTree, i: int) -> PyTree:
 
 
 def _read_stacks(
-    tree: PyTree, arg: str, fns: Mapping[Kind, Any], counts: Mapping[Kind, int]
+    tree: PyTree,
+    arg: str,
+    fns: Mapping[KindLabel, Any],
+    counts: Mapping[KindLabel, int],
 ) -> bool:
     """Whether `tree` is one stack per kind; checks every stack's length."""
     per_kind = isinstance(tree, Mapping) and set(tree.keys()) == set(fns)
@@ -324,7 +327,7 @@ class _Piece(NamedTuple):
     lead: int
 
 
-def _join_ys(kind: Kind, pieces: list[_Piece]) -> PyTree:
+def _join_ys(kind: KindLabel, pieces: list[_Piece]) -> PyTree:
     """A kind's outputs stacked in layer order, as the reference loop's `stack` does;
     outputs of other structures, shapes, dtypes or static leaves are a `TypeError`."""
 
@@ -367,20 +370,192 @@ def _join_ys(kind: Kind, pieces: list[_Piece]) -> PyTree:
     return merge_static(arrays, pieces[0].static)
 
 
+# ----------------------------------------------------------------- running a pattern
+
+
+class _Options(NamedTuple):
+    """What every layer step of one `scan_pattern` call shares."""
+
+    fns: Mapping[KindLabel, LayerFn]
+    init: PyTree
+    checkpoint: bool
+    policy: Callable[..., bool] | None
+    update_xs: bool
+
+
+class _PatternScan:
+    """One pass over a pattern's layers, in order: the runs of one kind before the
+    repeated period, the period (one `jax.lax.scan` over its repeats), the runs after.
+
+    `sources` are what each layer reads, indexed like `layers`: its parameters, its
+    `x` (or, with `update_xs`, its index into the carried stacks of `xs`) and its key.
+    The outputs are kept as `_Piece`s per kind and joined at the end; with
+    `update_xs` there are none, the carry being `(carry, xs arrays)`.
+    """
+
+    def __init__(
+        self,
+        options: _Options,
+        kinds: tuple[KindLabel, ...],
+        sources: tuple[_Stacks, _Stacks | None, _Stacks | None],
+        inputs: _Stacks | None,
+    ) -> None:
+        self.options = options
+        self.kinds = kinds
+        self.sources = sources
+        self.inputs = inputs
+        self.pieces: dict[KindLabel, list[_Piece]] = {k: [] for k in options.fns}
+
+    def step(
+        self, kind: KindLabel
+    ) -> tuple[Callable[..., tuple[PyTree, PyTree]], list]:
+        """The layer step of `kind` (in place on the carried `xs` with `update_xs`)."""
+        opts, inputs = self.options, self.inputs
+        body, y_static = layer_step(
+            opts.fns[kind],
+            opts.init,
+            self.sources[0].static_of(kind),
+            None if inputs is None else inputs.static_of(kind),
+            has_xs=inputs is not None,
+            checkpoint=opts.checkpoint,
+            policy=opts.policy,
+            name=f"fns[{kind!r}]",
+            y_like_x=opts.update_xs,
+        )
+        if opts.update_xs:
+            assert inputs is not None  # checked by `check_update_xs`
+            body = in_place(body, kind if inputs.per_kind else None)
+        return body, y_static
+
+    def keep(self, kind: KindLabel, piece: _Piece) -> None:
+        if not self.options.update_xs:
+            self.pieces[kind].append(piece)
+
+    def run(self, carry: PyTree, kind: KindLabel, start: int, stop: int) -> PyTree:
+        """Layers `[start, stop)`, all of `kind`: one scan, or applied one by one."""
+        if stop - start > UNROLL:
+            body, y_static = self.step(kind)
+            seq = tuple(
+                None if s is None else s.run(kind, start, stop) for s in self.sources
+            )
+            carry, ys = jax.lax.scan(body, carry, seq)
+            self.keep(kind, _Piece(start, ys, y_static[0], 1))
+            return carry
+        for i in range(start, stop):
+            body, y_static = self.step(kind)
+            layer = tuple(None if s is None else s.layer(kind, i) for s in self.sources)
+            carry, y = body(carry, layer)
+            ys = jax.tree.map(lambda y: y[None], y)
+            self.keep(kind, _Piece(i, ys, y_static[0], 1))
+        return carry
+
+    def period(self, carry: PyTree, split: Split) -> PyTree:
+        """The period's layers repeated `split.repeats` times, as one scan."""
+        layer_kinds = self.kinds[split.start : split.start + split.period]
+        within: Counter[KindLabel] = Counter()
+        offsets: list[tuple[int, int]] = []
+        for kind in layer_kinds:
+            offsets.append((len(offsets), within[kind]))
+            within[kind] += 1
+        steps = [self.step(kind) for kind in layer_kinds]
+
+        def body(carry: PyTree, block: tuple[PyTree, ...]) -> tuple[PyTree, tuple]:
+            ys = []
+            for kind, offset, (layer_fn, _) in zip(
+                layer_kinds, offsets, steps, strict=True
+            ):
+                sliced = tuple(
+                    None if s is None else s.pick(b, kind, offset)
+                    for s, b in zip(self.sources, block, strict=True)
+                )
+                carry, y = layer_fn(carry, sliced)
+                ys.append(y)
+            return carry, tuple(ys)
+
+        blocks = tuple(
+            None if s is None else s.block(self.kinds, split) for s in self.sources
+        )
+        carry, ys = jax.lax.scan(body, carry, blocks)
+        if not self.options.update_xs:
+            for kind in within:
+                at = [t for t, k in enumerate(layer_kinds) if k == kind]
+                self.keep(kind, _period_piece(kind, split.start, at, ys, steps))
+        return carry
+
+    def __call__(self, carry: PyTree) -> tuple[PyTree, dict[KindLabel, PyTree]]:
+        kinds = self.kinds
+        split = split_pattern(kinds)
+        for kind, start, stop in kind_runs(kinds, 0, split.start):
+            carry = self.run(carry, kind, start, stop)
+        if split.repeats:
+            carry = self.period(carry, split)
+        for kind, start, stop in kind_runs(kinds, split.stop, len(kinds)):
+            carry = self.run(carry, kind, start, stop)
+        if self.options.update_xs:
+            return carry, {}  # the outputs are in the carried `xs`
+        return carry, {k: _join_ys(k, self.pieces[k]) for k in self.options.fns}
+
+
+def _period_piece(
+    kind: KindLabel, start: int, at: list[int], ys: tuple, steps: list
+) -> _Piece:
+    """A kind's outputs of the period scan (`ys`, one entry per position of the
+    period), at positions `at` of the period starting at layer `start`."""
+    sub = [_Piece(start + t, ys[t], steps[t][1][0], 1) for t in at]
+    if len(at) > 1:
+        _join_ys(kind, sub)  # the same output at every position, else an error
+    # (repeats, positions, ...) in row-major order is the kind's layer order.
+    stacked = jax.tree.map(lambda *y: jnp.stack(y, axis=1), *(p.arrays for p in sub))
+    return _Piece(start + at[0], stacked, sub[0].static, 2)
+
+
+def _compute(
+    options: _Options,
+    kinds: tuple[KindLabel, ...],
+    per_kind: tuple[bool, bool],
+    args: tuple[PyTree, PyTree, PyTree, jax.Array | None],
+) -> tuple[PyTree, PyTree]:
+    """`scan_pattern` on checked arguments `(init, layers, xs, key)`; `per_kind` says
+    whether `layers` and `xs` are one stack per kind."""
+    init, layers, xs, key = args
+    options = options._replace(init=init)
+    seen: Counter[KindLabel] = Counter()
+    ordinal = []
+    for kind in kinds:
+        ordinal.append(seen[kind])
+        seen[kind] += 1
+    params = _Stacks(layers, per_kind[0], ordinal)
+    inputs = None if xs is None else _Stacks(xs, per_kind[1], ordinal)
+    keys = None if key is None else _Stacks(layer_keys(key, len(kinds)), False, ordinal)
+    if not options.update_xs:
+        carry, ys = _PatternScan(options, kinds, (params, inputs, keys), inputs)(init)
+        return carry, ys
+    assert inputs is not None  # checked by `check_update_xs`
+    # Each layer reads the carried stacks of `xs` at its index into its kind's stack.
+    index = np.arange(len(kinds)) if not inputs.per_kind else np.array(ordinal)
+    at = _Stacks(jnp.asarray(index, jnp.int32), False, ordinal)
+    scan = _PatternScan(options, kinds, (params, at, keys), inputs)
+    (carry, arrays), _ = scan((init, inputs.arrays))
+    if inputs.per_kind:
+        return carry, {k: merge_static(arrays[k], inputs.static[k]) for k in arrays}
+    return carry, merge_static(arrays, inputs.static)
+
+
 # ----------------------------------------------------------------- scan_pattern
 
 
 def scan_pattern(
-    fns: Mapping[Kind, LayerFn],
+    fns: Mapping[KindLabel, LayerFn],
     init: PyTree,
     layers: PyTree,
-    pattern: str | Sequence[Kind],
+    pattern: str | Sequence[KindLabel],
     /,
     *,
     xs: PyTree = None,
     key: jax.Array | None = None,
     remat: Remat = False,
-) -> tuple[PyTree, dict[Kind, PyTree]]:
+    update_xs: bool = False,
+) -> tuple[PyTree, PyTree]:
     """Runs layers of several kinds in the order of `pattern`, compiled once for any N.
 
     Equivalent to this Python loop (`get_layer`, `stack` and `layer_keys` from this
@@ -430,21 +605,28 @@ def scan_pattern(
             functions are called without `key=`.
         remat: Rematerialise each layer in the backward pass, as in `scan_layers`:
             False; True; the name of a `jax.checkpoint_policies` policy; or a policy.
+        update_xs: With True (which needs `xs`), as in `scan_layers`: each layer's `y`
+            must match its `x` and is written back into `xs` in place, one stack per
+            kind when `xs` is per kind (Gemma 3's local layers holding a sliding
+            window, its global layers the whole context). Donate `xs` under `jit` and
+            the step holds no second copy of them.
 
     Returns:
         `(carry, ys)`: the final carry, and a dict mapping each kind to its layers'
         outputs stacked in order (leading length the kind's count; None for a kind whose
-        function returns `y=None`).
+        function returns `y=None`). With `update_xs=True`, `(carry, xs_updated)`, in
+        the form `xs` was given (one stack, or a dict of one stack per kind).
 
     Raises:
         TypeError: if `fns` is not a mapping of functions, `pattern` not a str or list
-            of hashable labels, `key` not a PRNG key or `remat` of the wrong type; if a
-            function does not return `(carry, y)` with a carry matching `init`, or
-            returns outputs that cannot be stacked.
+            of hashable labels, `key` not a PRNG key or `remat` (or `update_xs`) of the
+            wrong type; if a function does not return `(carry, y)` with a carry
+            matching `init`, returns outputs that cannot be stacked, or, with
+            `update_xs=True`, a `y` that does not match its `x`.
         ValueError: if `pattern` is empty, names a kind without a function or leaves a
             function unused; if `layers` or `xs` (or a kind's stack in them) does not
             hold as many layers as `pattern` gives it; if `remat` names an unknown
-            policy.
+            policy; if `update_xs=True` comes without `xs`.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -458,112 +640,16 @@ def scan_pattern(
         (65.0, None, [3.0, 13.0])
     """
     kinds = _check_kinds(fns, pattern)
-    seen: Counter[Kind] = Counter()
-    ordinal = []
-    for kind in kinds:
-        ordinal.append(seen[kind])
-        seen[kind] += 1
-    per_kind_layers = _read_stacks(layers, "layers", fns, seen)
-    per_kind_xs = xs is not None and _read_stacks(xs, "xs", fns, seen)
+    counts = Counter(kinds)
+    per_kind_layers = _read_stacks(layers, "layers", fns, counts)
+    per_kind_xs = xs is not None and _read_stacks(xs, "xs", fns, counts)
+    update_xs = check_update_xs(update_xs, xs)
     if key is not None:
         check_key(key)
-    checkpoint, policy = resolve_remat(remat)
-
-    def compute(
-        init: PyTree, layers: PyTree, xs: PyTree, key: jax.Array | None
-    ) -> tuple[PyTree, dict[Kind, PyTree]]:
-        params = _Stacks(layers, per_kind_layers, ordinal)
-        inputs = None if xs is None else _Stacks(xs, per_kind_xs, ordinal)
-        keys = (
-            None
-            if key is None
-            else _Stacks(layer_keys(key, len(kinds)), False, ordinal)
-        )
-        sources = (params, inputs, keys)
-
-        def step(kind: Kind) -> tuple[Callable[..., tuple[PyTree, PyTree]], list]:
-            return layer_step(
-                fns[kind],
-                init,
-                params.static_of(kind),
-                None if inputs is None else inputs.static_of(kind),
-                has_xs=inputs is not None,
-                checkpoint=checkpoint,
-                policy=policy,
-                name=f"fns[{kind!r}]",
-            )
-
-        pieces: dict[Kind, list[_Piece]] = {kind: [] for kind in fns}
-
-        def run(carry: PyTree, kind: Kind, start: int, stop: int) -> PyTree:
-            if stop - start > UNROLL:
-                body, y_static = step(kind)
-                seq = tuple(
-                    None if s is None else s.run(kind, start, stop) for s in sources
-                )
-                carry, ys = jax.lax.scan(body, carry, seq)
-                pieces[kind].append(_Piece(start, ys, y_static[0], 1))
-                return carry
-            for i in range(start, stop):
-                body, y_static = step(kind)
-                layer = tuple(None if s is None else s.layer(kind, i) for s in sources)
-                carry, y = body(carry, layer)
-                ys = jax.tree.map(lambda y: y[None], y)
-                pieces[kind].append(_Piece(i, ys, y_static[0], 1))
-            return carry
-
-        def period(carry: PyTree, split: Split) -> PyTree:
-            layer_kinds = kinds[split.start : split.start + split.period]
-            within: Counter[Kind] = Counter()
-            offsets: list[tuple[int, int]] = []
-            for kind in layer_kinds:
-                offsets.append((len(offsets), within[kind]))
-                within[kind] += 1
-            steps = [step(kind) for kind in layer_kinds]
-
-            def body(carry: PyTree, block: tuple[PyTree, ...]) -> tuple[PyTree, tuple]:
-                ys = []
-                for kind, offset, (layer_fn, _) in zip(
-                    layer_kinds, offsets, steps, strict=True
-                ):
-                    sliced = tuple(
-                        None if s is None else s.pick(b, kind, offset)
-                        for s, b in zip(sources, block, strict=True)
-                    )
-                    carry, y = layer_fn(carry, sliced)
-                    ys.append(y)
-                return carry, tuple(ys)
-
-            blocks = tuple(
-                None if s is None else s.block(kinds, split) for s in sources
-            )
-            carry, ys = jax.lax.scan(body, carry, blocks)
-            for kind in within:
-                at = [t for t, k in enumerate(layer_kinds) if k == kind]
-                sub = [_Piece(split.start + t, ys[t], steps[t][1][0], 1) for t in at]
-                if len(at) > 1:
-                    _join_ys(
-                        kind, sub
-                    )  # the same output at every position, else an error
-                # (repeats, positions, ...) in row-major order is the kind's layer order.
-                stacked = jax.tree.map(
-                    lambda *y: jnp.stack(y, axis=1), *(p.arrays for p in sub)
-                )
-                pieces[kind].append(
-                    _Piece(split.start + at[0], stacked, sub[0].static, 2)
-                )
-            return carry
-
-        split = split_pattern(kinds)
-        carry = init
-        for kind, start, stop in kind_runs(kinds, 0, split.start):
-            carry = run(carry, kind, start, stop)
-        if split.repeats:
-            carry = period(carry, split)
-        for kind, start, stop in kind_runs(kinds, split.stop, len(kinds)):
-            carry = run(carry, kind, start, stop)
-        return carry, {kind: _join_ys(kind, pieces[kind]) for kind in fns}
-
+    options = _Options(fns, init, *resolve_remat(remat), update_xs)
+    compute = functools.partial(
+        _compute, options, kinds, (per_kind_layers, per_kind_xs)
+    )
     if not any(
         isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((init, layers, xs, key))
     ):
@@ -571,6 +657,6 @@ def scan_pattern(
         # later layer's mistake is found: trace the whole pattern first.
         arrays, static = split_static((init, layers, xs, key))
         jax.eval_shape(
-            lambda a: split_static(compute(*merge_static(a, static)))[0], arrays
+            lambda a: split_static(compute(merge_static(a, static)))[0], arrays
         )
-    return compute(init, layers, xs, key)
+    return compute((init, layers, xs, key))
