@@ -95,14 +95,43 @@ def _stage_block(
 
 
 class _Io(NamedTuple):
-    """A stage's view of the step's inputs: microbatched, as its program receives them."""
+    """A stage's view of the step's inputs: whole batches, read a microbatch at a time.
 
-    init: Any  # the carry's tree, each leaf `(M, ..., B / M, ...)`
+    Microbatch `m` is rows `[m * rows, (m + 1) * rows)` along `axis` of each leaf,
+    sliced when it is needed, so that no copy of the batch is made.
+    """
+
+    init: Any
     targets: Any
     head: Any
+    rows: int  # per microbatch
+    axis: int  # the batch axis
+    layout: _Layout
+
+    def _axis(self, x: jax.Array) -> int:
+        return self.axis % x.ndim
 
     def take(self, tree: Any, m: jax.Array) -> Any:
-        return jax.tree.map(lambda x: x[m], tree)
+        def one(x: jax.Array) -> jax.Array:
+            a = self._axis(x)
+            rows = jax.lax.dynamic_slice_in_dim(x, m * self.rows, self.rows, axis=a)
+            return self.layout.spread(rows, a)
+
+        return jax.tree.map(one, tree)
+
+    def put(self, tree: Any, m: jax.Array, value: Any, where: jax.Array) -> Any:
+        """`tree` with microbatch m's rows set to `value` where `where` holds."""
+
+        def one(x: jax.Array, v: jax.Array) -> jax.Array:
+            a = self._axis(x)
+            v = jnp.where(where, v, self.take(x, m))
+            return jax.lax.dynamic_update_slice_in_dim(x, v, m * self.rows, axis=a)
+
+        return jax.tree.map(one, tree, value)
+
+    def one(self) -> Any:
+        """Zeros shaped like one microbatch of the carry."""
+        return jax.tree.map(jnp.zeros_like, self.take(self.init, jnp.int32(0)))
 
 
 def _varying(tree: Any, axis: str, stages: int) -> Any:
@@ -112,45 +141,42 @@ def _varying(tree: Any, axis: str, stages: int) -> Any:
 def _gpipe(
     order: _Order, block: Callable[..., PyTree], loss_fn: Callable[..., Any], **ctx: Any
 ) -> Callable[..., Any]:
-    """The GPipe step: a forward pipeline with the loss at the last stage, then
-    `jax.value_and_grad` of it, which keeps every tick's activations."""
+    """The GPipe step: `jax.value_and_grad` of a forward pipeline with the loss at
+    the last stage, which keeps every tick's activations for the backward pass."""
     R, S, M = order.repeats, order.stages, order.microbatches
     axis, stage, shift = ctx["axis"], ctx["stage"], ctx["shift"]
 
-    def forward(params: PyTree, init: Any, head: Any, targets: Any) -> jax.Array:
-        # Varying from here on, so their gradients are summed over the stages once,
-        # at the end, rather than at every tick.
+    def forward(params: PyTree, init: Any, head: Any, io: _Io) -> jax.Array:
+        # Varying from here on, so that their gradients are summed over the stages
+        # once, at the end, rather than at every tick.
         init, head = _varying((init, head), axis, S)
+
         def tick(carry: tuple[Any, jax.Array], t: jax.Array) -> tuple[Any, None]:
             msg, total = carry
             w = t - stage
-            on = (w >= 0) & (w < R * M)
             r, m, _ = order.item(jnp.clip(w, 0, R * M - 1))
-            x_in = jax.tree.map(
-                lambda a, b: jnp.where((stage == 0) & (r == 0), a, b),
-                jax.tree.map(lambda x: x[m], init),
-                msg,
-            )
+            x_in = _select((stage == 0) & (r == 0), io.take(init, m), msg)
             y = block(params, r, x_in, m)
-            at_loss = on & (stage == S - 1) & (r == R - 1)
+            at_loss = (w >= 0) & (w < R * M) & (stage == S - 1) & (r == R - 1)
             loss = jax.lax.cond(
                 at_loss,
-                lambda: loss_fn(y, jax.tree.map(lambda x: x[m], targets), head),
+                lambda: jnp.asarray(
+                    loss_fn(y, io.take(io.targets, m), head), jnp.float32
+                ),
                 lambda: _varying(jnp.zeros((), jnp.float32), axis, S),
             )
             if S > 1:
                 y = jax.lax.ppermute(y, axis, shift)
             return (y, total + loss), None
 
-        msg = jax.tree.map(lambda x: jnp.zeros_like(x[0]), init)
+        msg = jax.tree.map(jnp.zeros_like, io.take(init, jnp.int32(0)))
         zero = _varying(jnp.zeros((), jnp.float32), axis, S)
         (_, total), _ = jax.lax.scan(tick, (msg, zero), jnp.arange(order.forward_ticks))
         return (jax.lax.psum(total, axis) if S > 1 else total) / M
 
     def step(params: PyTree, io: _Io) -> tuple[Any, tuple[Any, Any, Any]]:
         grad = jax.value_and_grad(forward, argnums=(0, 1, 2))
-        loss, grads = grad(params, io.init, io.head, io.targets)
-        return loss, grads
+        return grad(params, io.init, io.head, io)
 
     return step
 
@@ -224,9 +250,7 @@ def _one_f_one_b(
         saved = jax.tree.map(lambda s, x: s.at[slot].set(x), saved, keep)
         first = (stage == 0) & (rb == 0) & (v >= 0) & (v < R * M)
         g_params, g_init, g_head, total = acc
-        g_init = jax.tree.map(
-            lambda g, x: g.at[mb].set(jnp.where(first, x, g[mb])), g_init, gx
-        )
+        g_init = io.put(g_init, mb, gx, first)
         acc = (
             jax.tree.map(jnp.add, g_params, gp),
             g_init,
@@ -243,7 +267,7 @@ def _one_f_one_b(
         # stages once, at the end, not inside a stage's branch.
         io = io._replace(head=_varying(io.head, axis, S))
         ctx["params"], ctx["io"] = params, io
-        one = jax.tree.map(lambda x: jnp.zeros_like(x[0]), io.init)
+        one = io.one()
         saved = jax.tree.map(lambda x: jnp.zeros((K, *x.shape), x.dtype), one)
         one, saved, g_init, total = _varying(
             (one, saved, _zeros(io.init), jnp.zeros(())), axis, S
@@ -442,9 +466,12 @@ def pipeline_value_and_grad(
     if key is not None:
         check_key(key)
     _check_loss(loss_fn, init, targets, head, microbatches, int(batch_axis))
-    layout = _layout(mesh, axis, batch // microbatches)
+    rows = batch // microbatches
+    layout = _layout(mesh, axis, rows)
     arrays, static = split_static(staged)
-    run = _program(fn, loss_fn, order, schedule, static, layout, axis, int(batch_axis))
+    run = _program(
+        fn, loss_fn, order, schedule, static, layout, axis, int(batch_axis), rows
+    )
     args = (arrays, init, targets, head) + ((key,) if key is not None else ())
     staged_spec = PartitionSpec(None, axis) if stages > 1 else PartitionSpec()
     mapped = jax.shard_map(
@@ -467,19 +494,10 @@ def _program(
     layout: _Layout,
     axis: str,
     batch_axis: int,
+    rows: int,
 ) -> Callable[..., Any]:
     """The per-device program of the step, for `jax.shard_map` over `axis`."""
-    R, S, L, M = order
-
-    def split(tree: Any) -> Any:
-        def one(x: jax.Array) -> jax.Array:
-            a = batch_axis % x.ndim
-            return layout.split(layout.spread(x, a), a, M)
-
-        return jax.tree.map(one, tree)
-
-    def merge(tree: Any) -> Any:
-        return jax.tree.map(lambda x: layout.merge(x, batch_axis % (x.ndim - 1)), tree)
+    R, S, L, _ = order
 
     def program(staged: PyTree, init: Any, targets: Any, head: Any, key: Any = None):
         params = jax.tree.map(lambda p: p.reshape((R * L, *p.shape[3:])), staged)
@@ -489,11 +507,11 @@ def _program(
         shift = [(s, (s + 1) % S) for s in range(S)]
         step = make(order, block, loss_fn, axis=axis, stage=stage, shift=shift)
         loss, (g_params, g_init, g_head) = step(
-            params, _Io(split(init), split(targets), head)
+            params, _Io(init, targets, head, rows, batch_axis, layout)
         )
         g_staged = jax.tree.map(
             lambda g, p: g.reshape(p.shape).astype(p.dtype), g_params, staged
         )
-        return loss, (g_staged, merge(g_init), g_head)
+        return loss, (g_staged, g_init, g_head)
 
     return program
