@@ -67,7 +67,9 @@ def reference(fn: Any, loss_fn: Any, m: int, key: Any) -> Any:
 
     def total(staged: Any, init: Any, head: Any, targets: Any) -> jax.Array:
         layers = unstage_layers(with_static(staged))
-        split = lambda t: jax.tree.map(lambda x: x.reshape(m, -1, *x.shape[1:]), t)
+
+        def split(t: Any) -> Any:
+            return jax.tree.map(lambda x: x.reshape(m, -1, *x.shape[1:]), t)
 
         def one(init_m: Any, targets_m: Any, i: jax.Array) -> jax.Array:
             def layer(c: Any, p: Any, j: jax.Array) -> Any:
@@ -121,7 +123,8 @@ def test_equals_value_and_grad_of_the_scan(
     fn, loss_fn = (tree_fn, tree_loss) if tree else (layer_block, array_loss)
     init, targets, head = batch(m, tree)
     staged = jax.device_put(
-        stage_layers(params(), S, repeats=repeats), NamedSharding(MESH, P(None, "stage"))
+        stage_layers(params(), S, repeats=repeats),
+        NamedSharding(MESH, P(None, "stage")),
     )
     loss, grads = step(fn, loss_fn, m, key, schedule=schedule)(
         staged, init, head, targets
@@ -134,3 +137,117 @@ def test_equals_value_and_grad_of_the_scan(
     g = grads[0].w
     assert g.sharding.is_equivalent_to(staged[0].sharding, g.ndim), g.sharding
     assert {s.data.nbytes for s in g.addressable_shards} == {g.nbytes // S}
+
+
+# --- memory: read from the compiled step -----------------------------------------------
+
+
+WIDE, WIDE_ROWS = 32, 16  # activations large enough to dominate the parameters
+
+
+def compiled(schedule: str, m: int) -> Any:
+    """The compiled step for m microbatches of WIDE_ROWS rows (the batch grows with m)."""
+    x = jnp.ones((m * WIDE_ROWS, WIDE))
+    x = jax.device_put(x, NamedSharding(MESH, P("data")))
+    layers = (jnp.ones((N, WIDE, WIDE)) / WIDE, jnp.ones((N, WIDE)))
+    staged = jax.device_put(
+        stage_layers(layers, S), NamedSharding(MESH, P(None, "stage"))
+    )
+    run = step(layer_block, array_loss, m, None, schedule=schedule)
+    return run.lower(staged, x, None, x).compile()
+
+
+def test_1f1b_memory_does_not_grow_with_the_microbatches() -> None:
+    temp = {
+        (s, m): compiled(s, m).memory_analysis().temp_size_in_bytes
+        for s, m in [
+            ("1f1b", 8),
+            ("1f1b", 16),
+            ("1f1b", 32),
+            ("gpipe", 8),
+            ("gpipe", 16),
+        ]
+    }
+    # What grows with M in 1F1B is only the batch itself: `init` and `targets` laid
+    # out as microbatches, and the gradient of `init` being assembled (at most three
+    # batch-sized buffers); the activations kept (the stage inputs in flight) do not.
+    carry_bytes = WIDE_ROWS // 2 * WIDE * 4  # a microbatch of the carry, per device
+    assert temp["1f1b", 32] - temp["1f1b", 8] <= 3 * 24 * carry_bytes
+    # GPipe keeps every microbatch's activations: it grows many times faster.
+    per_microbatch = (temp["gpipe", 16] - temp["gpipe", 8]) / 8
+    assert per_microbatch >= 5 * (temp["1f1b", 32] - temp["1f1b", 8]) / 24
+    assert temp["1f1b", 16] <= 0.4 * temp["gpipe", 16], temp
+
+
+def test_no_parameter_is_gathered() -> None:
+    hlo = compiled("1f1b", 4).as_text()
+    assert "collective-permute" in hlo
+    assert "all-gather" not in hlo
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+def run_with(**changes: Any) -> Any:
+    init, targets, _ = batch(4, tree=False)
+    args: dict[str, Any] = {
+        "fn": layer_block,
+        "loss_fn": array_loss,
+        "init": init,
+        "staged": with_static(stage_layers(params(), S, repeats=2)),
+        "targets": targets,
+        "mesh": MESH,
+        "microbatches": 4,
+    }
+    args.update(changes)
+    positional = [args.pop(k) for k in ("fn", "loss_fn", "init", "staged", "targets")]
+    return pipeline_value_and_grad(*positional, **args)
+
+
+def test_loss_must_be_a_scalar() -> None:
+    with pytest.raises(
+        TypeError, match=r"`loss_fn` must return a float scalar .*got shape \(2,\)"
+    ):
+        run_with(loss_fn=lambda out, t, h: jnp.mean(out, axis=1))
+    with pytest.raises(TypeError, match=r"`loss_fn` must return a float scalar"):
+        run_with(loss_fn=lambda out, t, h: jnp.int32(1))
+    with pytest.raises(TypeError, match=r"`loss_fn` must be callable"):
+        run_with(loss_fn=None)
+
+
+def test_microbatches_must_divide_init_and_targets() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"`microbatches` 3 does not divide the batch size 8 of `init` \(axis 0\)",
+    ):
+        run_with(microbatches=3, staged=with_static(stage_layers(params(), S)))
+    with pytest.raises(
+        ValueError,
+        match=r"`microbatches` 4 does not divide the batch size 6 of `targets`",
+    ):
+        run_with(targets=jnp.zeros((6, D)))
+
+
+def test_unknown_schedule() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"`schedule` 'zb' is not known; the schedules are '1f1b', 'gpipe'",
+    ):
+        run_with(schedule="zb")
+
+
+def test_stage_count_must_match_the_mesh() -> None:
+    with pytest.raises(
+        ValueError, match=r"`staged` has 2 stages, but mesh axis 'stage' has 4 devices"
+    ):
+        run_with(staged=with_static(stage_layers(params(), 2)))
+
+
+def test_circular_order_needs_a_multiple_of_the_stages() -> None:
+    init, targets, _ = batch(6, tree=False)
+    with pytest.raises(
+        ValueError,
+        match=r"`microbatches` 6 is not a multiple of the 4 stages: with `staged` of "
+        r"repeats=2 .* so `microbatches` must be a multiple of 4",
+    ):
+        run_with(init=init, targets=targets, microbatches=6)

@@ -95,43 +95,28 @@ def _stage_block(
 
 
 class _Io(NamedTuple):
-    """A stage's view of the step's inputs: whole batches, read a microbatch at a time.
+    """A stage's view of the step's inputs, split into microbatches.
 
-    Microbatch `m` is rows `[m * rows, (m + 1) * rows)` along `axis` of each leaf,
-    sliced when it is needed, so that no copy of the batch is made.
+    Each leaf of `init` and `targets` is `(M, ..., B / M, ...)`, microbatch `m`'s rows
+    spread over the data-parallel mesh axes, so reading one is local to each device.
     """
 
     init: Any
     targets: Any
     head: Any
-    rows: int  # per microbatch
-    axis: int  # the batch axis
-    layout: _Layout
-
-    def _axis(self, x: jax.Array) -> int:
-        return self.axis % x.ndim
 
     def take(self, tree: Any, m: jax.Array) -> Any:
-        def one(x: jax.Array) -> jax.Array:
-            a = self._axis(x)
-            rows = jax.lax.dynamic_slice_in_dim(x, m * self.rows, self.rows, axis=a)
-            return self.layout.spread(rows, a)
-
-        return jax.tree.map(one, tree)
+        return jax.tree.map(lambda x: x[m], tree)
 
     def put(self, tree: Any, m: jax.Array, value: Any, where: jax.Array) -> Any:
-        """`tree` with microbatch m's rows set to `value` where `where` holds."""
-
-        def one(x: jax.Array, v: jax.Array) -> jax.Array:
-            a = self._axis(x)
-            v = jnp.where(where, v, self.take(x, m))
-            return jax.lax.dynamic_update_slice_in_dim(x, v, m * self.rows, axis=a)
-
-        return jax.tree.map(one, tree, value)
+        """`tree` with microbatch m set to `value` where `where` holds."""
+        return jax.tree.map(
+            lambda x, v: x.at[m].set(jnp.where(where, v, x[m])), tree, value
+        )
 
     def one(self) -> Any:
         """Zeros shaped like one microbatch of the carry."""
-        return jax.tree.map(jnp.zeros_like, self.take(self.init, jnp.int32(0)))
+        return jax.tree.map(lambda x: jnp.zeros_like(x[0]), self.init)
 
 
 def _varying(tree: Any, axis: str, stages: int) -> Any:
@@ -169,7 +154,7 @@ def _gpipe(
                 y = jax.lax.ppermute(y, axis, shift)
             return (y, total + loss), None
 
-        msg = jax.tree.map(jnp.zeros_like, io.take(init, jnp.int32(0)))
+        msg = jax.tree.map(lambda x: jnp.zeros_like(x[0]), init)
         zero = _varying(jnp.zeros((), jnp.float32), axis, S)
         (_, total), _ = jax.lax.scan(tick, (msg, zero), jnp.arange(order.forward_ticks))
         return (jax.lax.psum(total, axis) if S > 1 else total) / M
@@ -466,12 +451,9 @@ def pipeline_value_and_grad(
     if key is not None:
         check_key(key)
     _check_loss(loss_fn, init, targets, head, microbatches, int(batch_axis))
-    rows = batch // microbatches
-    layout = _layout(mesh, axis, rows)
+    layout = _layout(mesh, axis, batch // microbatches)
     arrays, static = split_static(staged)
-    run = _program(
-        fn, loss_fn, order, schedule, static, layout, axis, int(batch_axis), rows
-    )
+    run = _program(fn, loss_fn, order, schedule, static, layout, axis, int(batch_axis))
     args = (arrays, init, targets, head) + ((key,) if key is not None else ())
     staged_spec = PartitionSpec(None, axis) if stages > 1 else PartitionSpec()
     mapped = jax.shard_map(
@@ -494,10 +476,19 @@ def _program(
     layout: _Layout,
     axis: str,
     batch_axis: int,
-    rows: int,
 ) -> Callable[..., Any]:
     """The per-device program of the step, for `jax.shard_map` over `axis`."""
-    R, S, L, _ = order
+    R, S, L, M = order
+
+    def split(tree: Any) -> Any:
+        def one(x: jax.Array) -> jax.Array:
+            a = batch_axis % x.ndim
+            return layout.split(layout.spread(x, a), a, M)
+
+        return jax.tree.map(one, tree)
+
+    def merge(tree: Any) -> Any:
+        return jax.tree.map(lambda x: layout.merge(x, batch_axis % (x.ndim - 1)), tree)
 
     def program(staged: PyTree, init: Any, targets: Any, head: Any, key: Any = None):
         params = jax.tree.map(lambda p: p.reshape((R * L, *p.shape[3:])), staged)
@@ -507,11 +498,11 @@ def _program(
         shift = [(s, (s + 1) % S) for s in range(S)]
         step = make(order, block, loss_fn, axis=axis, stage=stage, shift=shift)
         loss, (g_params, g_init, g_head) = step(
-            params, _Io(init, targets, head, rows, batch_axis, layout)
+            params, _Io(split(init), split(targets), head)
         )
         g_staged = jax.tree.map(
             lambda g, p: g.reshape(p.shape).astype(p.dtype), g_params, staged
         )
-        return loss, (g_staged, g_init, g_head)
+        return loss, (g_staged, merge(g_init), g_head)
 
     return program
