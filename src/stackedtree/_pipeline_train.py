@@ -174,6 +174,46 @@ def _select(pred: jax.Array, a: Any, b: Any) -> Any:
     return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
+def _backward(
+    order: _Order,
+    block: Callable[..., PyTree],
+    loss_fn: Callable[..., Any],
+    item: tuple[PyTree, _Io, Any, Any, jax.Array],
+    stage: jax.Array,
+    axis: str,
+) -> Any:
+    """Gradients of backward item v, from its saved input x and cotangent ct.
+
+    `item` is `(params, io, x, ct, v)`. Returns the gradients of the stage's
+    parameters, of x and of the head, and the loss (zero but at the loss); the
+    last stage's last round runs the loss under the same `jax.vjp`.
+    """
+    params, io, x, ct, v = item
+    R, S, M = order.repeats, order.stages, order.microbatches
+    r, m, _ = order.item(v, backward=True)
+    zero = _varying(jnp.zeros((), jnp.float32), axis, S)
+
+    def plain() -> Any:
+        _, vjp = jax.vjp(lambda p, x: block(p, r, x, m), params, x)
+        gp, gx = vjp(ct)
+        return gp, gx, _zeros(io.head), zero
+
+    def with_loss() -> Any:
+        def f(p: PyTree, x: Any, h: Any) -> jax.Array:
+            y = block(p, r, x, m)
+            return jnp.asarray(loss_fn(y, io.take(io.targets, m), h), jnp.float32)
+
+        loss, vjp = jax.vjp(f, params, x, io.head)
+        return (*vjp(jnp.ones_like(loss) / M), loss)
+
+    def idle() -> Any:
+        return _zeros(params), _zeros(ct), _zeros(io.head), zero
+
+    on = (v >= 0) & (v < R * M)
+    branch = jnp.where(on, jnp.where((stage == S - 1) & (r == R - 1), 2, 1), 0)
+    return jax.lax.switch(branch, (idle, plain, with_loss))
+
+
 def _one_f_one_b(
     order: _Order, block: Callable[..., PyTree], loss_fn: Callable[..., Any], **ctx: Any
 ) -> Callable[..., Any]:
@@ -187,31 +227,6 @@ def _one_f_one_b(
     axis, stage, shift = ctx["axis"], ctx["stage"], ctx["shift"]
     back_shift = [(b, a) for a, b in shift]
     K = order.in_flight
-
-    def backward(params: PyTree, io: _Io, x: Any, ct: Any, v: jax.Array) -> Any:
-        """Gradients of backward item v, from its saved input x and cotangent ct."""
-        r, m, _ = order.item(v, backward=True)
-        zero = _varying(jnp.zeros((), jnp.float32), axis, S)
-
-        def plain() -> Any:
-            _, vjp = jax.vjp(lambda p, x: block(p, r, x, m), params, x)
-            gp, gx = vjp(ct)
-            return gp, gx, _zeros(io.head), zero
-
-        def with_loss() -> Any:
-            def f(p: PyTree, x: Any, h: Any) -> jax.Array:
-                y = block(p, r, x, m)
-                return jnp.asarray(loss_fn(y, io.take(io.targets, m), h), jnp.float32)
-
-            loss, vjp = jax.vjp(f, params, x, io.head)
-            return (*vjp(jnp.ones_like(loss) / M), loss)
-
-        def idle() -> Any:
-            return _zeros(params), _zeros(ct), _zeros(io.head), zero
-
-        on = (v >= 0) & (v < R * M)
-        branch = jnp.where(on, jnp.where((stage == S - 1) & (r == R - 1), 2, 1), 0)
-        return jax.lax.switch(branch, (idle, plain, with_loss))
 
     def tick(carry: Any, t: jax.Array) -> tuple[Any, None]:
         msg, ct, saved, acc = carry
@@ -229,7 +244,9 @@ def _one_f_one_b(
         rb, mb, wb = order.item(jnp.clip(v, 0, R * M - 1), backward=True)
         at_loss = (stage == S - 1) & (rb == R - 1)
         x_b = _select(at_loss, x_in, jax.tree.map(lambda s: s[wb % K], saved))
-        gp, gx, gh, loss = backward(params, io, x_b, ct, v)
+        gp, gx, gh, loss = _backward(
+            order, block, loss_fn, (params, io, x_b, ct, v), stage, axis
+        )
         slot = jnp.where(f_on, w, wb) % K  # idle ticks rewrite a slot unchanged
         keep = _select(f_on, x_in, jax.tree.map(lambda s: s[slot], saved))
         saved = jax.tree.map(lambda s, x: s.at[slot].set(x), saved, keep)
@@ -259,8 +276,8 @@ def _one_f_one_b(
         )
         acc = (_zeros(params), g_init, _zeros(io.head), total)
         carry = (one, one, saved, acc)
-        (*_, acc), _ = jax.lax.scan(tick, carry, jnp.arange(order.ticks))
-        g_params, g_init, g_head, total = acc
+        final, _ = jax.lax.scan(tick, carry, jnp.arange(order.ticks))
+        g_params, g_init, g_head, total = final[3]
         if S > 1:
             g_init, g_head, total = jax.lax.psum((g_init, g_head, total), axis)
         return total / M, (g_params, g_init, g_head)
