@@ -41,6 +41,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     ).strip()
 
 import _common as C
+import _train_step as T
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -401,8 +402,15 @@ def report(results: dict[str, Any]) -> str:
         "The devices are fake CPU devices sharing the machine's cores, so these are "
         "counts and bytes, not timings: a pipeline's speed-up can only be measured on "
         "real devices.",
+        "",
+        *T.report_lines(results["train_step"]),
     ]
     return "\n".join(out) + "\n"
+
+
+def plots(results: dict[str, Any]) -> list[C.Plot]:
+    """Temporary memory of the training step against the microbatch count."""
+    return T.plot(results["train_step"], results.get("machine") or {})
 
 
 def headline(results: dict[str, Any]) -> list[tuple[str, float | None]]:
@@ -432,8 +440,16 @@ def main(argv: list[str] | None = None) -> int:
     compared = compare(cfg, args.quick)
     C.log("schedule:")
     steps = schedule(args.quick)
+    C.log("training step (pipeline_value_and_grad):")
+    train = T.measure(cfg, args.quick, hlo_collectives, while_trip_counts)
     ok = all(r["same_loss_and_grad"] for r in compared["variants"].values()) and all(
         r["steps"] == r["formula"] for r in steps
+    )
+    ok = ok and all(
+        r["trips"][0] == T.expected_trips(r["schedule"], STAGES, r["repeats"], m)
+        and r["all_gathers"] == 0
+        for r in train["memory"]
+        if r["schedule"] != "pipeline_layers + grad" and (m := r["microbatches"])
     )
     results = {
         "benchmark": "bench_pipeline",
@@ -443,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "compare": compared,
         "schedule": steps,
+        "train_step": train,
         "all_match": ok,
         "wall_s": time.perf_counter() - t_start,
     }
