@@ -26,10 +26,12 @@ from __future__ import annotations
 import time
 from typing import Any, NamedTuple
 
-import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _hlo import temp_bytes
+from _report import dig, finish, fmt, ms, parser, start, table
+from _timing import interleaved_steps, paired_ratio, summary
 
 from stackedtree import scan_layers
 
@@ -134,8 +136,8 @@ def measure(size: Size, repeats: int) -> dict[str, Any]:
         compiled = step.lower(params, cache, x, jnp.int32(0)).compile()
         memory = compiled.memory_analysis()
         out[name] = {
-            "temp_bytes": C.temp_bytes(compiled),
-            "temp_x_cache": C.temp_bytes(compiled) / nbytes,
+            "temp_bytes": temp_bytes(compiled),
+            "temp_x_cache": temp_bytes(compiled) / nbytes,
             "alias_bytes": None if memory is None else memory.alias_size_in_bytes,
         }
         steps[name] = compiled
@@ -151,10 +153,10 @@ def measure(size: Size, repeats: int) -> dict[str, Any]:
         return go
 
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    times = C.interleaved_steps({name: run(name) for name in VARIANTS}, repeats)
+    times = interleaved_steps({name: run(name) for name in VARIANTS}, repeats)
     for name in VARIANTS:
-        out[name]["step"] = C.summary(times[name])
-        out[name]["vs_in_place"] = C.paired_ratio(times[name], times["in_place"])
+        out[name]["step"] = summary(times[name])
+        out[name]["vs_in_place"] = paired_ratio(times[name], times["in_place"])
     return out
 
 
@@ -166,12 +168,12 @@ def headline(results: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         (
             f"decode step, {mib:.0f} MiB KV cache: temporary memory, update_xs vs xs/ys",
-            f"{C.fmt(C.dig(last, 'update_xs', 'temp_x_cache'))}x vs "
-            f"{C.fmt(C.dig(last, 'xs_ys', 'temp_x_cache'))}x the cache",
+            f"{fmt(dig(last, 'update_xs', 'temp_x_cache'))}x vs "
+            f"{fmt(dig(last, 'xs_ys', 'temp_x_cache'))}x the cache",
         ),
         (
             f"decode step, {mib:.0f} MiB KV cache: time of update_xs / in-place floor",
-            C.fmt(C.dig(last, "update_xs", "vs_in_place", "median_ratio")),
+            fmt(dig(last, "update_xs", "vs_in_place", "median_ratio")),
         ),
     ]
 
@@ -191,10 +193,10 @@ def report(results: dict[str, Any]) -> str:
                 [
                     label if i == 0 else "",
                     name,
-                    C.fmt(v["temp_x_cache"]),
+                    fmt(v["temp_x_cache"]),
                     "yes" if v["alias_bytes"] == r["cache_bytes"] else "no",
-                    C.fmt(C.ms(C.dig(v, "step", "median_s"))),
-                    C.fmt(C.dig(v, "vs_in_place", "median_ratio")),
+                    fmt(ms(dig(v, "step", "median_s"))),
+                    fmt(dig(v, "vs_in_place", "median_ratio")),
                 ]
             )
     return "\n".join(
@@ -207,7 +209,7 @@ def report(results: dict[str, Any]) -> str:
             f"(the floor). Equal bit for bit: {results.get('equal')}. Medians of "
             f"{results.get('repeats')} steps per variant, run alternately.",
             "",
-            C.table(
+            table(
                 [
                     "caches",
                     "step",
@@ -223,7 +225,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, machine, t_start = C.start(C.parser(__doc__), argv)
+    args, machine, t_start = start(parser(__doc__), argv)
     sizes, repeats = (QUICK, 3) if args.quick else (FULL, 15)
     equal = all(check_equal(size) for size in sizes[:1])
     results = [measure(size, repeats) for size in sizes]
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "wall_s": time.perf_counter() - t_start,
     }
-    C.finish(args, payload, report)
+    finish(args, payload, report)
     return 0 if equal else 1
 
 

@@ -42,10 +42,12 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
+import _train_step as T
 import jax
 import jax.numpy as jnp
 import numpy as np
 from _hlo import temp_bytes
+from _plots import Plot
 from _models import LLAMA_QUICK, LLAMA_SMALL, llama_loss_value
 from _report import finish, log, parser, ratio, start, table
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -405,8 +407,15 @@ def report(results: dict[str, Any]) -> str:
         "The devices are fake CPU devices sharing the machine's cores, so these are "
         "counts and bytes, not timings: a pipeline's speed-up can only be measured on "
         "real devices.",
+        "",
+        *T.report_lines(results["train_step"]),
     ]
     return "\n".join(out) + "\n"
+
+
+def plots(results: dict[str, Any]) -> list[Plot]:
+    """Temporary memory of the training step against the microbatch count."""
+    return T.plot(results["train_step"], results.get("machine") or {})
 
 
 def headline(results: dict[str, Any]) -> list[tuple[str, float | None]]:
@@ -436,8 +445,16 @@ def main(argv: list[str] | None = None) -> int:
     compared = compare(cfg, args.quick)
     log("schedule:")
     steps = schedule(args.quick)
+    log("training step (pipeline_value_and_grad):")
+    train = T.measure(cfg, args.quick, hlo_collectives, while_trip_counts)
     ok = all(r["same_loss_and_grad"] for r in compared["variants"].values()) and all(
         r["steps"] == r["formula"] for r in steps
+    )
+    ok = ok and all(
+        r["trips"][0] == T.expected_trips(r["schedule"], STAGES, r["repeats"], m)
+        and r["all_gathers"] == 0
+        for r in train["memory"]
+        if r["schedule"] != "pipeline_layers + grad" and (m := r["microbatches"])
     )
     results = {
         "benchmark": "bench_pipeline",
@@ -447,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "compare": compared,
         "schedule": steps,
+        "train_step": train,
         "all_match": ok,
         "wall_s": time.perf_counter() - t_start,
     }

@@ -1,14 +1,17 @@
 """The small Llama decoder trained as a pipeline over 4 stages x 2 data-parallel devices.
 
-Run with `python examples/pipeline_llama.py` (about half a minute on 2 CPU cores). On 8
+Run with `python examples/pipeline_llama.py` (about a minute on 2 CPU cores). On 8
 fake CPU devices (the script sets `XLA_FLAGS` itself unless it is already set), it
 
 1. stages the decoder's 8 layers for a circular pipeline of 4 stages and 2 repeats
    (stage s holds layers s and 4 + s), placed so each device holds only its stage's
    layers;
-2. trains a few SGD steps with `pipeline_layers` (microbatches split over the `data`
-   axis) and, from the same start, with `scan_layers` on the same devices;
-3. prints both losses per step and their largest difference.
+2. trains a few SGD steps with `pipeline_value_and_grad` (the interleaved 1F1B
+   schedule, microbatches split over the `data` axis; the embedding runs outside the
+   pipeline, the final norm and the tied output head are its `head`), and checks the
+   first step's loss and gradients against `jax.value_and_grad` over `scan_layers`;
+3. trains the same steps with `scan_layers` from the same start and prints both
+   losses per step and their largest difference.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from llama_model import Config, DecoderBlock, decoder_block, init_block, rms_nor
 
 from stackedtree import (
     init_stacked,
-    pipeline_layers,
+    pipeline_value_and_grad,
     scan_layers,
     stage_layers,
+    unstage_layers,
 )
 
 CFG = Config(
@@ -62,6 +66,45 @@ def layer(x: jax.Array, block: DecoderBlock) -> tuple[jax.Array, None]:
     return decoder_block(block, x, CFG), None
 
 
+def head_loss(x: jax.Array, next_tokens: jax.Array, head: dict[str, Any]) -> jax.Array:
+    """The next-token loss of the decoder's output `x`; `head` holds the final norm and
+    the (tied) embedding as output head."""
+    logits = rms_norm(x, head["final_norm"], CFG.rms_eps) @ head["embed"].T
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, next_tokens[..., None], axis=-1))
+
+
+def pipelined_step(
+    mesh: jax.sharding.Mesh,
+) -> Callable[[dict[str, Any], jax.Array], tuple[jax.Array, dict[str, Any]]]:
+    """Loss and gradients of the whole model, the layers run as a 1F1B pipeline."""
+
+    def step(params: dict[str, Any], tokens: jax.Array) -> Any:
+        x, embed_vjp = jax.vjp(lambda e: e[tokens[:, :-1]], params["embed"])
+        head = {"embed": params["embed"], "final_norm": params["final_norm"]}
+        loss, (g_layers, g_x, g_head) = pipeline_value_and_grad(
+            layer,
+            head_loss,
+            x,
+            params["layers"],
+            tokens[:, 1:],
+            head=head,
+            mesh=mesh,
+            microbatches=MICROBATCHES,
+        )
+        # The embedding's gradient: through the lookup (from the carry's gradient)
+        # and through the tied output head.
+        g_embed = embed_vjp(g_x)[0] + g_head["embed"]
+        grads = {
+            "embed": g_embed,
+            "layers": g_layers,
+            "final_norm": g_head["final_norm"],
+        }
+        return loss, grads
+
+    return jax.jit(step)
+
+
 def loss_with(
     run_layers: Callable[[jax.Array, Any], jax.Array],
 ) -> Callable[[dict[str, Any], jax.Array], jax.Array]:
@@ -70,9 +113,7 @@ def loss_with(
     def loss(params: dict[str, Any], tokens: jax.Array) -> jax.Array:
         x = params["embed"][tokens[:, :-1]]
         x = run_layers(x, params["layers"])
-        logits = rms_norm(x, params["final_norm"], CFG.rms_eps) @ params["embed"].T
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+        return head_loss(x, tokens[:, 1:], params)
 
     return loss
 
@@ -84,11 +125,10 @@ def make_batch(key: jax.Array) -> jax.Array:
 
 
 def train(
-    loss: Callable[[dict[str, Any], jax.Array], jax.Array],
+    step: Callable[[dict[str, Any], jax.Array], tuple[jax.Array, Any]],
     params: dict[str, Any],
     batches: list[jax.Array],
 ) -> list[float]:
-    step = jax.jit(jax.value_and_grad(loss))
     losses = []
     for tokens in batches:
         value, grads = step(params, tokens)
@@ -130,18 +170,28 @@ def main(argv: list[str] | None = None) -> None:
     batches = [make_batch(jax.random.key(100 + i)) for i in range(args.steps)]
     data = NamedSharding(mesh, P("data"))
 
-    def pipelined(x: jax.Array, layers: Any) -> jax.Array:
-        return pipeline_layers(layer, x, layers, mesh=mesh, microbatches=MICROBATCHES)
-
     def scanned(x: jax.Array, layers: Any) -> jax.Array:
         return scan_layers(layer, x, layers)[0]
 
-    pipe_losses = train(
-        loss_with(pipelined), staged, [jax.device_put(b, data) for b in batches]
+    pipe_step = pipelined_step(mesh)
+    scan_step = jax.jit(jax.value_and_grad(loss_with(scanned)))
+    batches_on_data = [jax.device_put(b, data) for b in batches]
+    # Once: the pipelined step's loss and gradients against the scan's.
+    loss, grads = pipe_step(staged, batches_on_data[0])
+    want_loss, want = scan_step(params, batches[0])
+    grads = dict(grads, layers=unstage_layers(grads["layers"]))
+    errors = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), grads, want)
+    worst = max([abs(float(loss - want_loss)), *jax.tree.leaves(errors)])
+    print(
+        f"first step: loss {float(loss):.6f}, largest difference from the scan's "
+        f"loss and gradients: {worst:.2e}"
     )
-    scan_losses = train(loss_with(scanned), params, batches)
+    assert worst < 1e-4, errors
 
-    print("| step | pipeline_layers | scan_layers |")
+    pipe_losses = train(pipe_step, staged, batches_on_data)
+    scan_losses = train(scan_step, params, batches)
+
+    print("| step | pipeline_value_and_grad (1F1B) | scan_layers |")
     print("|---:|---:|---:|")
     for i, (a, b) in enumerate(zip(pipe_losses, scan_losses, strict=True)):
         print(f"| {i} | {a:.6f} | {b:.6f} |")

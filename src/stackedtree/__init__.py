@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ._pipeline import pipeline_layers as pipeline_layers
     from ._pipeline import stage_layers as stage_layers
     from ._pipeline import unstage_layers as unstage_layers
+    from ._pipeline_train import pipeline_value_and_grad as pipeline_value_and_grad
     from ._scan import Remat as Remat
     from ._scan import scan_layers as scan_layers
     from ._scan_pattern import scan_pattern as scan_pattern
@@ -53,6 +54,7 @@ _SOURCES = {
     "muon_dims": "._muon",
     "num_layers": "._stack",
     "pipeline_layers": "._pipeline",
+    "pipeline_value_and_grad": "._pipeline_train",
     "scan_layers": "._scan",
     "scan_pattern": "._scan_pattern",
     "set_layer": "._index",

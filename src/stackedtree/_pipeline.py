@@ -460,6 +460,47 @@ class _Schedule(NamedTuple):
         return self.repeats * self.microbatches + self.stages - 1
 
 
+def _block_runner(
+    fn: Callable[..., tuple[PyTree, PyTree]],
+    params: PyTree,
+    staged_static: PyTree,
+    remat: Remat,
+    L: int,
+    S: int,
+    key: jax.Array | None,
+    stage: jax.Array,
+) -> Callable[[jax.Array, PyTree, jax.Array], PyTree]:
+    """`run_block(r, carry, m)`: round r's block of this stage's layers on microbatch m.
+
+    `params` are the stage's layers, round r's block in rows `[r * L, (r + 1) * L)`.
+    """
+    policy = _block_policy(remat, {p.shape for p in jax.tree.leaves(params)})
+
+    def layer_fn(
+        carry: PyTree, row: jax.Array, key: jax.Array | None = None
+    ) -> tuple[PyTree, PyTree]:
+        carry = jax.tree.map(lambda c: checkpoint_name(c, _LAYER_IN), carry)
+        layer = jax.tree.map(lambda p: jnp.take(p, row, axis=0, mode="clip"), params)
+        layer = merge_static(layer, staged_static)
+        return fn(carry, layer) if key is None else fn(carry, layer, key=key)
+
+    def block(r: jax.Array, carry: PyTree, m: jax.Array) -> PyTree:
+        """Round r's block of this stage's layers, on microbatch m."""
+        rows = r * L + jnp.arange(L)
+        if key is None:
+            return scan_layers(layer_fn, carry, rows)[0]
+        first = (r * S + stage) * L  # the index of the block's first layer
+        keys = jax.vmap(
+            lambda j: jax.random.fold_in(jax.random.fold_in(key, first + j), m)
+        )(jnp.arange(L))
+        return scan_layers(layer_fn, carry, rows, xs=keys)[0]
+
+    # Without this checkpoint the backward pass would keep the parameters of every
+    # layer run at every step: one copy of the stage's parameters per step.
+    run_block = jax.checkpoint(block, policy=policy, prevent_cse=False)
+    return run_block
+
+
 def _pipeline(
     fn: Callable[..., tuple[PyTree, PyTree]],
     schedule: _Schedule,
@@ -480,7 +521,6 @@ def _pipeline(
     ) -> list[jax.Array]:
         # This stage's layers, round r's block in rows [r * L, (r + 1) * L).
         params = jax.tree.map(lambda p: p.reshape((R * L, *p.shape[3:])), params)
-        policy = _block_policy(remat, {p.shape for p in jax.tree.leaves(params)})
         stage = jax.lax.axis_index(axis) if S > 1 else jnp.int32(0)
         # Stage 0's queue of microbatches: at step t, position k holds microbatch
         # (t + k) % M (its input, or its result of the previous round), and the queue
@@ -499,30 +539,7 @@ def _pipeline(
         # The item arriving from the last stage at step t is t - (S - 1): its slot.
         home = (1 - S) % M
 
-        def layer_fn(
-            carry: PyTree, row: jax.Array, key: jax.Array | None = None
-        ) -> tuple[PyTree, PyTree]:
-            carry = jax.tree.map(lambda c: checkpoint_name(c, _LAYER_IN), carry)
-            layer = jax.tree.map(
-                lambda p: jnp.take(p, row, axis=0, mode="clip"), params
-            )
-            layer = merge_static(layer, staged_static)
-            return fn(carry, layer) if key is None else fn(carry, layer, key=key)
-
-        def block(r: jax.Array, carry: PyTree, m: jax.Array) -> PyTree:
-            """Round r's block of this stage's layers, on microbatch m."""
-            rows = r * L + jnp.arange(L)
-            if key is None:
-                return scan_layers(layer_fn, carry, rows)[0]
-            first = (r * S + stage) * L  # the index of the block's first layer
-            keys = jax.vmap(
-                lambda j: jax.random.fold_in(jax.random.fold_in(key, first + j), m)
-            )(jnp.arange(L))
-            return scan_layers(layer_fn, carry, rows, xs=keys)[0]
-
-        # Without this checkpoint the backward pass would keep the parameters of every
-        # layer run at every step: one copy of the stage's parameters per step.
-        run_block = jax.checkpoint(block, policy=policy, prevent_cse=False)
+        run_block = _block_runner(fn, params, staged_static, remat, L, S, key, stage)
 
         def step(
             carry: tuple[list[jax.Array], list[jax.Array]], t: jax.Array
