@@ -47,8 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _hlo import temp_bytes
-from _plots import Plot
 from _models import LLAMA_QUICK, LLAMA_SMALL, llama_loss_value
+from _plots import Plot
 from _report import finish, log, parser, ratio, start, table
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
