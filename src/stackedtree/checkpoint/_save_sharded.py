@@ -1,0 +1,711 @@
+"""`save_sharded`: sharded stacked arrays back to a per-layer checkpoint, in place.
+
+The safetensors layout is a function of the tensors' names, dtypes and shapes alone, so
+every process computes it alike: which file each per-layer tensor goes to, at which
+byte offset, and so where each block of each global array lands. Each process then
+writes, with positioned writes (`os.pwrite`), only the blocks its own devices hold: a
+block of a stacked tensor `(N, ...)` is cut into its layers, and each layer's part is
+written to that layer's tensor, one write per contiguous run of the file. Nothing is
+gathered and nothing is read back; host memory beyond the arrays is one block (none
+on CPU devices, whose blocks are host memory already).
+
+A block that several processes hold (a replicated array, or a data-parallel replica)
+is cut along its first dimension into one part per holding process, so that each part
+is written once and the work is shared; numpy arrays count as held by every process.
+
+The output is written under hidden temporary names beside the target and renamed when
+every process is done, through the phases of `_processes.Processes`: check (every
+process's arguments, compared by digest), create (process 0 creates the files at their
+full size with their headers, and the index), write (each process its own part), and
+finish (process 0 renames, once every process reported success). A failure anywhere
+removes the temporary output and is raised in every process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from .._check import fail
+from ._files import PathLike, check_output
+from ._io import _little, dtype_code, safetensors_header
+from ._names import check_kinds
+from ._pattern import ranges
+from ._processes import Processes
+from ._sharded import Box, _box, _split_dim
+from ._stacked import META_KEYS
+
+HF_MAX_SHARD_SIZE = 5 * 10**9
+"""The shard size when `max_shard_size` is None: Hugging Face's default, 5 GB."""
+
+INDEX_NAME = "model.safetensors.index.json"
+
+_STACKED = re.compile(r"\{i(?::([A-Za-z0-9_]+))?\}")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class _Out(NamedTuple):
+    """One tensor of the output: its name, dtype and shape, and where it comes from:
+    array `source`, whole (`layer` None) or index `layer` of its leading axis."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    source: str
+    layer: int | None
+
+
+class _Placed(NamedTuple):
+    file: int
+    offset: int
+    shape: tuple[int, ...]
+
+
+class Layout(NamedTuple):
+    """The output files, the same in every process.
+
+    Attributes:
+        files: each file's name (relative to the output folder), header and size.
+        where: `(source, layer)` -> the file, byte offset and shape of that tensor.
+        index_text: the index file's text, for a folder.
+    """
+
+    files: list[tuple[str, bytes, int]]
+    where: dict[tuple[str, int | None], _Placed]
+    index_text: str | None
+
+
+# --------------------------------------------------------------------- the plan
+
+
+def _specs(arrays: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    if not isinstance(arrays, Mapping):
+        raise TypeError(
+            f"`arrays` must map names to arrays, got {type(arrays).__name__}."
+        )
+    specs = {}
+    for name, x in arrays.items():
+        if not isinstance(name, str):
+            raise TypeError(f"`arrays` must have str names, got {name!r}.")
+        if not isinstance(x, jax.Array | np.ndarray | np.generic):
+            raise TypeError(
+                f"`arrays[{name!r}]` must be a jax or numpy array, got "
+                f"{type(x).__name__}."
+            )
+        if isinstance(x, jax.core.Tracer):
+            raise TypeError(f"`arrays[{name!r}]` is a tracer: save outside `jit`.")
+        specs[name] = (tuple(int(d) for d in x.shape), np.dtype(x.dtype))
+        dtype_code(specs[name][1], name)
+    return specs
+
+
+def _layers(
+    specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    stacked: Mapping[str, tuple[str, str | None, str]],
+    kinds: Any,
+) -> dict[int, tuple[str | None, int]]:
+    """Layer `i` -> (its kind's label, its index along that kind's layer axis)."""
+    labels = {label for _, label, _ in stacked.values()}
+    if None in labels and len(labels) > 1:
+        fail(
+            [repr(n) for n, (_, label, _) in stacked.items() if label is not None][:1]
+            + [repr(n) for n, (_, label, _) in stacked.items() if label is None][:1],
+            "`arrays` mixes uniform stacked names (`{i}`) with kind-labelled ones "
+            "(`{i:B}`), which no stacked checkpoint holds",
+        )
+    leading = {n: specs[n][0][:1] for n in stacked}
+    if labels <= {None}:
+        counts = Counter(leading.values())
+        lead = max(counts, key=lambda s: counts[s]) if counts else ()
+        n = lead[0] if lead else 0
+        if kinds is not None:
+            found = check_kinds(kinds, "kinds")
+            if list(found.values()) != [tuple(range(n))]:
+                raise ValueError(
+                    "`kinds` gives several kinds (or layers out of order), but no "
+                    "name of `arrays` carries a kind label (`model.layers.{i:B}...`)."
+                )
+        given: dict[str | None, tuple[int, ...]] = {None: tuple(range(n))}
+    elif kinds is None:
+        raise ValueError(
+            f"`arrays` holds kind-labelled stacked names (kinds {sorted(map(str, labels))}"
+            "); pass `kinds`, each kind's layers ({label: [layer indices]}, as "
+            "`detect_kinds` gives them)."
+        )
+    else:
+        given = dict(check_kinds(kinds, "kinds").items())
+        missing = sorted(str(k) for k in labels - set(given))
+        unused = sorted(str(k) for k in set(given) - labels)
+        if missing or unused:
+            raise ValueError(
+                f"`kinds` must give the kinds of `arrays`' names: `arrays` has "
+                f"{sorted(map(str, labels))}, `kinds` {sorted(map(str, given))}."
+            )
+        layers = sorted(i for order in given.values() for i in order)
+        if layers != list(range(len(layers))):
+            raise ValueError(
+                f"`kinds` must hold the layers 0..N-1, each once, but holds layers "
+                f"{ranges(layers)}."
+            )
+    problems = [
+        f"`{n}` has shape {specs[n][0]}, but "
+        + (
+            f"the other stacked arrays hold {len(given[None])} layers"
+            if label is None
+            else f"kind {label} holds {len(given[label])} layers"
+        )
+        for n, (_, label, _) in stacked.items()
+        if leading[n] != (len(given[label]),)
+    ]
+    if problems:
+        fail(problems, "`arrays` has stacked arrays of the wrong number of layers")
+    return {
+        i: (label, j) for label, order in given.items() for j, i in enumerate(order)
+    }
+
+
+def plan_tensors(
+    specs: Mapping[str, tuple[tuple[int, ...], np.dtype]], kinds: Any
+) -> list[_Out]:
+    """The output tensors, in the order `stackedtree unstack` writes them for a
+    stacked file holding `specs` in their order: every layer's tensors where the
+    first stacked array was, layer by layer, each layer's in its kind's order."""
+    stacked: dict[str, tuple[str, str | None, str]] = {}
+    for name in specs:
+        m = _STACKED.search(name)
+        if m is not None:
+            stacked[name] = (name[: m.start()], m.group(1), name[m.end() :])
+    befores = sorted({before for before, _, _ in stacked.values()})
+    if len(befores) > 1:
+        fail(
+            [repr(b + "{i}") for b in befores],
+            "`arrays` has stacked names of several layer patterns; a checkpoint "
+            "has one",
+        )
+    owners = _layers(specs, stacked, kinds)
+    out: list[_Out] = []
+    for name, (shape, dtype) in specs.items():
+        if name not in stacked:
+            out.append(_Out(name, dtype, shape, name, None))
+        elif name == next(iter(stacked)):
+            for i in range(len(owners)):
+                label, j = owners[i]
+                for s, (before, lab, tail) in stacked.items():
+                    if lab == label:
+                        sshape, sdtype = specs[s]
+                        out.append(_Out(f"{before}{i}{tail}", sdtype, sshape[1:], s, j))
+    counts = Counter(t.name for t in out)
+    twice = [
+        f"`{t.name}` comes from `{t.source}`"
+        + (f" (layer {t.layer})" if t.layer is not None else "")
+        for t in out
+        if counts[t.name] > 1
+    ]
+    if twice:
+        fail(twice, "`arrays` has names that unstack to the same per-layer name")
+    return out
+
+
+def shard_size(max_shard_size: Any) -> int:
+    """`max_shard_size` in bytes: an int, or a string such as `"5GB"` or `"2GiB"`."""
+    if isinstance(max_shard_size, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", max_shard_size)
+        if m is None or m.group(2).upper() not in _UNITS:
+            raise ValueError(
+                f"`max_shard_size` must be a number of bytes or a size such as '5GB' "
+                f"or '2GiB', got {max_shard_size!r}."
+            )
+        size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    elif isinstance(max_shard_size, int | np.integer) and not isinstance(
+        max_shard_size, bool
+    ):
+        size = int(max_shard_size)
+    else:
+        raise TypeError(
+            f"`max_shard_size` must be an int or a str, got "
+            f"{type(max_shard_size).__name__}."
+        )
+    if size < 1:
+        raise ValueError(f"`max_shard_size` must be at least 1 byte, got {size}.")
+    return size
+
+
+def _nbytes(t: _Out) -> int:
+    return math.prod(t.shape) * t.dtype.itemsize
+
+
+def _shards(tensors: list[_Out], limit: int) -> list[list[_Out]]:
+    """Consecutive tensors into shards of at most `limit` bytes, as Hugging Face cuts
+    them: a new shard when the next tensor would overflow the current one."""
+    large = [
+        f"`{t.name}` {t.dtype}{list(t.shape)} holds {_nbytes(t)} bytes"
+        for t in tensors
+        if _nbytes(t) > limit
+    ]
+    if large:
+        fail(large, f"`max_shard_size` ({limit} bytes) is smaller than a tensor")
+    shards: list[list[_Out]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + _nbytes(t) > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += _nbytes(t)
+    return shards
+
+
+def plan_layout(
+    tensors: list[_Out],
+    folder: bool,
+    name: str,
+    max_shard_size: int,
+    metadata: Mapping[str, str] | None,
+) -> Layout:
+    """Every output file's name, header and size, and where each tensor goes."""
+    groups = _shards(tensors, max_shard_size) if folder else [tensors]
+    n = len(groups)
+    files: list[tuple[str, bytes, int]] = []
+    where: dict[tuple[str, int | None], _Placed] = {}
+    weight_map: dict[str, str] = {}
+    for k, group in enumerate(groups):
+        fname = f"model-{k + 1:05d}-of-{n:05d}.safetensors" if folder else name
+        header = safetensors_header(
+            [(t.name, t.dtype, t.shape) for t in group], metadata
+        )
+        offset = len(header)
+        for t in group:
+            where[(t.source, t.layer)] = _Placed(k, offset, t.shape)
+            weight_map[t.name] = fname
+            offset += _nbytes(t)
+        files.append((fname, header, offset))
+    index = None
+    if folder:
+        total = sum(_nbytes(t) for t in tensors)
+        body = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        index = json.dumps(body, indent=2, sort_keys=True) + "\n"
+    return Layout(files, where, index)
+
+
+# --------------------------------------------------------------------- ownership
+
+
+class Piece(NamedTuple):
+    """A part of a block of array `source` that this process writes."""
+
+    source: str
+    block: Box
+    part: Box
+
+
+def _part(box: Box, k: int, m: int) -> Box | None:
+    """The `k`-th of `m` parts of `box` cut along its first dimension (None: empty)."""
+    if not box:
+        return box if k == 0 else None
+    a, b = box[0]
+    lo, hi = a + (b - a) * k // m, a + (b - a) * (k + 1) // m
+    return ((lo, hi), *box[1:]) if lo < hi else None
+
+
+def own_pieces(arrays: Mapping[str, Any], rank: int, count: int) -> list[Piece]:
+    """What process `rank` writes: its share of every block its devices hold."""
+    pieces = []
+    for name, x in arrays.items():
+        shape = tuple(int(d) for d in x.shape)
+        holders: dict[Box, set[int]] = {}
+        if isinstance(x, jax.Array):
+            for d, index in x.sharding.devices_indices_map(shape).items():
+                holders.setdefault(_box(index, shape), set()).add(d.process_index)  # type: ignore[attr-defined]
+        else:
+            holders[tuple((0, d) for d in shape)] = set(range(count))
+        for block, processes in holders.items():
+            order = sorted(processes)
+            if rank in order:
+                part = _part(block, order.index(rank), len(order))
+                if part is not None and all(b > a for a, b in part):
+                    pieces.append(Piece(name, block, part))
+    return pieces
+
+
+# --------------------------------------------------------------------- writing
+
+
+def _pwrite(fd: int, data: np.ndarray, offset: int) -> None:
+    view = data.reshape(-1).view(np.uint8).data
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def write_box(
+    fd: int, base: int, shape: tuple[int, ...], box: Box, data: np.ndarray
+) -> None:
+    """Writes `data`, block `box` of a tensor of `shape` stored at `base`, one
+    positioned write per contiguous run of the file."""
+    if data.size == 0:
+        return
+    k = _split_dim(shape, box)
+    if k < 0:
+        _pwrite(fd, data, base)
+        return
+    inner = math.prod(shape[k + 1 :])
+    starts = np.asarray(box[k][0] * inner, np.int64)
+    for j in range(k):
+        stride = math.prod(shape[j + 1 :])
+        starts = np.add.outer(starts, np.arange(*box[j], dtype=np.int64) * stride)
+    offsets = base + starts.reshape(-1) * data.dtype.itemsize
+    for run, offset in zip(
+        data.reshape(len(offsets), -1), offsets.tolist(), strict=True
+    ):
+        _pwrite(fd, run, offset)
+
+
+def _host(x: Any, piece: Piece, shards: Mapping[Box, Any]) -> np.ndarray:
+    """The piece's data on the host, little-endian and C-ordered: a view of a CPU
+    device's block, or only the piece copied from an accelerator's."""
+    rel = tuple(
+        slice(p[0] - b[0], p[1] - b[0])
+        for p, b in zip(piece.part, piece.block, strict=True)
+    )
+    if not isinstance(x, jax.Array):
+        data = np.asarray(x)[rel]
+    else:
+        shard = shards[piece.block]
+        if shard.device.platform == "cpu" or piece.part == piece.block:
+            data = np.asarray(shard.data)[rel]
+        else:
+            data = np.asarray(shard.data[rel])
+    return np.ascontiguousarray(data, dtype=_little(data.dtype))
+
+
+def write_pieces(
+    files: list[Path], layout: Layout, arrays: Mapping[str, Any], pieces: list[Piece]
+) -> None:
+    """Writes this process's pieces into the created files, then syncs them."""
+    fds: dict[int, int] = {}
+    try:
+        shards: dict[str, dict[Box, Any]] = {}
+        for piece in pieces:
+            x = arrays[piece.source]
+            if isinstance(x, jax.Array) and piece.source not in shards:
+                shards[piece.source] = {}
+                for s in x.addressable_shards:
+                    shards[piece.source].setdefault(_box(s.index, x.shape), s)
+            data = _host(x, piece, shards.get(piece.source, {}))
+            layered = (piece.source, None) not in layout.where
+            layers = range(*piece.part[0]) if layered else [None]
+            for layer in layers:
+                at = layout.where[(piece.source, layer)]
+                if at.file not in fds:
+                    fds[at.file] = os.open(files[at.file], os.O_WRONLY | os.O_CLOEXEC)
+                if layer is None:
+                    write_box(fds[at.file], at.offset, at.shape, piece.part, data)
+                else:
+                    row = data[layer - piece.part[0][0]]
+                    write_box(fds[at.file], at.offset, at.shape, piece.part[1:], row)
+            del data
+        for fd in fds.values():
+            os.fsync(fd)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+# --------------------------------------------------------------------- the target
+
+
+class Target(NamedTuple):
+    """The output: the path asked for, whether it is a folder, and the temporary
+    path beside it that every process writes to."""
+
+    path: Path
+    folder: bool
+    tmp: Path
+
+    def files(self, layout: Layout) -> list[Path]:
+        if self.folder:
+            return [self.tmp / name for name, _, _ in layout.files]
+        return [self.tmp]
+
+
+def check_target(path: Path, folder: bool, overwrite: bool) -> None:
+    """Refuses an existing target (without `overwrite`) or an unwritable folder."""
+    if not folder:
+        check_output(path, overwrite=overwrite)
+        return
+    if os.path.lexists(path):
+        if not overwrite:
+            raise FileExistsError(
+                f"`{path}` already exists; pass overwrite=True to replace it"
+            )
+        if not path.is_dir():
+            raise NotADirectoryError(
+                f"`{path}` is a file; a path without the .safetensors suffix names "
+                f"an output folder"
+            )
+    # The folder's parent must take a new entry, as a file's folder must.
+    check_output(path.parent / (path.name + ".safetensors"), overwrite=True)
+
+
+def create(target: Target, layout: Layout) -> None:
+    """Creates the temporary output: each file at its size with its header, and the
+    index. On failure nothing is left."""
+    try:
+        if target.folder:
+            os.mkdir(target.tmp)
+        for path, (_, header, size) in zip(
+            target.files(layout), layout.files, strict=True
+        ):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+                _pwrite(fd, np.frombuffer(header, np.uint8), 0)
+            finally:
+                os.close(fd)
+        if layout.index_text is not None:
+            (target.tmp / INDEX_NAME).write_text(layout.index_text, encoding="utf-8")
+    except BaseException:
+        discard(target)
+        raise
+
+
+def commit(target: Target, overwrite: bool) -> None:
+    """Renames the complete temporary output to the target."""
+    path, tmp = target.path, target.tmp
+    if os.path.lexists(path):
+        if not overwrite:
+            raise FileExistsError(f"`{path}` appeared while it was being written")
+        if target.folder:
+            old = tmp.with_name(tmp.name + ".old")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    else:
+        os.rename(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def discard(target: Target) -> None:
+    """Removes the temporary output, if any (every failing process tries)."""
+    with contextlib.suppress(OSError):
+        if target.folder:
+            shutil.rmtree(target.tmp)
+        else:
+            os.unlink(target.tmp)
+
+
+# --------------------------------------------------------------------- the call
+
+
+def _digest(path: Path, specs: Mapping[str, Any], options: Any) -> str:
+    text = json.dumps(
+        [str(path), [[n, list(s), str(d)] for n, (s, d) in specs.items()], options],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _differ(mine: list[Any], theirs: list[Any], q: int) -> str:
+    """Says how process `q`'s arrays (`theirs`) differ from these (`mine`)."""
+    a = {n: (s, d) for n, s, d in mine}
+    b = {n: (s, d) for n, s, d in theirs}
+    lines = [f"only process {q} has `{n}`" for n in b if n not in a]
+    lines += [f"process {q} lacks `{n}`" for n in a if n not in b]
+    lines += [
+        f"`{n}` is {a[n][1]}{a[n][0]} here but {b[n][1]}{b[n][0]} in process {q}"
+        for n in a
+        if n in b and a[n] != b[n]
+    ]
+    if not lines and list(a) != list(b):
+        lines = [f"process {q} gives the same arrays in another order"]
+    return "; ".join(lines[:5]) or f"process {q} gives other options"
+
+
+def _prepare(
+    path: PathLike,
+    arrays: Any,
+    kinds: Any,
+    max_shard_size: Any,
+    metadata: Any,
+    overwrite: bool,
+) -> tuple[Target, Layout, dict[str, Any]]:
+    """Checks the arguments and plans the output; what this process publishes."""
+    path = Path(path)
+    folder = not path.name.lower().endswith(".safetensors")
+    if path.name.lower().endswith(".npz"):
+        raise ValueError(
+            f"`{path}`: save_sharded writes safetensors; give a .safetensors file or "
+            f"a folder"
+        )
+    if not folder and max_shard_size is not None:
+        raise ValueError(
+            f"`max_shard_size` cuts a folder into shards, but `{path}` names one "
+            f".safetensors file; give a folder, or leave `max_shard_size` out"
+        )
+    limit = HF_MAX_SHARD_SIZE if max_shard_size is None else shard_size(max_shard_size)
+    reserved = [k for k in (metadata or {}) if k in META_KEYS]
+    if reserved:
+        raise ValueError(
+            f"`metadata` holds {reserved}, which would mark a per-layer file as stacked"
+        )
+    specs = _specs(arrays)
+    layout = plan_layout(plan_tensors(specs, kinds), folder, path.name, limit, metadata)
+    check_target(path, folder, overwrite)
+    options = [folder, limit, metadata, overwrite, kinds]
+    spec_list = [[n, list(s), str(d)] for n, (s, d) in specs.items()]
+    published = {
+        "digest": _digest(path, specs, options),
+        "specs": spec_list if len(spec_list) <= 20000 else None,
+        "token": os.urandom(8).hex(),
+    }
+    target = Target(path, folder, path)  # the temporary name comes from process 0
+    return target, layout, published
+
+
+def save_sharded(
+    path: PathLike,
+    arrays: Mapping[str, Any],
+    /,
+    *,
+    kinds: Mapping[str, Any] | None = None,
+    max_shard_size: int | str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+    timeout: float = 1800.0,
+) -> None:
+    """Saves global jax arrays as a per-layer checkpoint, each process writing its own bytes.
+
+    The way back from `load_sharded`: after training on many devices (or hosts),
+    the model is written in the per-layer layout that Hugging Face publishes and
+    everyone loads. Stacked arrays (`model.layers.{i}.mlp.up_proj.weight`, shape
+    `(N, ...)`) are written layer by layer (`model.layers.3.mlp.up_proj.weight`),
+    the layers of several kinds too (`model.layers.{i:B}...`, whose layers `kinds`
+    gives); other arrays under their own names. The file is, byte for byte, the one
+    `stackedtree unstack` writes for a stacked file holding `arrays` in their order.
+
+    Each array's blocks are written from the devices that hold them, with
+    positioned writes at offsets every process computes alike: no array is
+    gathered, and host memory beyond the arrays stays about one block. With
+    `jax.distributed` initialised, every process calls `save_sharded` with the
+    same arguments (the output on a file system all of them share) and writes only
+    its own devices' blocks; a block that several processes hold is cut into one
+    part per process and each part written once. The output is written under
+    hidden temporary names beside `path` and renamed once every process is done: it
+    appears whole or not at all, and a failure in any process (an exception, a full
+    disk, a process that stops answering for `timeout` seconds) is raised in every
+    process.
+
+    Args:
+        path: a `.safetensors` file; or a folder (created), which receives
+            `model-00001-of-0000n.safetensors` shards and a
+            `model.safetensors.index.json`, as Hugging Face writes them.
+        arrays: names to global `jax.Array`s (any sharding, over one process or
+            many) or numpy arrays (the same in every process). A name holding `{i}`
+            (or `{i:B}`) is a stacked array whose leading axis is the layers.
+        kinds: each kind's label -> its layers, in the order of its layer axis
+            (`{"A": [0, 1, 2], "B": [3, 4]}`, as `detect_kinds` gives it), when
+            the names carry kind labels; together the layers must be `0..N-1`.
+        max_shard_size: a folder's largest shard, in tensor bytes: an int, or a
+            string such as `"5GB"` (10**9) or `"2GiB"` (2**30). None: 5 GB, as
+            Hugging Face. A single `.safetensors` file takes none.
+        metadata: strings written as each file's `__metadata__` (None writes
+            none; transformers accepts none, or `{"format": "pt"}`).
+        overwrite: replace an existing `path` (a folder as a whole).
+        timeout: seconds to wait for another process at any one step, after
+            which every process that still runs raises.
+
+    Raises:
+        FileExistsError: `path` exists and `overwrite` is False; nothing is written.
+        ValueError: before any byte is written: a stacked array whose leading axis
+            disagrees with its kind's layers; kind-labelled names without `kinds`,
+            or `kinds` that does not fit them; names that unstack to the same
+            per-layer name; stacked names of several patterns; a tensor larger
+            than `max_shard_size`; a dtype safetensors cannot store; arrays (names,
+            shapes, dtypes) or options that differ between processes.
+        TypeError: a value is not a jax or numpy array; bad `kinds` or metadata.
+        OSError: writing fails (a full disk); no output is left.
+        TimeoutError: another process did not answer within `timeout`.
+
+    Examples:
+        >>> import os, tempfile, jax, numpy as np
+        >>> from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+        >>> from stackedtree.checkpoint import load_flat
+        >>> mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+        >>> w = jax.device_put(np.arange(64, dtype=np.float32).reshape(4, 2, 8),
+        ...                    NamedSharding(mesh, P(None, None, "fsdp")))
+        >>> folder = os.path.join(tempfile.mkdtemp(), "model")
+        >>> save_sharded(folder, {"h.{i}.w": w, "emb": np.ones(3, np.float32)})
+        >>> sorted(os.listdir(folder))
+        ['model-00001-of-00001.safetensors', 'model.safetensors.index.json']
+        >>> flat = load_flat(folder)
+        >>> list(flat), flat["h.2.w"][1, :3]
+        (['h.0.w', 'h.1.w', 'h.2.w', 'h.3.w', 'emb'], array([40., 41., 42.], dtype=float32))
+    """
+    group = Processes("save_sharded", timeout)
+    planned: list[Any] = []
+
+    def check() -> dict[str, Any]:
+        planned[:] = _prepare(path, arrays, kinds, max_shard_size, metadata, overwrite)
+        planned.append(own_pieces(arrays, group.rank, group.count))
+        published: dict[str, Any] = planned[2]
+        return published
+
+    every = group.all_run("check", "check its arguments", check)
+    target, layout, published, pieces = planned
+    for q, theirs in enumerate(every):
+        if theirs["digest"] != published["digest"]:
+            detail = (
+                _differ(published["specs"], theirs["specs"], q)
+                if published["specs"] is not None and theirs["specs"] is not None
+                else f"process {q} differs"
+            )
+            raise ValueError(
+                f"`save_sharded` must be called with the same arguments in every "
+                f"process, but its arrays or options differ: {detail}."
+            )
+    tmp = target.path.with_name(f".{target.path.name}.{every[0]['token']}.tmp")
+    target = target._replace(tmp=tmp)
+    group.lead_run("create", "create the output files", lambda: create(target, layout))
+    error: BaseException | None = None
+    try:
+        write_pieces(target.files(layout), layout, arrays, pieces)
+    except BaseException as e:
+        error = e
+    if group.rank != 0:
+        group.report("written", error)
+
+    def finish() -> None:
+        if error is not None:
+            raise error
+        group.collect("written", "write its part")
+        commit(target, overwrite)
+
+    # A failed process waits too, so that the output is removed only once every
+    # process is done with it.
+    try:
+        group.lead_run("finish", "finish the output", finish)
+    except BaseException as e:
+        discard(target)
+        if error is not None and e is not error:
+            raise error from None
+        raise
