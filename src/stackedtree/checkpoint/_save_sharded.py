@@ -1,7 +1,8 @@
 """`save_sharded`: sharded stacked arrays back to a per-layer checkpoint, in place.
 
-every process computes it alike (`_save_layout.py`): which file each per-layer tensor goes to, at which
-every process computes it alike: which file each per-layer tensor goes to, at which
+The safetensors layout is a function of the tensors' names, dtypes and shapes alone, so
+every process computes it alike (`_save_layout.py`): which file each per-layer tensor
+goes to, at which
 byte offset, and so where each block of each global array lands. Each process then
 writes, with positioned writes (`os.pwrite`), only the blocks its own devices hold: a
 block of a stacked tensor `(N, ...)` is cut into its layers, and each layer's part is
