@@ -30,6 +30,13 @@ from stackedtree.checkpoint import (
     save_flat,
     save_sharded,
 )
+from stackedtree.checkpoint._save_layout import plan_layout, plan_specs, plan_tensors
+from stackedtree.checkpoint._save_sharded import (
+    Target,
+    create,
+    own_pieces,
+    write_pieces,
+)
 from stackedtree.checkpoint._stacked import stacked_metadata
 
 PATTERN = "model.layers.{i}."
@@ -176,6 +183,54 @@ def test_numpy_arrays_and_names_without_layers(tmp_path: Path) -> None:
     save_flat(tmp_path / "flat.safetensors", arrays)
     got = (tmp_path / "out.safetensors").read_bytes()
     assert got == (tmp_path / "flat.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("min_run", "chunk_bytes"), [(0, 1 << 22), (1 << 62, 1 << 22), (1 << 62, 100)]
+)
+def test_blocks_are_written_strided_or_by_rows_alike(
+    tmp_path: Path, min_run: int, chunk_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Columns split 8 ways: strided, each 4-byte run is one write; by rows, the
+    # blocks are joined into rows of the whole tensor, each chunk one write.
+    arrays = stacked_arrays(np.float32)
+    placed = place(arrays, LAYOUTS["hidden"]())
+    specs = plan_specs(placed)
+    layout = plan_layout(
+        plan_tensors(specs, None), False, "out.safetensors", 1 << 40, None
+    )
+    target = Target(tmp_path / "out.safetensors", False, tmp_path / "out.safetensors")
+    create(target, layout)
+    writes = []
+    real = module._pwrite
+
+    def pwrite(fd: int, data: np.ndarray, offset: int) -> None:
+        writes.append(data.nbytes)
+        real(fd, data, offset)
+
+    monkeypatch.setattr(module, "_pwrite", pwrite)
+    pieces = own_pieces(placed, 0, 1)
+    write_pieces(
+        target.files(layout),
+        layout,
+        placed,
+        pieces,
+        min_run=min_run,
+        chunk_bytes=chunk_bytes,
+    )
+    assert (tmp_path / "out.safetensors").read_bytes() == unstacked_bytes(
+        tmp_path, arrays
+    )
+    data = sum(x.nbytes for x in arrays.values())
+    assert sum(writes) == data
+    if min_run == 0:
+        # Every last dimension is 8, split 8 ways: one write per float32.
+        assert writes == [4] * (data // 4)
+    elif chunk_bytes > data:
+        # Per layer, each tensor in one write; the embedding and norm in one.
+        assert len(writes) == 3 * 8 + 2
+    else:
+        assert max(writes) <= 100 and len(writes) > data // 100
 
 
 # --------------------------------------------------------------------- folders
@@ -433,6 +488,13 @@ CHILD = textwrap.dedent(
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from stackedtree.checkpoint import save_sharded
     from stackedtree.checkpoint import _save_sharded as module
+from stackedtree.checkpoint._save_layout import plan_layout, plan_specs, plan_tensors
+from stackedtree.checkpoint._save_sharded import (
+    Target,
+    create,
+    own_pieces,
+    write_pieces,
+)
 
     port, pid, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     jax.distributed.initialize(

@@ -49,7 +49,15 @@ from ._save_layout import (
     plan_tensors,
     shard_size,
 )
-from ._sharded import Box, _box, _split_dim
+from ._sharded import (
+    CHUNK_BYTES,
+    STRIDED_MIN_RUN,
+    Box,
+    _bounding_box,
+    _box,
+    _slabs,
+    _split_dim,
+)
 from ._stacked import META_KEYS
 
 # --------------------------------------------------------------------- ownership
@@ -125,55 +133,160 @@ def write_box(
         _pwrite(fd, run, offset)
 
 
-def _host(x: Any, piece: Piece, shards: Mapping[Box, Any]) -> np.ndarray:
-    """The piece's data on the host, little-endian and C-ordered: a view of a CPU
-    device's block, or only the piece copied from an accelerator's."""
-    rel = tuple(
-        slice(p[0] - b[0], p[1] - b[0])
-        for p, b in zip(piece.part, piece.block, strict=True)
-    )
-    if not isinstance(x, jax.Array):
-        data = np.asarray(x)[rel]
-    else:
-        shard = shards[piece.block]
-        if shard.device.platform == "cpu" or piece.part == piece.block:
-            data = np.asarray(shard.data)[rel]
-        else:
-            data = np.asarray(shard.data[rel])
-    return np.ascontiguousarray(data, dtype=_little(data.dtype))
+def _within(sub: Box, box: Box) -> tuple[slice, ...]:
+    """The slices of block `sub` inside an array holding block `box`."""
+    return tuple(slice(s[0] - b[0], s[1] - b[0]) for s, b in zip(sub, box, strict=True))
+
+
+def _intersection(a: Box, b: Box) -> Box | None:
+    box = tuple((max(x[0], y[0]), min(x[1], y[1])) for x, y in zip(a, b, strict=True))
+    return box if all(lo < hi for lo, hi in box) else None
+
+
+def _chunks(bbox: Box, layered: bool, itemsize: int, budget: int) -> list[Box]:
+    """`bbox` cut into chunks of whole rows of about `budget` bytes (one layer at a
+    time for a stacked array, so that each chunk lies in one layer's tensor)."""
+    if not layered:
+        return list(_slabs(bbox, itemsize, budget))
+    return [
+        ((i, i + 1), *slab)
+        for i in range(*bbox[0])
+        for slab in _slabs(bbox[1:], itemsize, budget)
+    ]
+
+
+class _Blocks:
+    """The data of array `x`'s blocks held here, on the host, by sub-box: a view of a
+    CPU device's buffer, only the sub-box copied from an accelerator's."""
+
+    def __init__(self, x: Any) -> None:
+        self.x = x
+        self.shards: dict[Box, Any] = {}
+        if isinstance(x, jax.Array):
+            for s in x.addressable_shards:
+                self.shards.setdefault(_box(s.index, x.shape), s)
+
+    def get(self, block: Box, sub: Box) -> np.ndarray:
+        if not isinstance(self.x, jax.Array):
+            return np.asarray(self.x)[tuple(slice(a, b) for a, b in sub)]
+        rel = _within(sub, block)
+        shard = self.shards[block]
+        if shard.device.platform == "cpu" or sub == block:
+            return np.asarray(shard.data)[rel]
+        return np.asarray(shard.data[rel])
+
+
+class _Out:
+    """The created files, opened for writing on first use, and the layout in them."""
+
+    def __init__(self, files: list[Path], layout: Layout) -> None:
+        self.files, self.layout = files, layout
+        self.fds: dict[int, int] = {}
+
+    def write(self, source: str, box: Box, data: np.ndarray) -> None:
+        """Writes block `box` of array `source`: into each layer's tensor when the
+        array is stacked, else into its tensor."""
+        data = np.ascontiguousarray(data, dtype=_little(data.dtype))
+        layered = (source, None) not in self.layout.where
+        for layer in range(*box[0]) if layered else [None]:
+            at = self.layout.where[(source, layer)]
+            if at.file not in self.fds:
+                self.fds[at.file] = os.open(
+                    self.files[at.file], os.O_WRONLY | os.O_CLOEXEC
+                )
+            if layer is None:
+                write_box(self.fds[at.file], at.offset, at.shape, box, data)
+            else:
+                row = data[layer - box[0][0]]
+                write_box(self.fds[at.file], at.offset, at.shape, box[1:], row)
+
+    def close(self, sync: bool) -> None:
+        try:
+            for fd in self.fds.values():
+                if sync:
+                    os.fsync(fd)
+        finally:
+            for fd in self.fds.values():
+                os.close(fd)
+
+
+def _run_bytes(shape: tuple[int, ...], box: Box, itemsize: int) -> int:
+    """The length of each contiguous run of the file that `box` of a C-ordered
+    tensor of `shape` is written in."""
+    k = _split_dim(shape, box)
+    if k < 0:
+        return math.prod(shape) * itemsize
+    return (box[k][1] - box[k][0]) * math.prod(shape[k + 1 :]) * itemsize
+
+
+def _by_rows(
+    shape: tuple[int, ...], layered: bool, itemsize: int, parts: list[Box], min_run: int
+) -> bool:
+    """Whether `parts` are written together by rows: they tile one box, their runs
+    in the file are short, and rows of that box make them longer."""
+
+    def run(box: Box) -> int:
+        return (
+            _run_bytes(shape[1:], box[1:], itemsize)
+            if layered
+            else _run_bytes(shape, box, itemsize)
+        )
+
+    runs = [run(p) for p in parts]
+    if len(parts) < 2 or min(runs) >= min_run:
+        return False
+    bbox = _bounding_box(parts)
+    if sum(math.prod(b - a for a, b in p) for p in parts) != math.prod(
+        b - a for a, b in bbox
+    ):
+        return False
+    return run(bbox) > min(runs)
 
 
 def write_pieces(
-    files: list[Path], layout: Layout, arrays: Mapping[str, Any], pieces: list[Piece]
+    files: list[Path],
+    layout: Layout,
+    arrays: Mapping[str, Any],
+    pieces: list[Piece],
+    *,
+    min_run: int = STRIDED_MIN_RUN,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> None:
-    """Writes this process's pieces into the created files, then syncs them."""
-    fds: dict[int, int] = {}
+    """Writes this process's pieces into the created files, then syncs them.
+
+    A piece whose runs in the file are `min_run` bytes or longer is written on its
+    own, one write per run. Pieces of one array with shorter runs (a hidden
+    dimension split), when they tile one box, are gathered into chunks of whole rows
+    of that box of about `chunk_bytes` each, so that each write is longer.
+    """
+    by_source: dict[str, list[Piece]] = {}
+    for piece in pieces:
+        by_source.setdefault(piece.source, []).append(piece)
+    out = _Out(files, layout)
     try:
-        shards: dict[str, dict[Box, Any]] = {}
-        for piece in pieces:
-            x = arrays[piece.source]
-            if isinstance(x, jax.Array) and piece.source not in shards:
-                shards[piece.source] = {}
-                for s in x.addressable_shards:
-                    shards[piece.source].setdefault(_box(s.index, x.shape), s)
-            data = _host(x, piece, shards.get(piece.source, {}))
-            layered = (piece.source, None) not in layout.where
-            layers = range(*piece.part[0]) if layered else [None]
-            for layer in layers:
-                at = layout.where[(piece.source, layer)]
-                if at.file not in fds:
-                    fds[at.file] = os.open(files[at.file], os.O_WRONLY | os.O_CLOEXEC)
-                if layer is None:
-                    write_box(fds[at.file], at.offset, at.shape, piece.part, data)
-                else:
-                    row = data[layer - piece.part[0][0]]
-                    write_box(fds[at.file], at.offset, at.shape, piece.part[1:], row)
-            del data
-        for fd in fds.values():
-            os.fsync(fd)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+        for source, own in by_source.items():
+            x = arrays[source]
+            blocks = _Blocks(x)
+            shape, dtype = tuple(x.shape), np.dtype(x.dtype)
+            layered = (source, None) not in layout.where
+            parts = [p.part for p in own]
+            if not _by_rows(shape, layered, dtype.itemsize, parts, min_run):
+                for p in own:
+                    out.write(source, p.part, blocks.get(p.block, p.part))
+                continue
+            for chunk in _chunks(
+                _bounding_box(parts), layered, dtype.itemsize, chunk_bytes
+            ):
+                buf = np.empty(tuple(b - a for a, b in chunk), dtype)
+                for p in own:
+                    sub = _intersection(p.part, chunk)
+                    if sub is not None:
+                        buf[_within(sub, chunk)] = blocks.get(p.block, sub)
+                out.write(source, chunk, buf)
+    except BaseException:
+        out.close(sync=False)
+        raise
+    out.close(sync=True)
 
 
 # --------------------------------------------------------------------- the target
