@@ -488,13 +488,6 @@ CHILD = textwrap.dedent(
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from stackedtree.checkpoint import save_sharded
     from stackedtree.checkpoint import _save_sharded as module
-from stackedtree.checkpoint._save_layout import plan_layout, plan_specs, plan_tensors
-from stackedtree.checkpoint._save_sharded import (
-    Target,
-    create,
-    own_pieces,
-    write_pieces,
-)
 
     port, pid, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     jax.distributed.initialize(
