@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from ckptgen import same
+from ckptgen import cases, same
+from hypothesis import given, settings
 from jax.sharding import AxisType, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 from test_load_sharded import run_processes
@@ -175,6 +177,26 @@ def test_layers_of_several_kinds(tmp_path: Path, dtype: Any) -> None:
         flat["model.layers.3.mlp.experts.weight"],
         arrays["model.layers.{i:B}.mlp.experts.weight"][1],
     )
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=cases(max_layers=3))
+def test_any_stacked_file_unstacks_to_the_same_bytes(case: Any) -> None:
+    # Random patterns, keys, shapes (empty ones too) and dtypes: the arrays of a
+    # stacked file, in its order, save to the bytes `stackedtree unstack` writes.
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        save_flat(folder / "src.safetensors", case.flat, metadata={"a": "b"})
+        convert_stack(
+            folder / "src.safetensors",
+            folder / "stacked.safetensors",
+            pattern=case.pattern,
+        )
+        convert_unstack(folder / "stacked.safetensors", folder / "ref.safetensors")
+        arrays = load_flat(folder / "stacked.safetensors")
+        save_sharded(folder / "out.safetensors", arrays, metadata={"a": "b"})
+        want = (folder / "ref.safetensors").read_bytes()
+        assert (folder / "out.safetensors").read_bytes() == want
 
 
 def test_numpy_arrays_and_names_without_layers(tmp_path: Path) -> None:
@@ -524,6 +546,7 @@ CHILD = textwrap.dedent(
         save_sharded(os.path.join(folder, layout + ".safetensors"), placed, timeout=60)
         out[layout] = wchar() - before
 
+    real = module._pwrite
     if pid == 1:
         def pwrite(fd, data, offset):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -533,6 +556,13 @@ CHILD = textwrap.dedent(
         out["failed"] = None
     except Exception as e:
         out["failed"] = [type(e).__name__, str(e)]
+    module._pwrite = real
+    differ = {"w": np.zeros(4, np.float32 if pid == 0 else np.float16)}
+    try:
+        save_sharded(os.path.join(folder, "differ.safetensors"), differ, timeout=60)
+        out["differ"] = None
+    except Exception as e:
+        out["differ"] = [type(e).__name__, str(e)]
     print(json.dumps(out))
     jax.distributed.shutdown()
     """
@@ -601,3 +631,15 @@ def test_a_failure_in_one_process_fails_both_and_leaves_nothing(
         "layer.safetensors",
         "replicated.safetensors",
     ]
+
+
+def test_arrays_that_differ_between_processes_fail_in_both(
+    two_processes: Any,
+) -> None:
+    folder, results = two_processes
+    for pid, r in enumerate(results):
+        name, text = r["differ"]
+        assert name == "ValueError" and "same arguments in every process" in text
+        mine, theirs = (32, 16) if pid == 0 else (16, 32)
+        assert f"`w` is float{mine}[4] here but float{theirs}[4] in process" in text
+    assert not (folder / "out" / "differ.safetensors").exists()
