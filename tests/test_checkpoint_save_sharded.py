@@ -33,12 +33,8 @@ from stackedtree.checkpoint import (
     save_sharded,
 )
 from stackedtree.checkpoint._save_layout import plan_layout, plan_specs, plan_tensors
-from stackedtree.checkpoint._save_sharded import (
-    Target,
-    create,
-    own_pieces,
-    write_pieces,
-)
+from stackedtree.checkpoint._save_sharded import own_pieces, write_pieces
+from stackedtree.checkpoint._save_target import Target, create
 from stackedtree.checkpoint._stacked import stacked_metadata
 
 PATTERN = "model.layers.{i}."

@@ -24,12 +24,10 @@ removes the temporary output and is raised in every process.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,18 +35,18 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from ._files import PathLike, check_output
+from ._files import PathLike
 from ._io import _little
 from ._processes import Processes
 from ._save_layout import (
     HF_MAX_SHARD_SIZE,
-    INDEX_NAME,
     Layout,
     plan_layout,
     plan_specs,
     plan_tensors,
     shard_size,
 )
+from ._save_target import Target, check_target, commit, create, discard
 from ._sharded import (
     CHUNK_BYTES,
     STRIDED_MIN_RUN,
@@ -287,95 +285,6 @@ def write_pieces(
         out.close(sync=False)
         raise
     out.close(sync=True)
-
-
-# --------------------------------------------------------------------- the target
-
-
-class Target(NamedTuple):
-    """The output: the path asked for, whether it is a folder, and the temporary
-    path beside it that every process writes to."""
-
-    path: Path
-    folder: bool
-    tmp: Path
-
-    def files(self, layout: Layout) -> list[Path]:
-        if self.folder:
-            return [self.tmp / name for name, _, _ in layout.files]
-        return [self.tmp]
-
-
-def check_target(path: Path, folder: bool, overwrite: bool) -> None:
-    """Refuses an existing target (without `overwrite`) or an unwritable folder."""
-    if not folder:
-        check_output(path, overwrite=overwrite)
-        return
-    if os.path.lexists(path):
-        if not overwrite:
-            raise FileExistsError(
-                f"`{path}` already exists; pass overwrite=True to replace it"
-            )
-        if not path.is_dir():
-            raise NotADirectoryError(
-                f"`{path}` is a file; a path without the .safetensors suffix names "
-                f"an output folder"
-            )
-    # The folder's parent must take a new entry, as a file's folder must.
-    check_output(path.parent / (path.name + ".safetensors"), overwrite=True)
-
-
-def create(target: Target, layout: Layout) -> None:
-    """Creates the temporary output: each file at its size with its header, and the
-    index. On failure nothing is left."""
-    try:
-        if target.folder:
-            os.mkdir(target.tmp)
-        for path, (_, header, size) in zip(
-            target.files(layout), layout.files, strict=True
-        ):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
-            try:
-                os.ftruncate(fd, size)
-                _pwrite(fd, np.frombuffer(header, np.uint8), 0)
-            finally:
-                os.close(fd)
-        if layout.index_text is not None:
-            (target.tmp / INDEX_NAME).write_text(layout.index_text, encoding="utf-8")
-    except BaseException:
-        discard(target)
-        raise
-
-
-def commit(target: Target, overwrite: bool) -> None:
-    """Renames the complete temporary output to the target."""
-    path, tmp = target.path, target.tmp
-    if os.path.lexists(path):
-        if not overwrite:
-            raise FileExistsError(f"`{path}` appeared while it was being written")
-        if target.folder:
-            old = tmp.with_name(tmp.name + ".old")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    else:
-        os.rename(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def discard(target: Target) -> None:
-    """Removes the temporary output, if any (every failing process tries)."""
-    with contextlib.suppress(OSError):
-        if target.folder:
-            shutil.rmtree(target.tmp)
-        else:
-            os.unlink(target.tmp)
 
 
 # --------------------------------------------------------------------- the call
