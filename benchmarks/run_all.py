@@ -44,6 +44,7 @@ SCRIPTS = [
     "bench_convert",
     "bench_pipeline",
     "bench_load",
+    "bench_save",
 ]
 
 
@@ -63,7 +64,7 @@ def command(name: str, args: argparse.Namespace) -> list[str]:
     cmd = [f"benchmarks/{name}.py"]
     cmd += ["--quick"] if args.quick else []
     cmd += ["--device-label", args.device_label] if args.device_label else []
-    sized = name in ("bench_convert", "bench_load")
+    sized = name in ("bench_convert", "bench_load", "bench_save")
     cmd += ["--size-gb", str(args.size_gb)] if sized else []
     return cmd
 

@@ -5,8 +5,8 @@ between a checkpoint and a pytree (`unflatten_by_rules`, `flatten_by_rules`), at
 safetensors/npz input and output (`load_flat`, `save_flat`), stacked checkpoints on
 disk (`save_stacked`, `load_stacked`), streaming conversion (`convert_stack`,
 `convert_unstack`), which the `stackedtree` command runs, and loading straight into
-sharded jax arrays (`load_sharded`). Names load on first use, so the command never
-imports jax.
+sharded jax arrays (`load_sharded`) and back (`save_sharded`). Names load on first
+use, so the command never imports jax.
 """
 
 from typing import TYPE_CHECKING
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ._names import detect_kinds as detect_kinds
     from ._names import stack_by_name as stack_by_name
     from ._names import unstack_by_name as unstack_by_name
+    from ._save_sharded import save_sharded as save_sharded
     from ._sharded import Shardings as Shardings
     from ._sharded import load_sharded as load_sharded
     from ._stacked import StackedCheckpoint as StackedCheckpoint
@@ -59,6 +60,7 @@ _SOURCES = {
     "load_sharded": "._sharded",
     "load_stacked": "._stacked",
     "save_flat": "._io",
+    "save_sharded": "._save_sharded",
     "save_stacked": "._stacked",
     "split_axis": "._mapping",
     "stack_by_name": "._names",
