@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import sys
 import tempfile
 import textwrap
@@ -21,7 +20,7 @@ from ckptgen import cases, same
 from hypothesis import given, settings
 from jax.sharding import AxisType, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
-from test_load_sharded import run_processes
+from processes import free_port, run_processes
 
 from stackedtree.checkpoint import _save_sharded as module
 from stackedtree.checkpoint import (
@@ -568,9 +567,7 @@ CHILD = textwrap.dedent(
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Any:
     folder = tmp_path_factory.mktemp("two")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",

@@ -6,11 +6,8 @@ import io
 import json
 import os
 import re
-import socket
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ import pytest
 from ckptgen import deepseek, same, save_shards
 from jax.sharding import AxisType, Mesh, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
+from processes import free_port, run_processes
 
 from stackedtree import layer_shardings
 from stackedtree.checkpoint import (
@@ -683,36 +681,6 @@ CHILD = textwrap.dedent(
 )
 
 
-def run_processes(
-    commands: list[list[str]], env: dict[str, str], folder: Path, timeout: float = 120
-) -> list[str]:
-    """Runs the commands at once; their stdouts. When one fails or time runs out,
-    the others are killed and the test fails with the failing one's stderr."""
-    logs = [(folder / f"out{i}", folder / f"err{i}") for i in range(len(commands))]
-    procs = []
-    try:
-        for cmd, (out, err) in zip(commands, logs, strict=True):
-            with open(out, "w") as o, open(err, "w") as e:
-                procs.append(subprocess.Popen(cmd, stdout=o, stderr=e, env=env))
-        deadline = time.monotonic() + timeout
-        while None in (codes := [p.poll() for p in procs]):
-            if any(codes) or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-    finally:
-        killed = [p for p in procs if p.poll() is None]
-        for p in killed:
-            p.kill()
-            p.wait()
-    failed = [
-        f"process {i} exited with {p.returncode}:\n{err.read_text()[-3000:]}"
-        for i, (p, (_, err)) in enumerate(zip(procs, logs, strict=True))
-        if p.returncode and p not in killed
-    ]
-    assert not failed and not killed, failed or f"timed out after {timeout} s"
-    return [out.read_text() for out, _ in logs]
-
-
 def test_two_processes_each_read_their_half(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     flat = {"model.embed_tokens.weight": rng.normal(size=(64, 64)).astype(np.float32)}
@@ -727,9 +695,7 @@ def test_two_processes_each_read_their_half(tmp_path: Path) -> None:
     layer_bytes = sum(v.nbytes for k, v in flat.items() if "layers" in k)
     embed = flat["model.embed_tokens.weight"].nbytes
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",

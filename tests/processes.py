@@ -1,0 +1,46 @@
+"""Real processes for the many-process tests: a free port on 127.0.0.1, and a runner
+that starts them together and fails the test with the failing one's stderr."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(
+    commands: list[list[str]], env: dict[str, str], folder: Path, timeout: float = 120
+) -> list[str]:
+    """Runs the commands at once; their stdouts. When one fails or time runs out,
+    the others are killed and the test fails with the failing one's stderr."""
+    logs = [(folder / f"out{i}", folder / f"err{i}") for i in range(len(commands))]
+    procs = []
+    try:
+        for cmd, (out, err) in zip(commands, logs, strict=True):
+            with open(out, "w") as o, open(err, "w") as e:
+                procs.append(subprocess.Popen(cmd, stdout=o, stderr=e, env=env))
+        deadline = time.monotonic() + timeout
+        while None in (codes := [p.poll() for p in procs]):
+            if any(codes) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        killed = [p for p in procs if p.poll() is None]
+        for p in killed:
+            p.kill()
+            p.wait()
+    failed = [
+        f"process {i} exited with {p.returncode}:\n{err.read_text()[-3000:]}"
+        for i, (p, (_, err)) in enumerate(zip(procs, logs, strict=True))
+        if p.returncode and p not in killed
+    ]
+    assert not failed and not killed, failed or f"timed out after {timeout} s"
+    return [out.read_text() for out, _ in logs]
