@@ -408,3 +408,67 @@ def test_a_module_closed_over_by_jax_jit_is_refused_by_nnx_not_reused() -> None:
     with pytest.raises(Exception, match="different trace level"):
         forward(x_input())
     np.testing.assert_array_equal(stacked.dropout.rngs.count[...], [0] * N)
+
+
+# ------------------------------------------------- caches in place, and where no write-back
+
+
+def test_update_xs_writes_caches_and_state_back() -> None:
+    """A decoding layer that keeps a cache per layer and draws dropout: `update_xs`
+    writes the caches in place and the RNG counters back, equal to the xs/ys form."""
+
+    def decode(x: jax.Array, layer: Block, cache: jax.Array) -> Any:
+        y = layer(x)
+        return y, cache + y
+
+    caches = jnp.zeros((N, 3, D))
+    ours, plain = make_stack(), make_stack()
+    for _ in range(2):
+        got = scan_layers(decode, x_input(), ours, xs=caches, update_xs=True)
+        want = scan_layers(decode, x_input(), plain, xs=caches)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(ours.dropout.rngs.count[...], [2] * N)
+    assert leaves_equal(ours, plain)
+
+
+def test_update_xs_checks_the_cache_not_the_state() -> None:
+    def wrong(x: jax.Array, layer: Block, cache: jax.Array) -> Any:
+        return layer(x), cache[:1]
+
+    with pytest.raises(TypeError, match=r"`y` differs from its `x`: shape \(1, 8\)"):
+        scan_layers(
+            wrong, x_input(), make_stack(), xs=jnp.zeros((N, 3, D)), update_xs=True
+        )
+
+
+def test_scan_pattern_refuses_a_layer_that_advances_its_rng_state() -> None:
+    from stackedtree import scan_pattern
+
+    fns = {"a": block_fn, "b": block_fn}
+    with pytest.raises(TypeError, match=r"`fns\['a'\]` wrote NNX state.*Pass `key=`"):
+        scan_pattern(fns, x_input(), make_stack(), "abab")
+
+
+def test_scan_pattern_runs_nnx_layers_that_write_nothing() -> None:
+    from stackedtree import scan_pattern
+
+    stacked = make_stack()
+
+    def fn(x: jax.Array, layer: Block) -> tuple[jax.Array, None]:
+        return layer.linear(x), None
+
+    got = scan_pattern({"a": fn, "b": fn}, x_input(), stacked, "abab")[0]
+    want = scan_layers(fn, x_input(), stacked)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_pipeline_refuses_a_layer_that_advances_its_rng_state() -> None:
+    from jax.sharding import AxisType
+
+    from stackedtree import pipeline_layers, stage_layers
+
+    mesh = jax.make_mesh((2,), ("stage",), axis_types=(AxisType.Auto,))
+    staged = stage_layers(make_stack(), 2)
+    with pytest.raises(TypeError, match=r"`fn` wrote NNX state.*pipeline_layers"):
+        pipeline_layers(block_fn, x_input()[:2], staged, mesh=mesh, microbatches=2)

@@ -97,7 +97,7 @@ def _written(
 
 def track_layer_state(
     fn: Callable[..., Any], layers: PyTree, *, name: str = "fn"
-) -> tuple[Callable[..., Any], Callable[[PyTree], PyTree]]:
+) -> tuple[Callable[..., Any], Callable[[PyTree], PyTree] | None]:
     """Wraps a layer function so that the NNX state it writes reaches `layers`.
 
     Returns `(wrapped, finish)`. `wrapped` calls `fn` and returns
@@ -105,12 +105,12 @@ def track_layer_state(
     layer that `fn` replaced (an RNG counter, a batch statistic) to its new value; the
     scan stacks those per layer. `finish(ys)` writes each stacked new value into the
     matching variable of `layers` (in place, as `nnx.scan` does) and returns the `y`s.
-    When `layers` holds no NNX variable, `fn` is returned unwrapped and `finish` is the
-    identity, so other trees pay nothing.
+    When `layers` holds no NNX variable, `fn` is returned unwrapped and `finish` is
+    None, so other trees pay nothing.
     """
     targets = _variables_by_leaf(layers) if _nnx() is not None else {}
     if not targets:
-        return fn, lambda ys: ys
+        return fn, None
     paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(layers)[0]]
 
     def wrapped(carry: PyTree, layer: PyTree, *rest: Any, **kwargs: Any) -> Any:
@@ -135,3 +135,40 @@ def track_layer_state(
         return y
 
     return wrapped, finish
+
+
+def forbid_layer_state(
+    fn: Callable[..., Any], layers: PyTree, *, name: str, where: str
+) -> Callable[..., Any]:
+    """Wraps a layer function run by `where` (`scan_pattern`, a pipeline), which
+    cannot write a layer's NNX state back, so that writing it is an error.
+
+    A layer that advances its own RNG stream (`nnx.Dropout` with `rngs=`) there would
+    draw the same masks on every call; the user is told to pass `key=` instead. Trees
+    without NNX variables get `fn` back unwrapped.
+    """
+    if _nnx() is None or not _variables_by_leaf(layers):
+        return fn
+
+    def wrapped(carry: PyTree, layer: PyTree, *rest: Any, **kwargs: Any) -> Any:
+        before = jax.tree_util.tree_leaves_with_path(layer)
+        out = fn(carry, layer, *rest, **kwargs)
+        after = jax.tree_util.tree_leaves(layer)
+        changed = [
+            path_str(p)
+            for (p, old), new in zip(before, after, strict=False)
+            if old is not new
+        ]
+        if changed or len(before) != len(after):
+            what = ", ".join(changed) or "its structure"
+            raise TypeError(
+                f"`{name}` wrote NNX state of its layer ({what}), such as a dropout "
+                f"RNG counter, which `{where}` cannot "
+                "write back into the stack, so every call would repeat it. Pass "
+                f"`key=` to `{where}` and draw randomness from the `key` each layer "
+                "gets (for dropout: `rngs=nnx.Rngs(key)` in the call), or run it with "
+                "`scan_layers`, which writes NNX state back."
+            )
+        return out
+
+    return wrapped

@@ -13,6 +13,7 @@ from jax.sharding import AxisType, Mesh, PartitionSpec
 
 from ._check import check_count, count_layers, fail, leading_shapes, num_layers_of
 from ._leaf import fmt_shape, is_array, shape_of
+from ._nnx import forbid_layer_state
 from ._scan import Remat, resolve_remat, scan_layers
 from ._sharding import entry_names
 from ._stack import check_key
@@ -390,6 +391,7 @@ def pipeline_layers(
     """
     if not callable(fn):
         raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
+    fn = forbid_layer_state(fn, staged, name="fn", where="pipeline_layers")
     repeats, stages, per_block = staged_dims(staged, "staged")
     _check_mesh(mesh, axis, stages)
     if isinstance(batch_axis, bool) or not isinstance(batch_axis, int | np.integer):

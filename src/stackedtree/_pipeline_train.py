@@ -12,6 +12,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from ._check import check_count
 from ._leaf import fmt_shape, shape_of
+from ._nnx import forbid_layer_state
 from ._pipeline import _batch_size, _check_mesh, _Layout, _layout, staged_dims
 from ._scan import scan_layers
 from ._stack import check_key
@@ -454,6 +455,7 @@ def pipeline_value_and_grad(
     for name, f in (("fn", fn), ("loss_fn", loss_fn)):
         if not callable(f):
             raise TypeError(f"`{name}` must be callable, got {type(f).__name__}.")
+    fn = forbid_layer_state(fn, staged, name="fn", where="pipeline_value_and_grad")
     repeats, stages, per_block = staged_dims(staged, "staged")
     _check_mesh(mesh, axis, stages)
     if isinstance(batch_axis, bool) or not isinstance(batch_axis, int | np.integer):

@@ -180,6 +180,7 @@ def layer_step(
     policy: Callable[..., bool] | None,
     name: str = "fn",
     y_like_x: bool = False,
+    aux: bool = False,
 ) -> tuple[Callable[[PyTree, tuple[PyTree, PyTree, Any]], tuple[PyTree, PyTree]], list]:
     """The body of a scan over layers, and the box of `y`'s static leaves.
 
@@ -188,7 +189,9 @@ def layer_step(
     pair it returns and its carry (and, with `y_like_x`, that `y` matches `x`), and
     returns the array leaves of `y`; the static leaves of `y` are kept once (as the
     reference loop's `stack` keeps them).
-    `name` is how errors refer to `fn` (`` fns['L'] `` in `scan_pattern`).
+    `name` is how errors refer to `fn` (`` fns['L'] `` in `scan_pattern`). With `aux`,
+    `fn`'s `y` is a pair `(y, aux)` whose first part is the one matched against `x`
+    (the NNX state a layer wrote travels as `aux`).
     """
 
     y_arrays, y_static = arrays_only(lambda y: y)
@@ -208,7 +211,7 @@ def layer_step(
             )
         check_carry(init, out[0], name)
         if y_like_x:
-            check_y_like_x(args[2], out[1], name)
+            check_y_like_x(args[2], out[1][0] if aux else out[1], name)
         return out[0], out[1]
 
     def body(
@@ -225,7 +228,9 @@ def layer_step(
 def in_place(
     step: Callable[[PyTree, tuple[PyTree, PyTree, Any]], tuple[PyTree, PyTree]],
     part: Any = None,
-) -> Callable[[tuple[PyTree, PyTree], tuple[PyTree, Any, Any]], tuple[Any, None]]:
+    *,
+    aux: bool = False,
+) -> Callable[[tuple[PyTree, PyTree], tuple[PyTree, Any, Any]], tuple[Any, Any]]:
     """A layer step that reads its `x` from, and writes its `y` back into, the stacked
     `xs` it carries: `((carry, xs), (layer_arrays, index, key)) -> ((carry, xs), None)`.
 
@@ -233,12 +238,13 @@ def in_place(
     `dynamic_update_index_in_dim` at `index`, so under `jit` XLA updates the carried
     buffer in place. `part`, when given, picks the stack of one kind out of a mapping
     of stacks (`scan_pattern`). Only `step` is checkpointed (it was built so), so a
-    rematerialised layer saves its slice of `xs`, not the whole stack.
+    rematerialised layer saves its slice of `xs`, not the whole stack. With `aux`, the
+    step's `y` is `(y, aux)` (see `layer_step`) and `aux` is the scan's output.
     """
 
     def body(
         state: tuple[PyTree, PyTree], sliced: tuple[PyTree, Any, Any]
-    ) -> tuple[tuple[PyTree, PyTree], None]:
+    ) -> tuple[tuple[PyTree, PyTree], Any]:
         carry, xs = state
         arrays, i, k = sliced
         stack = xs if part is None else xs[part]
@@ -246,10 +252,11 @@ def in_place(
             lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stack
         )
         carry, y = step(carry, (arrays, x, k))
+        y, out = y if aux else (y, None)
         stack = jax.tree.map(
             lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, i, 0), stack, y
         )
-        return (carry, stack if part is None else {**xs, part: stack}), None
+        return (carry, stack if part is None else {**xs, part: stack}), out
 
     return body
 
@@ -412,6 +419,7 @@ def scan_layers(
     if key is not None:
         check_key(key)
     fn, write_back = track_layer_state(fn, layers)  # NNX state: see _nnx.py
+    aux = update_xs and write_back is not None
     layer_arrays, layer_static = split_static(layers)
     xs_arrays, xs_static = split_static(xs)
     keys = None if key is None else layer_keys(key, n)
@@ -426,10 +434,11 @@ def scan_layers(
         checkpoint=checkpoint or g is not None,
         policy=policy,
         y_like_x=update_xs,
+        aux=aux,
     )
     if update_xs:
         # The stacked xs travel in the carry, each layer reading and writing its slice.
-        step, init = in_place(step), (init, xs_arrays)
+        step, init = in_place(step, aux=aux), (init, xs_arrays)
         seq = (layer_arrays, jnp.arange(n), keys)
     else:
         seq = (layer_arrays, xs_arrays, keys)
@@ -438,5 +447,8 @@ def scan_layers(
     else:
         carry, ys = _grouped_scan(step, init, seq, n, g, unroll=unroll, reverse=reverse)
     if update_xs:
-        (carry, ys), y_static = carry, [xs_static]
-    return carry, write_back(merge_static(ys, y_static[0]))
+        (carry, xs_new), written = carry, ys
+        ys = merge_static(xs_new, xs_static)
+        return carry, ys if write_back is None else write_back((ys, written))
+    ys = merge_static(ys, y_static[0])
+    return carry, ys if write_back is None else write_back(ys)

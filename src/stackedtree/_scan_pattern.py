@@ -24,6 +24,7 @@ import numpy as np
 
 from ._check import count_layers, fail, leading_shapes, tree_problems
 from ._leaf import dtype_of, is_array, shape_of
+from ._nnx import forbid_layer_state
 from ._scan import Remat, check_update_xs, in_place, layer_step, resolve_remat
 from ._stack import check_key, layer_keys
 from ._tree import PyTree, at, map_arrays, merge_static, split_static
@@ -646,6 +647,10 @@ def scan_pattern(
     update_xs = check_update_xs(update_xs, xs)
     if key is not None:
         check_key(key)
+    fns = {
+        kind: forbid_layer_state(f, layers, name=f"fns[{kind!r}]", where="scan_pattern")
+        for kind, f in fns.items()
+    }
     options = _Options(fns, init, *resolve_remat(remat), update_xs)
     compute = functools.partial(
         _compute, options, kinds, (per_kind_layers, per_kind_xs)
