@@ -150,17 +150,15 @@ def llama(
     def tensor(shape: tuple[int, ...], dtype: Any, value: Any) -> np.ndarray:
         if rng is not None:
             return (rng.standard_normal(shape) * 4).astype(dtype)
-        return (
-            np.asarray(value, dtype).reshape(shape)
-            if np.ndim(value)
-            else (np.full(shape, value, dtype))
-        )
+        if np.ndim(value):
+            return np.asarray(value, dtype).reshape(shape)
+        return np.full(shape, value, dtype)
 
     embed = np.arange(vocab * d).reshape(vocab, d)
     flat = {"model.embed_tokens.weight": tensor((vocab, d), dtype, embed)}
     for i in range(n):
-        for key, (shape, dtype) in keys.items():
-            flat[f"model.layers.{i}.{key}"] = tensor(shape, dtype, i)
+        for key, (shape, key_dtype) in keys.items():
+            flat[f"model.layers.{i}.{key}"] = tensor(shape, key_dtype, i)
     if norm:
         flat["model.norm.weight"] = tensor((d,), dtype, 1)
     if head:
