@@ -408,13 +408,15 @@ def report(results: dict[str, Any]) -> str:
         "counts and bytes, not timings: a pipeline's speed-up can only be measured on "
         "real devices.",
         "",
-        *T.report_lines(results["train_step"]),
+        *(T.report_lines(results["train_step"]) if "train_step" in results else []),
     ]
     return "\n".join(out) + "\n"
 
 
 def plots(results: dict[str, Any]) -> list[Plot]:
     """Temporary memory of the training step against the microbatch count."""
+    if "train_step" not in results:  # results from before the training step
+        return []
     return T.plot(results["train_step"], results.get("machine") or {})
 
 
