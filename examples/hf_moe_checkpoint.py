@@ -237,7 +237,7 @@ def unsupported(hf: Mapping[str, Any]) -> list[str]:
     if kind == "qwen3_moe" and not hf.get("use_sliding_window", False):
         window = None  # transformers ignores it then
     checks = [
-        ("sliding_window", window, None, "attention is full, without a window"),
+        ("sliding_window", window, None, "full attention, without a window"),
         ("router_jitter_noise", hf.get("router_jitter_noise", 0), 0, "no noise"),
         ("hidden_act", hf.get("hidden_act", "silu"), "silu", "SiLU experts"),
         ("attention_bias", hf.get("attention_bias", False), False, "no biases"),

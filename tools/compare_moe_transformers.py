@@ -42,7 +42,7 @@ MODELS = {
         dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
              head_dim=16, mlp_only_layers=[1], norm_topk_prob=True),
     ),
-    "Qwen3-MoE (decoder_sparse_step 2, tied)": (
+    "Qwen3-MoE (decoder_sparse_step 2, no norm_topk_prob, tied)": (
         "Qwen3MoeConfig",
         "Qwen3MoeForCausalLM",
         dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=32,
