@@ -11,6 +11,8 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
@@ -65,6 +67,8 @@ MIXTRAL = {
     "hidden_act": "silu",
 }
 CONFIGS = {"Qwen3-MoE": QWEN3, "Mixtral": MIXTRAL}
+# One compiled forward per config, dtype and token shape, shared by the tests.
+forward = jax.jit(ex.model_forward, static_argnums=2)
 
 
 def random_checkpoint(
@@ -283,6 +287,36 @@ def test_round_trips_are_bit_exact(name: str, dtype: Any) -> None:
     assert bits_equal(ex.model_to_hf(ex.hf_to_model(hf, cfg), cfg), hf)
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    layers=st.integers(1, 5),
+    experts=st.integers(1, 4),
+    dense=st.sets(st.integers(0, 4)),
+    step=st.integers(1, 3),
+    tied=st.booleans(),
+    dtype=st.sampled_from([np.float32, ml_dtypes.bfloat16, np.float16]),
+    stacked=st.booleans(),
+)
+def test_any_qwen3_moe_layout_round_trips(
+    layers: int,
+    experts: int,
+    dense: set[int],
+    step: int,
+    tied: bool,
+    dtype: Any,
+    stacked: bool,
+) -> None:
+    """Any mix of dense and MoE layers (or none of one kind), per-layer or stacked
+    by kind and expert, comes back bit-exact."""
+    hf_cfg = {**QWEN3, "num_hidden_layers": layers, "num_local_experts": experts}
+    hf_cfg |= {"num_experts_per_tok": 1, "mlp_only_layers": sorted(dense)}
+    hf_cfg |= {"decoder_sparse_step": step, "tie_word_embeddings": tied}
+    cfg = ex.config_from_hf(hf_cfg)
+    hf = random_checkpoint(cfg, dtype=dtype)
+    flat = ex.stack_kinds(hf, cfg) if stacked else hf
+    assert bits_equal(ex.model_to_hf(ex.hf_to_model(flat, cfg), cfg), hf)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_the_model_has_one_stack_per_kind_and_experts_on_their_own_axis(
     name: str,
@@ -370,7 +404,7 @@ def test_logits_equal_the_per_token_per_expert_loop(name: str) -> None:
     cfg = ex.config_from_hf(CONFIGS[name])
     hf = random_checkpoint(cfg, seed=2)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab, (2, 6))
-    logits = np.asarray(ex.model_forward(ex.hf_to_model(hf, cfg), tokens, cfg))
+    logits = np.asarray(forward(ex.hf_to_model(hf, cfg), tokens, cfg))
     for b in range(2):
         want = reference_logits(hf, tokens[b], cfg)
         np.testing.assert_allclose(logits[b], want, rtol=1e-5, atol=1e-5)
@@ -382,10 +416,10 @@ def test_logits_equal_the_per_token_per_expert_loop(name: str) -> None:
 def test_the_loop_catches_different_routing(change: dict[str, Any]) -> None:
     cfg = ex.config_from_hf(QWEN3)
     hf = random_checkpoint(cfg, seed=2)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab, 6)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab, (2, 6))
     other = ex.config_from_hf({**QWEN3, **change})
-    got = np.asarray(ex.model_forward(ex.hf_to_model(hf, other), tokens[None], other))
-    assert np.max(np.abs(got[0] - reference_logits(hf, tokens, cfg))) > 1e-3
+    got = np.asarray(forward(ex.hf_to_model(hf, other), tokens, other))
+    assert np.max(np.abs(got[0] - reference_logits(hf, tokens[0], cfg))) > 1e-3
 
 
 def test_bfloat16_weights_compute_in_bfloat16() -> None:
@@ -393,8 +427,8 @@ def test_bfloat16_weights_compute_in_bfloat16() -> None:
     to another expert."""
     cfg = ex.config_from_hf(MIXTRAL)
     hf = random_checkpoint(cfg, dtype=ml_dtypes.bfloat16)
-    tokens = np.arange(5)[None]
-    logits = ex.model_forward(ex.hf_to_model(hf, cfg), tokens, cfg)
+    tokens = np.arange(12).reshape(2, 6) % cfg.vocab
+    logits = forward(ex.hf_to_model(hf, cfg), tokens, cfg)
     assert logits.dtype == jax.numpy.bfloat16
     want = reference_logits(hf, tokens[0], cfg)
     assert np.median(np.abs(np.asarray(logits[0], np.float32) - want)) < 0.05
