@@ -19,7 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import hf_moe_checkpoint as ex
 import moe_model
 
-from stackedtree.checkpoint import convert_stack, load_flat, save_flat
+from stackedtree.checkpoint import (
+    convert_stack,
+    convert_unstack,
+    detect_kinds,
+    load_flat,
+    save_flat,
+    stack_by_name,
+    unstack_by_name,
+)
 
 # Tiny configs as transformers 5 writes them: a Qwen3-MoE with a dense layer (two
 # kinds) and a Mixtral.
@@ -444,3 +452,75 @@ def test_main_runs_a_model_folder(
     out = capsys.readouterr().out
     assert "gate_proj=(3, 4, 16, 12)" in out
     assert "argmax per position: [" in out
+
+
+# ------------------------------------------ DeepSeek-V3: stacked and restored, no model
+
+
+def deepseek_v3_checkpoint(dtype: Any = ml_dtypes.bfloat16) -> dict[str, np.ndarray]:
+    """DeepSeek-V3's names at toy sizes: 2 dense layers (`first_k_dense_replace`),
+    3 MoE layers (4 routed experts, a shared one, the router's score correction
+    bias), multi-head latent attention, and a multi-token-prediction layer 5."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(dtype)
+
+    d, f = 16, 8
+    flat = {"model.embed_tokens.weight": w(40, d)}
+    for i in range(6):
+        p = f"model.layers.{i}."
+        flat |= {
+            p + "input_layernorm.weight": w(d),
+            p + "self_attn.o_proj.weight": w(d, 24),
+        }
+        flat |= {p + "post_attention_layernorm.weight": w(d)}
+        for name, shape in [("q_a_proj", (12, d)), ("q_a_layernorm", (12,)),
+                            ("q_b_proj", (36, 12)), ("kv_a_proj_with_mqa", (10, d)),
+                            ("kv_a_layernorm", (6,)), ("kv_b_proj", (40, 6))]:  # fmt: skip
+            flat[f"{p}self_attn.{name}.weight"] = w(*shape)
+        mlps = ["mlp.shared_experts.", *(f"mlp.experts.{e}." for e in range(4))]
+        for m in ["mlp."] if i < 2 else mlps:
+            flat |= {f"{p}{m}{n}_proj.weight": w(f, d) for n in ("gate", "up")}
+            flat[f"{p}{m}down_proj.weight"] = w(d, f)
+        if i >= 2:
+            flat[p + "mlp.gate.weight"] = w(4, d)
+            flat[p + "mlp.gate.e_score_correction_bias"] = w(4).astype(np.float32)
+        if i == 5:  # the multi-token-prediction layer
+            flat |= {p + "enorm.weight": w(d), p + "hnorm.weight": w(d)}
+            flat |= {
+                p + "eh_proj.weight": w(d, 2 * d),
+                p + "embed_tokens.weight": w(40, d),
+            }
+    flat["model.norm.weight"] = w(d)
+    flat["lm_head.weight"] = w(40, d)
+    return flat
+
+
+def test_a_deepseek_v3_checkpoint_stacks_by_kind_and_comes_back(tmp_path: Path) -> None:
+    hf = deepseek_v3_checkpoint()
+    kinds = detect_kinds(hf, "model.layers.{i}.")
+    assert kinds == {"A": [0, 1], "B": [2, 3, 4], "C": [5]}
+    stacked, rest = stack_by_name(hf, "model.layers.{i}.", layers=kinds)
+    assert stacked["B"]["mlp.experts.3.down_proj.weight"].shape == (3, 16, 8)
+    assert stacked["B"]["mlp.gate.e_score_correction_bias"].dtype == np.float32
+    assert bits_equal(
+        unstack_by_name(stacked, "model.layers.{i}.", rest, layers=kinds), hf
+    )
+
+    save_flat(str(tmp_path / "per-layer.safetensors"), hf)
+    convert_stack(str(tmp_path / "per-layer.safetensors"), tmp_path / "s.safetensors")
+    names = load_flat(str(tmp_path / "s.safetensors"))
+    assert "model.layers.{i:C}.eh_proj.weight" in names
+    convert_unstack(str(tmp_path / "s.safetensors"), tmp_path / "back.safetensors")
+    assert bits_equal(load_flat(str(tmp_path / "back.safetensors")), hf)
+    assert (tmp_path / "back.safetensors").read_bytes() == (
+        tmp_path / "per-layer.safetensors"
+    ).read_bytes()
+
+
+def test_deepseek_v3_is_refused_by_name() -> None:
+    hf = {**QWEN3, "model_type": "deepseek_v3", "n_shared_experts": 1}
+    with pytest.raises(ValueError, match="`model_type` is 'deepseek_v3'") as e:
+        ex.config_from_hf(hf)
+    assert "`n_shared_experts` is 1: the model has no shared experts" in str(e.value)
