@@ -69,7 +69,7 @@ def stacked_name(kind: str, key: str) -> str:  # `model.layers.{i:moe}.key`
 
 
 def stack_kinds(flat: Mapping[str, Any], cfg: Config) -> dict[str, Any]:
-    """HF names, per layer or stacked -> each kind's layers stacked, experts apart:
+    """HF names, per layer or stacked -> each kind's layers stacked, experts too:
     `model.layers.{i:moe}.mlp.experts.{e}.gate_proj.weight`, shape `(N_moe, E, ...)`.
     Other names are kept. A stacked file's kinds are told apart by their keys."""
     kinds = cfg.kinds

@@ -404,6 +404,17 @@ def test_layers_the_config_calls_dense_must_be_dense() -> None:
         ex.hf_to_model(hf, other)
 
 
+def test_a_stacked_file_whose_kinds_do_not_fit_the_config_is_refused(
+    tmp_path: Path,
+) -> None:
+    cfg = ex.config_from_hf(QWEN3)
+    save_flat(str(tmp_path / "p.safetensors"), random_checkpoint(cfg))
+    convert_stack(str(tmp_path / "p.safetensors"), tmp_path / "s.safetensors")
+    other = ex.config_from_hf({**QWEN3, "mlp_only_layers": [1, 2]})
+    with pytest.raises(ValueError, match=r"the stacked layers A \(3 moe layers\) do"):
+        ex.hf_to_model(load_flat(str(tmp_path / "s.safetensors")), other)
+
+
 # -------------------------------------------------------------------------- logits
 
 
