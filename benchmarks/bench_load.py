@@ -146,7 +146,7 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     from jax.sharding import AxisType, NamedSharding
 
-    from stackedtree.checkpoint import _sharded, load_flat, load_sharded, stack_by_name
+    from stackedtree.checkpoint import _sharded, load_flat, stack_by_name
 
     if config.get("process") is not None:
         jax.distributed.initialize(
@@ -155,8 +155,9 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
             process_id=config["process"],
             initialization_timeout=60,
         )
+    options = _sharded.ReadOptions()
     if config.get("strided_min_run") is not None:
-        _sharded.STRIDED_MIN_RUN = config["strided_min_run"]
+        options = _sharded.ReadOptions(strided_min_run=config["strided_min_run"])
     mesh = jax.make_mesh((DEVICES,), ("x",), axis_types=(AxisType.Auto,))
     kind, d = config["sharding"], config["d_model"]
 
@@ -184,7 +185,7 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
         )
         del flat, stacked, rest, named
     else:
-        arrays = load_sharded(config["index"], sharding, pattern=PATTERN)
+        arrays = _sharded.load_with(config["index"], sharding, options, pattern=PATTERN)
     jax.block_until_ready(arrays)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     read = _rchar() - r0
