@@ -13,8 +13,9 @@ a rule table (`model_rules`), run both ways by `unflatten_by_rules` and
 
 Run it: `python examples/hf_moe_checkpoint.py MODEL_FOLDER --tokens 1 2 3` prints the
 model's shapes and the logits' argmax per position; the folder holds per-layer shards
-or a file `stackedtree stack` wrote. `tools/compare_moe_transformers.py` checks the
-logits against transformers' own forward.
+or a file `stackedtree stack` wrote. `--transformers [PYTHON]` compares the logits
+with transformers' own forward, run by an interpreter that has torch and transformers
+(`tools/compare_moe_transformers.py`); a float32 difference over 2e-5 exits non-zero.
 """
 
 from __future__ import annotations
@@ -332,9 +333,28 @@ def config_from_hf(path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", help="a model folder: config.json and safetensors")
+    parser.add_argument(
+        "folder", nargs="?", help="a model folder: config.json and safetensors"
+    )
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument(
+        "--transformers",
+        nargs="?",
+        const=sys.executable,
+        metavar="PYTHON",
+        help="compare logits with transformers' own Qwen3-MoE and Mixtral, run by "
+        "PYTHON (an interpreter with torch and transformers; default: this one)",
+    )
     args = parser.parse_args(argv)
+    if args.transformers:  # a failure outside the tolerance exits non-zero
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+        import compare_moe_transformers
+
+        compare_moe_transformers.main(["--python", args.transformers])
+    if args.folder is None:
+        if args.transformers:
+            return
+        parser.error("a model folder is needed (or --transformers)")
     cfg = config_from_hf(args.folder)
     model = hf_to_model(load_flat(args.folder), cfg)
     print(stackedtree.describe(model))
