@@ -261,6 +261,25 @@ def in_place(
     return body
 
 
+def read_entry(stack: PyTree, i: Any) -> PyTree:
+    """Entry `i` of the stacked arrays `stack`."""
+    return jax.tree.map(
+        lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stack
+    )
+
+
+def write_entries(stack: PyTree, i: Any, ys: list[PyTree]) -> PyTree:
+    """`stack` with entries `i, i + 1, ...` replaced by `ys`, stacked: one write, so a
+    layer that reads an entry before it sees none of the others written (XLA fuses
+    a read of a stack just written with the write and reads the older stack, which
+    then has to be copied whole)."""
+    return jax.tree.map(
+        lambda a, *u: jax.lax.dynamic_update_slice_in_dim(a, jnp.stack(u), i, 0),
+        stack,
+        *ys,
+    )
+
+
 def _grouped_scan(
     step: Callable[..., tuple[PyTree, PyTree]],
     init: PyTree,

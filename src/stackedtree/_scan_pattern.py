@@ -6,7 +6,9 @@ period's layers in order (the super-block scan MaxText writes by hand); the pref
 the remainder run as one short scan per run of layers of one kind, a run of one or two
 layers being applied directly. Each kind's function is therefore traced a number of
 times set by the shape of the pattern, not by N. The per-layer step is
-`_scan.layer_step`, as in `scan_layers`.
+`_scan.layer_step`, as in `scan_layers`. With `update_xs` and one stack of caches per
+kind, a kind's layers in the period (or in a region outside it) read their entries
+before any is written back (`_PatternScan.deferred`), so XLA copies no stack whole.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ import numpy as np
 from ._check import count_layers, fail, leading_shapes, tree_problems
 from ._leaf import dtype_of, is_array, shape_of
 from ._nnx import forbid_layer_state
-from ._scan import Remat, check_update_xs, in_place, layer_step, resolve_remat
+from ._scan import (
+    Remat,
+    check_update_xs,
+    in_place,
+    layer_step,
+    read_entry,
+    resolve_remat,
+    write_entries,
+)
 from ._stack import check_key, layer_keys
 from ._tree import PyTree, at, map_arrays, merge_static, split_static
 
@@ -406,11 +416,16 @@ class _PatternScan:
         self.sources = sources
         self.inputs = inputs
         self.pieces: dict[KindLabel, list[_Piece]] = {k: [] for k in options.fns}
+        # With one stack of `xs` per kind, writes wait for the reads (`deferred`).
+        self.per_kind_update = (
+            options.update_xs and inputs is not None and inputs.per_kind
+        )
 
     def step(
-        self, kind: KindLabel
+        self, kind: KindLabel, *, alone: bool = True
     ) -> tuple[Callable[..., tuple[PyTree, PyTree]], list]:
-        """The layer step of `kind` (in place on the carried `xs` with `update_xs`)."""
+        """The layer step of `kind`: with `update_xs` and `alone`, in place on the
+        carried `xs` (else `deferred` reads and writes its entry)."""
         opts, inputs = self.options, self.inputs
         body, y_static = layer_step(
             opts.fns[kind],
@@ -423,10 +438,42 @@ class _PatternScan:
             name=f"fns[{kind!r}]",
             y_like_x=opts.update_xs,
         )
-        if opts.update_xs:
+        if opts.update_xs and alone:
             assert inputs is not None  # checked by `check_update_xs`
             body = in_place(body, kind if inputs.per_kind else None)
         return body, y_static
+
+    def deferred(
+        self,
+        state: tuple[PyTree, PyTree],
+        runs: list[tuple[KindLabel, int, int]],
+        layer: Callable[[KindLabel, int], tuple],
+        scan: bool,
+    ) -> tuple[PyTree, PyTree]:
+        """With `update_xs` and one stack of `xs` per kind, `runs` in order on the
+        carried `(carry, xs)`, layer `i` of kind `kind` reading `layer(kind, i)`.
+
+        A kind none of whose runs is scanned (`scan` scans those over `UNROLL`) has
+        its entries written back once, after all its layers ran (`write_entries`):
+        its layers here hold consecutive entries of its stack, each reads its own
+        entry of the stack as it was before, and no layer reads a stack that another
+        wrote, which XLA would copy whole.
+        """
+        carry, xs = state
+        scanned = {kind for kind, a, b in runs if scan and b - a > UNROLL}
+        pending: dict[KindLabel, tuple[Any, list[PyTree]]] = {}
+        for kind, start, stop in runs:
+            if kind in scanned:
+                carry, xs = self.run((carry, xs), kind, start, stop)
+                continue
+            step = self.step(kind, alone=False)[0]
+            for i in range(start, stop):
+                arrays, index, k = layer(kind, i)
+                carry, y = step(carry, (arrays, read_entry(xs[kind], index), k))
+                pending.setdefault(kind, (index, []))[1].append(y)
+        for kind, (index, ys) in pending.items():
+            xs = {**xs, kind: write_entries(xs[kind], index, ys)}
+        return carry, xs
 
     def keep(self, kind: KindLabel, piece: _Piece) -> None:
         if not self.options.update_xs:
@@ -461,6 +508,16 @@ class _PatternScan:
         steps = [self.step(kind) for kind in layer_kinds]
 
         def body(carry: PyTree, block: tuple[PyTree, ...]) -> tuple[PyTree, tuple]:
+            if self.per_kind_update:
+
+                def layer(kind: KindLabel, t: int) -> tuple:
+                    return tuple(
+                        None if s is None else s.pick(b, kind, offsets[t])
+                        for s, b in zip(self.sources, block, strict=True)
+                    )
+
+                runs = kind_runs(layer_kinds, 0, len(layer_kinds))
+                return self.deferred(carry, runs, layer, scan=False), ()
             ys = []
             for kind, offset, (layer_fn, _) in zip(
                 layer_kinds, offsets, steps, strict=True
@@ -483,15 +540,28 @@ class _PatternScan:
                 self.keep(kind, _period_piece(kind, split.start, at, ys, steps))
         return carry
 
+    def region(self, carry: PyTree, start: int, stop: int) -> PyTree:
+        """Layers `[start, stop)` outside the period, in runs of one kind."""
+        runs = kind_runs(self.kinds, start, stop)
+        if self.per_kind_update:
+
+            def layer(kind: KindLabel, i: int) -> tuple:
+                return tuple(
+                    None if s is None else s.layer(kind, i) for s in self.sources
+                )
+
+            return self.deferred(carry, runs, layer, scan=True)
+        for run in runs:
+            carry = self.run(carry, *run)
+        return carry
+
     def __call__(self, carry: PyTree) -> tuple[PyTree, dict[KindLabel, PyTree]]:
         kinds = self.kinds
         split = split_pattern(kinds)
-        for kind, start, stop in kind_runs(kinds, 0, split.start):
-            carry = self.run(carry, kind, start, stop)
+        carry = self.region(carry, 0, split.start)
         if split.repeats:
             carry = self.period(carry, split)
-        for kind, start, stop in kind_runs(kinds, split.stop, len(kinds)):
-            carry = self.run(carry, kind, start, stop)
+        carry = self.region(carry, split.stop, len(kinds))
         if self.options.update_xs:
             return carry, {}  # the outputs are in the carried `xs`
         return carry, {k: _join_ys(k, self.pieces[k]) for k in self.options.fns}
