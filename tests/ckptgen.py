@@ -102,15 +102,24 @@ def _draw_array(draw: st.DrawFn, shape: tuple[int, ...], dtype: np.dtype) -> np.
     return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
 
 
-def same(a: Any, b: Any) -> bool:
-    """Bit-exact equality of two arrays: type, dtype, shape and bytes."""
+def same_bits(a: Any, b: Any) -> bool:
+    """Bit-exact equality of two arrays of any library: dtype, shape and bytes."""
     a_np, b_np = np.asarray(a), np.asarray(b)
     return (
-        type(a) is type(b)
-        and a_np.dtype == b_np.dtype
+        a_np.dtype == b_np.dtype
         and a_np.shape == b_np.shape
         and a_np.tobytes() == b_np.tobytes()
     )
+
+
+def same(a: Any, b: Any) -> bool:
+    """Bit-exact equality of two arrays of the same type: dtype, shape and bytes."""
+    return type(a) is type(b) and same_bits(a, b)
+
+
+def flat_bits_equal(got: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
+    """Two flat checkpoints hold the same names, each tensor bit for bit."""
+    return sorted(got) == sorted(want) and all(same_bits(got[k], want[k]) for k in want)
 
 
 def assert_same_flat(got: Mapping[str, Any], want: Mapping[str, Any]) -> None:

@@ -191,7 +191,7 @@ def check_variant(cfg: Config, folder: str, *, transformers: int = 5) -> float:
     model = ex.hf_to_model(load_flat(os.path.join(folder, "model.safetensors")), cfg)
     back = ex.model_to_hf(model, cfg)
     assert sorted(back) == sorted(hf)
-    assert all(back[k].tobytes() == hf[k].tobytes() for k in hf)
+    assert flat_bits_equal(back, hf)
 
     tokens = np.random.default_rng(1).integers(0, cfg.vocab, (2, 7))
     logits = jax.jit(model_forward, static_argnums=2)(model, tokens, cfg)

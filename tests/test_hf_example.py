@@ -16,6 +16,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from ckptgen import flat_bits_equal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
@@ -35,15 +36,6 @@ CFG = ex.SMALL
 VARIANTS = list(ref.VARIANTS.items())
 
 
-def bits_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return sorted(a) == sorted(b) and all(
-        a[k].dtype == b[k].dtype
-        and a[k].shape == b[k].shape
-        and a[k].tobytes() == b[k].tobytes()
-        for k in a
-    )
-
-
 # ------------------------------------------------------------------------ round trips
 
 
@@ -54,8 +46,8 @@ def test_round_trips_are_bit_exact(
 ) -> None:
     hf = ref.random_hf_checkpoint(cfg, seed=3, dtype=dtype)
     block, rest = ex.hf_to_stacked(hf, cfg)
-    assert bits_equal(ex.stacked_to_hf(block, cfg, rest), hf)
-    assert bits_equal(ex.model_to_hf(ex.hf_to_model(hf, cfg), cfg), hf)
+    assert flat_bits_equal(ex.stacked_to_hf(block, cfg, rest), hf)
+    assert flat_bits_equal(ex.model_to_hf(ex.hf_to_model(hf, cfg), cfg), hf)
 
 
 @pytest.mark.parametrize(("name", "cfg"), VARIANTS)
@@ -91,7 +83,7 @@ def test_a_stacked_checkpoint_converts_too(tmp_path: Path) -> None:
     stacked, rest = stack_by_name(hf, "model.layers.{i}.")
     save_stacked(str(tmp_path / "s.safetensors"), stacked, "model.layers.{i}.", rest)
     model = ex.hf_to_model(load_flat(str(tmp_path / "s.safetensors")), CFG)
-    assert bits_equal(ex.model_to_hf(model, CFG), hf)
+    assert flat_bits_equal(ex.model_to_hf(model, CFG), hf)
 
 
 # ----------------------------------------------------------------------------- logits

@@ -11,6 +11,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from ckptgen import flat_bits_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -187,15 +188,6 @@ def reference_logits(
     return x @ t(head).T
 
 
-def bits_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return sorted(a) == sorted(b) and all(
-        a[k].dtype == b[k].dtype
-        and a[k].shape == b[k].shape
-        and a[k].tobytes() == b[k].tobytes()
-        for k in a
-    )
-
-
 # -------------------------------------------------------------------------- config
 
 
@@ -292,7 +284,7 @@ def test_a_missing_size_is_named() -> None:
 def test_round_trips_are_bit_exact(name: str, dtype: Any) -> None:
     cfg = ex.config_from_hf(CONFIGS[name])
     hf = random_checkpoint(cfg, seed=3, dtype=dtype)
-    assert bits_equal(ex.model_to_hf(ex.hf_to_model(hf, cfg), cfg), hf)
+    assert flat_bits_equal(ex.model_to_hf(ex.hf_to_model(hf, cfg), cfg), hf)
 
 
 @settings(max_examples=20, deadline=None)
@@ -322,7 +314,7 @@ def test_any_qwen3_moe_layout_round_trips(
     cfg = ex.config_from_hf(hf_cfg)
     hf = random_checkpoint(cfg, dtype=dtype)
     flat = ex.stack_kinds(hf, cfg) if stacked else hf
-    assert bits_equal(ex.model_to_hf(ex.hf_to_model(flat, cfg), cfg), hf)
+    assert flat_bits_equal(ex.model_to_hf(ex.hf_to_model(flat, cfg), cfg), hf)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -357,7 +349,7 @@ def test_a_file_stackedtree_stack_wrote_converts_too(
     convert_stack(str(tmp_path / "per-layer.safetensors"), tmp_path / "s.safetensors")
     stacked = load_flat(str(tmp_path / "s.safetensors"))
     assert any("{i" in k for k in stacked)
-    assert bits_equal(ex.model_to_hf(ex.hf_to_model(stacked, cfg), cfg), hf)
+    assert flat_bits_equal(ex.model_to_hf(ex.hf_to_model(stacked, cfg), cfg), hf)
 
 
 def test_experts_stacked_on_their_axis_convert_too() -> None:
@@ -369,7 +361,7 @@ def test_experts_stacked_on_their_axis_convert_too() -> None:
     assert flat["model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight"].shape == (
         3, 4, 12, 16,
     )  # fmt: skip
-    assert bits_equal(ex.model_to_hf(ex.hf_to_model(flat, cfg), cfg), hf)
+    assert flat_bits_equal(ex.model_to_hf(ex.hf_to_model(flat, cfg), cfg), hf)
 
 
 # -------------------------------------------------------------------- strictness
@@ -515,7 +507,7 @@ def test_a_deepseek_v3_checkpoint_stacks_by_kind_and_comes_back(tmp_path: Path) 
     stacked, rest = stack_by_name(hf, "model.layers.{i}.", layers=kinds)
     assert stacked["B"]["mlp.experts.3.down_proj.weight"].shape == (3, 16, 8)
     assert stacked["B"]["mlp.gate.e_score_correction_bias"].dtype == np.float32
-    assert bits_equal(
+    assert flat_bits_equal(
         unstack_by_name(stacked, "model.layers.{i}.", rest, layers=kinds), hf
     )
 
@@ -524,7 +516,7 @@ def test_a_deepseek_v3_checkpoint_stacks_by_kind_and_comes_back(tmp_path: Path) 
     names = load_flat(str(tmp_path / "s.safetensors"))
     assert "model.layers.{i:C}.eh_proj.weight" in names
     convert_unstack(str(tmp_path / "s.safetensors"), tmp_path / "back.safetensors")
-    assert bits_equal(load_flat(str(tmp_path / "back.safetensors")), hf)
+    assert flat_bits_equal(load_flat(str(tmp_path / "back.safetensors")), hf)
     assert (tmp_path / "back.safetensors").read_bytes() == (
         tmp_path / "per-layer.safetensors"
     ).read_bytes()
