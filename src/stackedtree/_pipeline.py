@@ -180,6 +180,29 @@ def _batch_size(init: PyTree, batch_axis: int) -> int:
     return sizes[0][1]
 
 
+def check_pipeline(
+    fn: Callable[..., Any],
+    staged: PyTree,
+    mesh: Any,
+    axis: Any,
+    batch_axis: Any,
+    where: str,
+) -> tuple[Callable[..., Any], tuple[int, int, int]]:
+    """The arguments every pipeline checks alike: `fn` (wrapped so that a layer
+    writing NNX state is refused), `staged`'s dimensions against `mesh` and `axis`,
+    and `batch_axis`. Returns `fn` and `(repeats, stages, per_block)`."""
+    if not callable(fn):
+        raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
+    fn = forbid_layer_state(fn, staged, name="fn", where=where)
+    dims = staged_dims(staged, "staged")
+    _check_mesh(mesh, axis, dims[1])
+    if isinstance(batch_axis, bool) or not isinstance(batch_axis, int | np.integer):
+        raise TypeError(
+            f"`batch_axis` must be an int, got {type(batch_axis).__name__}."
+        )
+    return fn, dims
+
+
 def _check_mesh(mesh: Any, axis: Any, stages: int) -> None:
     if not isinstance(mesh, Mesh):
         raise TypeError(
@@ -389,15 +412,9 @@ def pipeline_layers(
         >>> bool(jnp.allclose(out, scan_layers(fn, x, layers)[0]))
         True
     """
-    if not callable(fn):
-        raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
-    fn = forbid_layer_state(fn, staged, name="fn", where="pipeline_layers")
-    repeats, stages, per_block = staged_dims(staged, "staged")
-    _check_mesh(mesh, axis, stages)
-    if isinstance(batch_axis, bool) or not isinstance(batch_axis, int | np.integer):
-        raise TypeError(
-            f"`batch_axis` must be an int, got {type(batch_axis).__name__}."
-        )
+    fn, (repeats, stages, per_block) = check_pipeline(
+        fn, staged, mesh, axis, batch_axis, "pipeline_layers"
+    )
     batch = _batch_size(init, int(batch_axis))
     microbatches = check_count(microbatches, "microbatches")
     if batch % microbatches:

@@ -7,13 +7,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from ._check import check_count
 from ._leaf import fmt_shape, shape_of
-from ._nnx import forbid_layer_state
-from ._pipeline import _batch_size, _check_mesh, _Layout, _layout, staged_dims
+from ._pipeline import _batch_size, _Layout, _layout, check_pipeline
 from ._scan import scan_layers
 from ._stack import check_key
 from ._tree import PyTree, merge_static, split_static
@@ -452,16 +450,11 @@ def pipeline_value_and_grad(
         >>> g_layers["w"].shape, g_x.shape, g_head.shape
         ((1, 4, 2), (8,), ())
     """
-    for name, f in (("fn", fn), ("loss_fn", loss_fn)):
-        if not callable(f):
-            raise TypeError(f"`{name}` must be callable, got {type(f).__name__}.")
-    fn = forbid_layer_state(fn, staged, name="fn", where="pipeline_value_and_grad")
-    repeats, stages, per_block = staged_dims(staged, "staged")
-    _check_mesh(mesh, axis, stages)
-    if isinstance(batch_axis, bool) or not isinstance(batch_axis, int | np.integer):
-        raise TypeError(
-            f"`batch_axis` must be an int, got {type(batch_axis).__name__}."
-        )
+    fn, (repeats, stages, per_block) = check_pipeline(
+        fn, staged, mesh, axis, batch_axis, "pipeline_value_and_grad"
+    )
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
     microbatches = check_count(microbatches, "microbatches")
     order = _Order(repeats, stages, per_block, microbatches)
     _check_schedule(schedule, order)
