@@ -177,6 +177,8 @@ def checkpoint_kind(path: Path) -> str:
         return "safetensors"
     if name.endswith(".npz"):
         return "npz"
+    if not os.path.lexists(path):
+        raise FileNotFoundError(errno.ENOENT, "no such file or folder", str(path))
     raise ValueError(
         f"`{path}`: unknown checkpoint format; expected a .safetensors file, a "
         f"*.safetensors.index.json index, an .npz archive or a model folder"
