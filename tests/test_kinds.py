@@ -510,7 +510,9 @@ def test_inspect_shows_kinds(tmp_path: Path) -> None:
         "  model.embed_tokens.weight  f32[16,8]",
         "  model.norm.weight          f32[8]",
     ]
-    convert_stack(tmp_path / "a.safetensors", tmp_path / "s.safetensors", experts="none")
+    convert_stack(
+        tmp_path / "a.safetensors", tmp_path / "s.safetensors", experts="none"
+    )
     assert inspect_checkpoint(tmp_path / "s.safetensors").splitlines()[1:5] == [
         "stacked checkpoint: pattern 'model.layers.{i}.', 5 layers of 2 kinds",
         "kind A: 2 layers (0-1), 3 stacked tensors, leading axis = layer:",
