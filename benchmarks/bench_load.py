@@ -23,6 +23,12 @@ host memory). Loaders:
   the layer axis split over all 8 devices;
 - and `cp` of the checkpoint's files, the floor for moving the bytes.
 
+Then a mixture of experts of about the same size (Qwen3-MoE names: layer 0 dense, the
+others 8 experts and a router each, 4 shards and an index) loads with the expert axis
+split over the 8 devices (`experts`: expert tensors `(N, E, ...)` as `P(None, "x")`,
+the rest replicated), by `load_sharded`, the naive way and 2 processes, each of which
+should read only its own experts' bytes.
+
 The page cache is warm (the checkpoint was just written and fits in memory) and there
 is no write-back in flight (`sync` before every run). Each load runs right after a `cp`
 of the same files, and its wall and CPU times are divided by that `cp`'s (medians of
@@ -56,8 +62,38 @@ SHARDINGS = ("layer", "hidden", "replicated")
 # ----------------------------------------------------------------- the checkpoint
 
 
-def write_checkpoint(folder: Path, size_bytes: float, quick: bool) -> dict[str, Any]:
-    """Random bits in a bfloat16 Llama-shaped checkpoint: 4 shards and an index."""
+def moe_names(
+    d: int, f: int, vocab: int, n: int, experts: int
+) -> list[tuple[str, tuple[int, ...]]]:
+    """Qwen3-MoE tensor names and shapes: layer 0 dense, the others MoE."""
+    dense = [
+        (f"mlp.{w}_proj.weight", s)
+        for w, s in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f)))
+    ]
+    moe = [("mlp.gate.weight", (experts, d))] + [
+        (k.replace("mlp.", f"mlp.experts.{e}."), s)
+        for e in range(experts)
+        for k, s in dense
+    ]
+    specs: list[tuple[str, tuple[int, ...]]] = [
+        ("model.embed_tokens.weight", (vocab, d))
+    ]
+    for i in range(n):
+        attn = [(f"self_attn.{x}_proj.weight", (d, d)) for x in "qkvo"]
+        norms = [
+            ("input_layernorm.weight", (d,)),
+            ("post_attention_layernorm.weight", (d,)),
+        ]
+        body = attn + (dense if i == 0 else moe) + norms
+        specs += [(f"model.layers.{i}.{k}", s) for k, s in body]
+    return [*specs, ("model.norm.weight", (d,)), ("lm_head.weight", (vocab, d))]
+
+
+def write_checkpoint(
+    folder: Path, size_bytes: float, quick: bool, moe: bool = False
+) -> dict[str, Any]:
+    """Random bits in a bfloat16 Llama-shaped checkpoint (with `moe`, Qwen3-MoE-shaped:
+    8 experts of a quarter of the Llama MLP each): 4 shards and an index."""
     import ml_dtypes
     import numpy as np
 
@@ -72,6 +108,12 @@ def write_checkpoint(folder: Path, size_bytes: float, quick: bool) -> dict[str, 
     import _common as C  # imports jax: only in the parent, never in a child
 
     specs = C.hf_llama_names(d, f, vocab, n)
+    if moe:
+        f, experts = f // 4, DEVICES
+        per_layer = (4 * d * d + 2 * d + experts * (3 * d * f + d)) * 2
+        n = max(2, 1 + math.ceil((size_bytes - fixed) / per_layer))
+        specs = moe_names(d, f, vocab, n, experts)
+    folder.mkdir(exist_ok=True)
     shards = [specs[k::4] for k in range(4)]
     rng = np.random.default_rng(0)
     weight_map = {}
@@ -145,8 +187,9 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     import jax
     import numpy as np
     from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from stackedtree.checkpoint import _sharded, load_flat, load_sharded, stack_by_name
+    from stackedtree.checkpoint import _sharded, load_flat, load_sharded
 
     if config.get("process") is not None:
         jax.distributed.initialize(
@@ -161,6 +204,9 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     kind, d = config["sharding"], config["d_model"]
 
     def sharding(name: str, shape: tuple[int, ...], dtype: Any) -> NamedSharding:
+        if kind == "experts":  # expert parallelism: experts split, the rest whole
+            spec = P(None, "x") if "{e}" in name else P()
+            return NamedSharding(mesh, spec)
         return NamedSharding(mesh, spec_for(kind, shape, d))
 
     # Warm up what a first transfer allocates, so it is not counted.
@@ -177,12 +223,11 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     r0, t0, c0 = _rchar(), time.perf_counter(), time.process_time()
     if config["loader"] == "naive":
         flat = load_flat(config["index"])
-        stacked, rest = stack_by_name(flat, PATTERN)
-        named = {PATTERN + k: v for k, v in stacked.items()} | rest
+        named = naive_stack(flat)
         arrays = jax.device_put(
             named, {k: sharding(k, v.shape, v.dtype) for k, v in named.items()}
         )
-        del flat, stacked, rest, named
+        del flat, named
     else:
         arrays = load_sharded(config["index"], sharding, pattern=PATTERN)
     jax.block_until_ready(arrays)
@@ -210,6 +255,25 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
         "held": held,
         "extra_rss": peak - start_rss - held,
     }
+
+
+def naive_stack(flat: dict[str, Any]) -> dict[str, Any]:
+    """`stack_by_name` of the whole checkpoint in memory, kinds and experts as
+    `stackedtree stack` finds them, under the stacked names."""
+    from stackedtree.checkpoint import detect_experts, detect_kinds, stack_by_name
+    from stackedtree.checkpoint._layer_pattern import LayerPattern
+
+    experts = detect_experts(flat, PATTERN)
+    kinds = detect_kinds(flat, PATTERN, experts=experts)
+    layers = kinds if len(kinds) > 1 else None
+    stacked, rest = stack_by_name(flat, PATTERN, layers=layers, experts=experts)
+    per_kind = stacked if layers else {None: stacked}
+    lp = LayerPattern.parse(PATTERN)
+    return {
+        lp.stacked_name(k, label): v
+        for label, part in per_kind.items()
+        for k, v in part.items()
+    } | rest
 
 
 def run_child(config: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
@@ -355,8 +419,31 @@ def report(results: dict[str, Any]) -> str:
         "across devices (`hidden`) are read strided when their runs are at least "
         f"{results['strided_min_run']} bytes, else by rows; the two forced rows "
         "compare them.",
+        *_moe_note(results),
     ]
     return "\n".join(lines)
+
+
+def _moe_note(results: dict[str, Any]) -> list[str]:
+    moe = results.get("moe_checkpoint")
+    rows = [r for r in results["runs"] if r["sharding"] == "experts (MoE)"]
+    if not moe or not rows:
+        return []
+    shares = [
+        f"{r['loader']} holds {r['share'] / moe['bytes']:.3f} of it and reads "
+        f"{r['read'] / moe['bytes']:.3f}"
+        for r in rows
+        if r["loader"].startswith("process") and not r.get("skipped")
+    ]
+    return [
+        "",
+        f"`experts (MoE)`: a {moe['bytes'] / 1e9:.2f} GB Qwen3-MoE-shaped checkpoint "
+        f"({moe['num_layers']} layers, layer 0 dense, {DEVICES} experts per MoE "
+        "layer), the expert axis of each `(N, E, ...)` tensor split over the "
+        f"{DEVICES} devices, the rest replicated; of the checkpoint, "
+        + "; ".join(shares)
+        + ".",
+    ]
 
 
 # ----------------------------------------------------------------- main
@@ -410,9 +497,9 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-        def with_cp(run: Any) -> Any:
+        def with_cp(run: Any, files: list[str] | None = None) -> Any:
             """`run()`, right after a `cp` of the same bytes, whose times it carries."""
-            cp_seconds, cp_cpu = time_cp(ck["files"], folder)
+            cp_seconds, cp_cpu = time_cp(files or ck["files"], folder)
             cps.append(cp_seconds)
             out = run()
             for r in out if isinstance(out, list) else [out]:
@@ -450,11 +537,28 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [with_cp(lambda: run_two_processes(two)) for _ in range(repeat)]
         for i in range(2):
             summary("layer", f"process {i} of 2", [p[i] for p in pairs])
+        moe = write_checkpoint(folder / "moe", size, args.quick, moe=True)
+        print(f"MoE checkpoint: {moe['bytes'] / 1e9:.3f} GB", flush=True)
+        mbase = {**base, "index": moe["index"], "sharding": "experts"}
+        for loader in ("load_sharded", "naive"):
+            config = {**mbase, "loader": loader}
+            trials = [
+                with_cp(lambda c=config: run_child(c), moe["files"])
+                for _ in range(repeat)
+            ]
+            summary("experts (MoE)", loader, trials)
+        two = {**mbase, "loader": "load_sharded", "local_devices": DEVICES // 2}
+        pairs = [
+            with_cp(lambda: run_two_processes(two), moe["files"]) for _ in range(repeat)
+        ]
+        for i in range(2):
+            summary("experts (MoE)", f"process {i} of 2", [p[i] for p in pairs])
         cp = statistics.median(cps)
     results = {
         "benchmark": "bench_load",
         "quick": args.quick,
         "checkpoint": ck,
+        "moe_checkpoint": moe,
         "cp_seconds": cp,
         "repeat": repeat,
         "strided_min_run": _sharded.STRIDED_MIN_RUN,
