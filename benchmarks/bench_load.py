@@ -23,11 +23,9 @@ host memory). Loaders:
   the layer axis split over all 8 devices;
 - and `cp` of the checkpoint's files, the floor for moving the bytes.
 
-Then a mixture of experts of about the same size (Qwen3-MoE names: layer 0 dense, the
-others 8 experts and a router each, 4 shards and an index) loads with the expert axis
-split over the 8 devices (`experts`: expert tensors `(N, E, ...)` as `P(None, "x")`,
-the rest replicated), by `load_sharded`, the naive way and 2 processes, each of which
-should read only its own experts' bytes.
+Then a Qwen3-MoE-shaped checkpoint of about the same size loads with its expert axis
+split over the 8 devices (`experts`: `P(None, "x")`, the rest replicated), by
+`load_sharded`, the naive way and 2 processes, each reading its own experts' bytes.
 
 The page cache is warm (the checkpoint was just written and fits in memory) and there
 is no write-back in flight (`sync` before every run). Each load runs right after a `cp`
@@ -55,6 +53,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _moe import moe_names, moe_note, naive_stack
+
 DEVICES = 8
 PATTERN = "model.layers.{i}."
 SHARDINGS = ("layer", "hidden", "replicated")
@@ -62,38 +62,10 @@ SHARDINGS = ("layer", "hidden", "replicated")
 # ----------------------------------------------------------------- the checkpoint
 
 
-def moe_names(
-    d: int, f: int, vocab: int, n: int, experts: int
-) -> list[tuple[str, tuple[int, ...]]]:
-    """Qwen3-MoE tensor names and shapes: layer 0 dense, the others MoE."""
-    dense = [
-        (f"mlp.{w}_proj.weight", s)
-        for w, s in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f)))
-    ]
-    moe = [("mlp.gate.weight", (experts, d))] + [
-        (k.replace("mlp.", f"mlp.experts.{e}."), s)
-        for e in range(experts)
-        for k, s in dense
-    ]
-    specs: list[tuple[str, tuple[int, ...]]] = [
-        ("model.embed_tokens.weight", (vocab, d))
-    ]
-    for i in range(n):
-        attn = [(f"self_attn.{x}_proj.weight", (d, d)) for x in "qkvo"]
-        norms = [
-            ("input_layernorm.weight", (d,)),
-            ("post_attention_layernorm.weight", (d,)),
-        ]
-        body = attn + (dense if i == 0 else moe) + norms
-        specs += [(f"model.layers.{i}.{k}", s) for k, s in body]
-    return [*specs, ("model.norm.weight", (d,)), ("lm_head.weight", (vocab, d))]
-
-
 def write_checkpoint(
     folder: Path, size_bytes: float, quick: bool, moe: bool = False
 ) -> dict[str, Any]:
-    """Random bits in a bfloat16 Llama-shaped checkpoint (with `moe`, Qwen3-MoE-shaped:
-    8 experts of a quarter of the Llama MLP each): 4 shards and an index."""
+    """Random bf16 bits, Llama- (`moe`: Qwen3-MoE-) shaped: 4 shards, an index."""
     import ml_dtypes
     import numpy as np
 
@@ -108,11 +80,10 @@ def write_checkpoint(
     import _common as C  # imports jax: only in the parent, never in a child
 
     specs = C.hf_llama_names(d, f, vocab, n)
-    if moe:
-        f, experts = f // 4, DEVICES
-        per_layer = (4 * d * d + 2 * d + experts * (3 * d * f + d)) * 2
+    if moe:  # experts of a quarter of the Llama MLP each, one per device
+        per_layer = (4 * d * d + 2 * d + DEVICES * (3 * d * (f // 4) + d)) * 2
         n = max(2, 1 + math.ceil((size_bytes - fixed) / per_layer))
-        specs = moe_names(d, f, vocab, n, experts)
+        specs = moe_names(d, f // 4, vocab, n, DEVICES)
     folder.mkdir(exist_ok=True)
     shards = [specs[k::4] for k in range(4)]
     rng = np.random.default_rng(0)
@@ -223,7 +194,7 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     r0, t0, c0 = _rchar(), time.perf_counter(), time.process_time()
     if config["loader"] == "naive":
         flat = load_flat(config["index"])
-        named = naive_stack(flat)
+        named = naive_stack(flat, PATTERN)
         arrays = jax.device_put(
             named, {k: sharding(k, v.shape, v.dtype) for k, v in named.items()}
         )
@@ -255,25 +226,6 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
         "held": held,
         "extra_rss": peak - start_rss - held,
     }
-
-
-def naive_stack(flat: dict[str, Any]) -> dict[str, Any]:
-    """`stack_by_name` of the whole checkpoint in memory, kinds and experts as
-    `stackedtree stack` finds them, under the stacked names."""
-    from stackedtree.checkpoint import detect_experts, detect_kinds, stack_by_name
-    from stackedtree.checkpoint._layer_pattern import LayerPattern
-
-    experts = detect_experts(flat, PATTERN)
-    kinds = detect_kinds(flat, PATTERN, experts=experts)
-    layers = kinds if len(kinds) > 1 else None
-    stacked, rest = stack_by_name(flat, PATTERN, layers=layers, experts=experts)
-    per_kind = stacked if layers else {None: stacked}
-    lp = LayerPattern.parse(PATTERN)
-    return {
-        lp.stacked_name(k, label): v
-        for label, part in per_kind.items()
-        for k, v in part.items()
-    } | rest
 
 
 def run_child(config: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
@@ -419,31 +371,9 @@ def report(results: dict[str, Any]) -> str:
         "across devices (`hidden`) are read strided when their runs are at least "
         f"{results['strided_min_run']} bytes, else by rows; the two forced rows "
         "compare them.",
-        *_moe_note(results),
+        *moe_note(results, DEVICES),
     ]
     return "\n".join(lines)
-
-
-def _moe_note(results: dict[str, Any]) -> list[str]:
-    moe = results.get("moe_checkpoint")
-    rows = [r for r in results["runs"] if r["sharding"] == "experts (MoE)"]
-    if not moe or not rows:
-        return []
-    shares = [
-        f"{r['loader']} holds {r['share'] / moe['bytes']:.3f} of it and reads "
-        f"{r['read'] / moe['bytes']:.3f}"
-        for r in rows
-        if r["loader"].startswith("process") and not r.get("skipped")
-    ]
-    return [
-        "",
-        f"`experts (MoE)`: a {moe['bytes'] / 1e9:.2f} GB Qwen3-MoE-shaped checkpoint "
-        f"({moe['num_layers']} layers, layer 0 dense, {DEVICES} experts per MoE "
-        "layer), the expert axis of each `(N, E, ...)` tensor split over the "
-        f"{DEVICES} devices, the rest replicated; of the checkpoint, "
-        + "; ".join(shares)
-        + ".",
-    ]
 
 
 # ----------------------------------------------------------------- main
@@ -538,19 +468,14 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(2):
             summary("layer", f"process {i} of 2", [p[i] for p in pairs])
         moe = write_checkpoint(folder / "moe", size, args.quick, moe=True)
-        print(f"MoE checkpoint: {moe['bytes'] / 1e9:.3f} GB", flush=True)
         mbase = {**base, "index": moe["index"], "sharding": "experts"}
-        for loader in ("load_sharded", "naive"):
-            config = {**mbase, "loader": loader}
-            trials = [
-                with_cp(lambda c=config: run_child(c), moe["files"])
-                for _ in range(repeat)
-            ]
-            summary("experts (MoE)", loader, trials)
+        for c in ({**mbase, "loader": "load_sharded"}, {**mbase, "loader": "naive"}):
+            run = lambda c=c: run_child(c)  # noqa: E731
+            runs = [with_cp(run, moe["files"]) for _ in range(repeat)]
+            summary("experts (MoE)", c["loader"], runs)
         two = {**mbase, "loader": "load_sharded", "local_devices": DEVICES // 2}
-        pairs = [
-            with_cp(lambda: run_two_processes(two), moe["files"]) for _ in range(repeat)
-        ]
+        pair = lambda: run_two_processes(two)  # noqa: E731
+        pairs = [with_cp(pair, moe["files"]) for _ in range(repeat)]
         for i in range(2):
             summary("experts (MoE)", f"process {i} of 2", [p[i] for p in pairs])
         cp = statistics.median(cps)

@@ -73,7 +73,7 @@ class Conversion(NamedTuple):
             None when none are.
         gaps: for each kind whose keys are a strict subset of another kind's (a
             damaged layer looks like that), a line saying which keys it lacks
-            (`kind_gaps`).
+            (`missing_keys` gives the keys).
     """
 
     pattern: str
