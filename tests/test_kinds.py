@@ -131,7 +131,8 @@ def test_converting_by_kind_round_trips_bit_exactly(
     src, out, back = (folder / f"{n}{suffix}" for n in ("src", "out", "back"))
     save_flat(src, case.flat, metadata={"origin": "test"})
     several = len(case.kinds) > 1
-    done = convert_stack(src, out, pattern=case.pattern)
+    # Random keys may hold numbered parts; experts have their own property.
+    done = convert_stack(src, out, pattern=case.pattern, experts="none")
     assert done.kinds == (case.kinds if several else None)
     assert done.num_layers == sum(map(len, case.kinds.values()))
     loaded = load_stacked(out)
