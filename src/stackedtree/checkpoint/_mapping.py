@@ -516,6 +516,39 @@ def _sources(
     return sources, stackings, problems
 
 
+def _stack_layers(
+    tensors: Mapping[str, Any],
+    table: list[_Parsed],
+    sources: Mapping[str, list[str] | None],
+    stackings: Mapping[str, _Stacking | None],
+) -> dict[str, Any]:
+    """The layer tensors the rules read, stacked under their stacked names."""
+    stacked: dict[str, Any] = {}
+    for pattern, how in stackings.items():
+        lp = LayerPattern.parse(pattern)
+        names = {
+            n
+            for r in table
+            if r.pattern is not None and str(r.pattern) == pattern
+            for n in sources.get(r.name) or ()
+        }
+        subset = {n: tensors[n] for n in names}
+        if how is None:
+            part, _ = stack_by_name(subset, pattern)
+            stacked.update({pattern + key: x for key, x in part.items()})
+            continue
+        got, _ = stack_by_name(subset, pattern, layers=how.layers, experts=how.experts)
+        per_kind = {None: got} if how.layers is None else got
+        stacked.update(
+            {
+                lp.stacked_name(key, label): x
+                for label, part in per_kind.items()
+                for key, x in part.items()
+            }
+        )
+    return stacked
+
+
 def unflatten_by_rules(
     flat: Mapping[str, Any],
     rules: Sequence[Rule | tuple[Any, ...]],
@@ -586,32 +619,7 @@ def unflatten_by_rules(
         fail(problems, "`flat` and `like` do not match one to one under `rules`")
 
     def stack_layers(tensors: Mapping[str, Any]) -> dict[str, Any]:
-        stacked: dict[str, Any] = {}
-        for pattern, how in stackings.items():
-            lp = LayerPattern.parse(pattern)
-            names = {
-                n
-                for r in table
-                if r.pattern is not None and str(r.pattern) == pattern
-                for n in sources.get(r.name) or ()
-            }
-            subset = {n: tensors[n] for n in names}
-            if how is None:
-                part, _ = stack_by_name(subset, pattern)
-                stacked.update({pattern + key: x for key, x in part.items()})
-                continue
-            got, _ = stack_by_name(
-                subset, pattern, layers=how.layers, experts=how.experts
-            )
-            per_kind = {None: got} if how.layers is None else got
-            stacked.update(
-                {
-                    lp.stacked_name(key, label): x
-                    for label, part in per_kind.items()
-                    for key, x in part.items()
-                }
-            )
-        return stacked
+        return _stack_layers(tensors, table, sources, stackings)
 
     # Shapes first, on abstract tensors: a rule that cannot fill its leaf (a missing
     # transpose, say) is found before any tensor is stacked. Dtypes are checked on
