@@ -8,6 +8,11 @@ Writes a random per-layer safetensors checkpoint with Llama-style names (at leas
 - `python -m stackedtree stack SRC -o OUT` and `... unstack OUT -o BACK`;
 - a naive script: `safetensors.numpy.load_file`, `np.stack` per key, `save_file`.
 
+Then the same for a mixture-of-experts checkpoint of the same size (Qwen3-MoE names:
+one dense layer, then MoE layers of E experts, a router and a shared expert), which
+`stackedtree stack` stacks by kind and expert (`(N, E, ...)` tensors): `cp`, `stack`
+and `unstack`, the round trip checked byte for byte.
+
 Every command is timed together with its own write-back: `sync` before it (not timed),
 then the command and a `sync` after it are timed, so a command is not credited with
 dirty pages the kernel writes later (or charged with an earlier command's). Peak
@@ -23,6 +28,7 @@ It prints `report(results)`, the markdown section `run_all.py` publishes.
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import re
 import shutil
@@ -94,6 +100,42 @@ def write_checkpoint(path: Path, size_bytes: int, dtype: np.dtype, quick: bool) 
     return n
 
 
+def write_moe_checkpoint(
+    path: Path, size_bytes: int, dtype: np.dtype, quick: bool
+) -> tuple[int, int]:
+    """Writes random bits in a Qwen3-MoE-shaped checkpoint of at least `size_bytes`
+    (layer 0 dense, the others MoE); returns N and E."""
+    d, f, e, vocab = (128, 64, 4, 1000) if quick else (1024, 512, 16, 32000)
+    attn = [("self_attn." + w + ".weight", (d, d)) for w in "qkvo"]
+    norms = [
+        (w + ".weight", (d,)) for w in ("input_layernorm", "post_attention_layernorm")
+    ]
+    mlp = [
+        ("mlp.gate_proj.weight", (f, d)),
+        ("mlp.up_proj.weight", (f, d)),
+        ("mlp.down_proj.weight", (d, f)),
+    ]
+    moe = [("mlp.gate.weight", (e, d))]
+    for x in range(e):
+        moe += [(k.replace("mlp.", f"mlp.experts.{x}."), s) for k, s in mlp]
+    moe += [(k.replace("mlp.", "mlp.shared_experts."), s) for k, s in mlp]
+    size = sum(int(np.prod(s)) for _, s in attn + norms + moe) * dtype.itemsize
+    fixed = 2 * vocab * d * dtype.itemsize
+    n = max(3, 1 + -(-(size_bytes - fixed) // size))
+    specs = [("model.embed_tokens.weight", (vocab, d))]
+    for i in range(n):
+        body = attn + (mlp if i == 0 else moe) + norms
+        specs += [(f"model.layers.{i}.{k}", s) for k, s in body]
+    specs += [("model.norm.weight", (d,)), ("lm_head.weight", (vocab, d))]
+    rng = np.random.default_rng(0)
+    with open(path, "wb") as out:
+        out.write(safetensors_header([(name, dtype, shape) for name, shape in specs]))
+        for _, shape in specs:
+            count = int(np.prod(shape)) * dtype.itemsize // 4
+            out.write(rng.integers(0, 2**32, count, dtype=np.uint32).tobytes())
+    return n, e
+
+
 def measure(cmd: list[str]) -> dict[str, Any]:
     """Seconds of `cmd` and a `sync` after it, with `cmd`'s own time and peak RSS.
 
@@ -158,12 +200,82 @@ LABELS = {
 }
 
 
+def measure_all(
+    runs: dict[str, list[str]], outputs: dict[str, Path], repeat: int
+) -> dict[str, dict[str, Any]]:
+    """Each command of `runs` measured `repeat` times (its output removed before
+    each run): the median time, every time, the largest peak RSS."""
+    results: dict[str, dict[str, Any]] = {}
+    for label, cmd in runs.items():
+        trials = []
+        for _ in range(repeat):
+            outputs[label].unlink(missing_ok=True)  # each run writes a fresh file
+            trials.append(measure(cmd))
+        walls = sorted(t["wall_s"] for t in trials)
+        results[label] = {
+            "wall_s": walls[len(walls) // 2],
+            "wall_s_all": walls,
+            "command_s_all": [t["command_s"] for t in trials],
+            "peak_rss": max(t["peak_rss"] for t in trials),
+            "via": trials[0]["via"],
+        }
+    return results
+
+
+def measure_moe(
+    folder: Path, size_bytes: int, dtype: np.dtype, quick: bool, repeat: int
+) -> dict[str, Any]:
+    """cp, stack and unstack of a mixture-of-experts checkpoint, as for the dense one."""
+    src = folder / "moe.safetensors"
+    n, e = write_moe_checkpoint(src, size_bytes, dtype, quick)
+    size = src.stat().st_size
+    cli = [sys.executable, "-m", "stackedtree"]
+    stacked, back = folder / "moe-stacked.safetensors", folder / "moe-back.safetensors"
+    runs = {
+        "cp": ["cp", str(src), str(folder / "moe-copy.safetensors")],
+        "stackedtree stack": [*cli, "stack", str(src), "-o", str(stacked), "-q"],
+        "stackedtree unstack": [*cli, "unstack", str(stacked), "-o", str(back), "-q"],
+    }
+    outputs = {
+        label: Path(cmd[-2] if cmd[-1] == "-q" else cmd[-1])
+        for label, cmd in runs.items()
+    }
+    results = measure_all(runs, outputs, repeat)
+    from stackedtree.checkpoint._io import read_checkpoint
+
+    meta = read_checkpoint(stacked).metadata
+    identical = filecmp.cmp(src, back, shallow=False)
+    for path in (src, stacked, back, folder / "moe-copy.safetensors"):
+        path.unlink(missing_ok=True)
+    cp_time = results["cp"]["wall_s"]
+    for r in results.values():
+        r["time_vs_cp"] = r["wall_s"] / cp_time if cp_time > 0 else float("nan")
+        r["rss_fraction"] = r["peak_rss"] / size
+    return {
+        "checkpoint_bytes": size,
+        "num_layers": n,
+        "experts": e,
+        "expert_pattern": meta.get("stackedtree.experts"),
+        "kinds": meta.get("stackedtree.kinds"),
+        "roundtrip_identical": identical,
+        "results": results,
+    }
+
+
 def headline(results: dict[str, Any]) -> list[tuple[str, float | None]]:
     """This script's rows of the headline table: `(measure, value)`."""
     stack = dig(results, "results", "stackedtree stack") or {}
     return [
         ("`stackedtree stack` / cp, time with sync", stack.get("time_vs_cp")),
         ("`stackedtree stack` peak RSS / checkpoint size", stack.get("rss_fraction")),
+        (
+            "`stackedtree stack` of a MoE checkpoint / cp, time with sync",
+            dig(results, "moe", "results", "stackedtree stack", "time_vs_cp"),
+        ),
+        (
+            "`stackedtree stack` of a MoE checkpoint, peak RSS / checkpoint size",
+            dig(results, "moe", "results", "stackedtree stack", "rss_fraction"),
+        ),
     ]
 
 
@@ -199,6 +311,7 @@ def report(results: dict[str, Any]) -> str:
                 ["step", "time + sync (s)", "/ cp", "RSS (MiB)", "RSS / ckpt"],
                 rows,
             ),
+            *_moe_report(results.get("moe") or {}),
         ]
     )
 
@@ -265,21 +378,35 @@ def time_commands(
         for label, cmd in runs.items()
     }
     outputs[STARTUP] = folder / "none"
-    results: dict[str, dict[str, Any]] = {}
-    for label, cmd in runs.items():
-        trials = []
-        for _ in range(repeat):
-            outputs[label].unlink(missing_ok=True)  # each run writes a fresh file
-            trials.append(measure(cmd))
-        walls = sorted(t["wall_s"] for t in trials)
-        results[label] = {
-            "wall_s": walls[len(walls) // 2],
-            "wall_s_all": walls,
-            "command_s_all": [t["command_s"] for t in trials],
-            "peak_rss": max(t["peak_rss"] for t in trials),
-            "via": trials[0]["via"],
-        }
-    return results
+    return measure_all(runs, outputs, repeat)
+
+
+def _moe_report(moe: dict[str, Any]) -> list[str]:
+    if not moe:
+        return []
+    rows = [
+        [
+            LABELS.get(step, step),
+            r.get("wall_s"),
+            r.get("time_vs_cp"),
+            ratio(r.get("peak_rss"), 2**20),
+            r.get("rss_fraction"),
+        ]
+        for step, r in (moe.get("results") or {}).items()
+    ]
+    same = "byte-identical" if moe.get("roundtrip_identical") else "DIFFERENT"
+    return [
+        "",
+        f"A mixture of experts: a {(moe.get('checkpoint_bytes') or 0) / 1e9:.2f} GB "
+        f"checkpoint of {moe.get('num_layers')} layers with Qwen3-MoE's names (layer 0 "
+        f"dense, the others {moe.get('experts')} experts, a router and a shared "
+        f"expert), stacked by kind ({len(json.loads(moe.get('kinds') or '{}'))} "
+        f"kinds) and expert "
+        f"({moe.get('expert_pattern')!r}, `(N, E, ...)` tensors); unstacking gives "
+        f"back a {same} copy. Timed as above.",
+        "",
+        table(["step", "time + sync (s)", "/ cp", "RSS (MiB)", "RSS / ckpt"], rows),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         results = time_commands(runs, folder, repeat)
         identical = filecmp.cmp(src, folder / "back.safetensors", shallow=False)
         (folder / "copy.safetensors").unlink(missing_ok=True)
+        for name in ("stacked", "back", "naive"):
+            (folder / f"{name}.safetensors").unlink(missing_ok=True)
+        moe = measure_moe(folder, int(args.size_gb * 1e9), dtype, args.quick, repeat)
 
     cp_time = results["cp"]["wall_s"]
     base = results[STARTUP]["peak_rss"]
@@ -329,10 +459,11 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": repeat,
         "timed_with_sync": True,
         "results": results,
+        "moe": moe,
         "wall_s": time.perf_counter() - t_start,
     }
     finish(args, payload, report)
-    return 0 if identical else 1
+    return 0 if identical and moe["roundtrip_identical"] else 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ host memory). Loaders:
   the layer axis split over all 8 devices;
 - and `cp` of the checkpoint's files, the floor for moving the bytes.
 
+Then a Qwen3-MoE-shaped checkpoint of about the same size loads with its expert axis
+split over the 8 devices (`experts`: `P(None, "x")`, the rest replicated), by
+`load_sharded`, the naive way and 2 processes, each reading its own experts' bytes.
+
 The page cache is warm (the checkpoint was just written and fits in memory) and there
 is no write-back in flight (`sync` before every run). Each load runs right after a `cp`
 of the same files, and its wall and CPU times are divided by that `cp`'s (medians of
@@ -49,6 +53,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _moe import moe_names, moe_note, naive_stack
+from _proc import available, io_bytes, status_bytes
+
 DEVICES = 8
 PATTERN = "model.layers.{i}."
 SHARDINGS = ("layer", "hidden", "replicated")
@@ -56,8 +63,10 @@ SHARDINGS = ("layer", "hidden", "replicated")
 # ----------------------------------------------------------------- the checkpoint
 
 
-def write_checkpoint(folder: Path, size_bytes: float, quick: bool) -> dict[str, Any]:
-    """Random bits in a bfloat16 Llama-shaped checkpoint: 4 shards and an index."""
+def write_checkpoint(
+    folder: Path, size_bytes: float, quick: bool, moe: bool = False
+) -> dict[str, Any]:
+    """Random bf16 bits, Llama- (`moe`: Qwen3-MoE-) shaped: 4 shards, an index."""
     import ml_dtypes
     import numpy as np
 
@@ -72,6 +81,11 @@ def write_checkpoint(folder: Path, size_bytes: float, quick: bool) -> dict[str, 
     from _hf_names import hf_llama_names
 
     specs = hf_llama_names(d, f, vocab, n)
+    if moe:  # experts of a quarter of the Llama MLP each, one per device
+        per_layer = (4 * d * d + 2 * d + DEVICES * (3 * d * (f // 4) + d)) * 2
+        n = max(2, 1 + math.ceil((size_bytes - fixed) / per_layer))
+        specs = moe_names(d, f // 4, vocab, n, DEVICES)
+    folder.mkdir(exist_ok=True)
     shards = [specs[k::4] for k in range(4)]
     rng = np.random.default_rng(0)
     weight_map = {}
@@ -103,22 +117,6 @@ def write_checkpoint(folder: Path, size_bytes: float, quick: bool) -> dict[str, 
 # ----------------------------------------------------------------- one load, in a child
 
 
-def _proc_status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _rchar() -> int:
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("rchar:"):
-                return int(line.split()[1])
-    raise KeyError("rchar")
-
-
 def spec_for(kind: str, shape: tuple[int, ...], d: int) -> Any:
     from jax.sharding import PartitionSpec as P
 
@@ -145,8 +143,9 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     import jax
     import numpy as np
     from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from stackedtree.checkpoint import _sharded, load_flat, stack_by_name
+    from stackedtree.checkpoint import _sharded, load_flat
 
     if config.get("process") is not None:
         jax.distributed.initialize(
@@ -162,6 +161,9 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     kind, d = config["sharding"], config["d_model"]
 
     def sharding(name: str, shape: tuple[int, ...], dtype: Any) -> NamedSharding:
+        if kind == "experts":  # expert parallelism: experts split, the rest whole
+            spec = P(None, "x") if "{e}" in name else P()
+            return NamedSharding(mesh, spec)
         return NamedSharding(mesh, spec_for(kind, shape, d))
 
     # Warm up what a first transfer allocates, so it is not counted.
@@ -172,24 +174,23 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
         )
     )
     gc.collect()
-    start_rss = _proc_status("VmRSS")
+    start_rss = status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
-    r0, t0, c0 = _rchar(), time.perf_counter(), time.process_time()
+    r0, t0, c0 = io_bytes("rchar"), time.perf_counter(), time.process_time()
     if config["loader"] == "naive":
         flat = load_flat(config["index"])
-        stacked, rest = stack_by_name(flat, PATTERN)
-        named = {PATTERN + k: v for k, v in stacked.items()} | rest
+        named = naive_stack(flat, PATTERN)
         arrays = jax.device_put(
             named, {k: sharding(k, v.shape, v.dtype) for k, v in named.items()}
         )
-        del flat, stacked, rest, named
+        del flat, named
     else:
         arrays = _sharded.load_with(config["index"], sharding, options, pattern=PATTERN)
     jax.block_until_ready(arrays)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    read = _rchar() - r0
-    peak = _proc_status("VmHWM")
+    read = io_bytes("rchar") - r0
+    peak = status_bytes("VmHWM")
     buffers: dict[int, int] = {}
     share = 0
     for x in arrays.values():
@@ -277,14 +278,6 @@ def time_cp(files: list[str], folder: Path) -> tuple[float, float]:
     return seconds, usage.ru_utime + usage.ru_stime
 
 
-def _available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 # ----------------------------------------------------------------- report
 
 
@@ -356,15 +349,17 @@ def report(results: dict[str, Any]) -> str:
         "across devices (`hidden`) are read strided when their runs are at least "
         f"{results['strided_min_run']} bytes, else by rows; the two forced rows "
         "compare them.",
+        *moe_note(results, DEVICES),
     ]
     return "\n".join(lines)
 
 
 def measure_loaders(
-    ck: dict[str, Any], folder: Path, repeat: int
-) -> tuple[list[dict[str, Any]], float]:
-    """Every loader under every sharding, each run right after a `cp` of the same bytes:
-    `(rows, median cp seconds)`, one row per sharding and loader."""
+    ck: dict[str, Any], folder: Path, repeat: int, *, size: float, quick: bool
+) -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
+    """Every loader under every sharding, each run right after a `cp` of the same bytes,
+    then a mixture of experts of `size` bytes with its experts split over the devices:
+    `(rows, median cp seconds, the MoE checkpoint)`, a row per sharding and loader."""
     base = {
         "index": ck["index"],
         "d_model": ck["d_model"],
@@ -384,9 +379,9 @@ def measure_loaders(
             flush=True,
         )
 
-    def with_cp(run: Any) -> Any:
+    def with_cp(run: Any, files: list[str] | None = None) -> Any:
         """`run()`, right after a `cp` of the same bytes, whose times it carries."""
-        cp_seconds, cp_cpu = time_cp(ck["files"], folder)
+        cp_seconds, cp_cpu = time_cp(files or ck["files"], folder)
         cps.append(cp_seconds)
         out = run()
         for r in out if isinstance(out, list) else [out]:
@@ -413,7 +408,7 @@ def measure_loaders(
             measure(sharding, "load_sharded (rows)", strided_min_run=1 << 62)
         # naive: the flat load, its stacked copy, and the device copies
         need = ck["bytes"] * (2 + (DEVICES if sharding == "replicated" else 1))
-        if need * 1.5 < _available():
+        if need * 1.5 < available():
             measure(sharding, "naive")
         else:
             rows.append(
@@ -424,7 +419,21 @@ def measure_loaders(
     pairs = [with_cp(lambda: run_two_processes(two)) for _ in range(repeat)]
     for i in range(2):
         summary("layer", f"process {i} of 2", [p[i] for p in pairs])
-    return rows, statistics.median(cps)
+    moe = write_checkpoint(folder / "moe", size, quick, moe=True)
+    mbase = {**base, "index": moe["index"], "sharding": "experts"}
+    for c in ({**mbase, "loader": "load_sharded"}, {**mbase, "loader": "naive"}):
+        run = lambda c=c: run_child(c)  # noqa: E731
+        summary(
+            "experts (MoE)",
+            c["loader"],
+            [with_cp(run, moe["files"]) for _ in range(repeat)],
+        )
+    two = {**mbase, "loader": "load_sharded", "local_devices": DEVICES // 2}
+    pair = lambda: run_two_processes(two)  # noqa: E731
+    pairs = [with_cp(pair, moe["files"]) for _ in range(repeat)]
+    for i in range(2):
+        summary("experts (MoE)", f"process {i} of 2", [p[i] for p in pairs])
+    return rows, statistics.median(cps), moe
 
 
 # ----------------------------------------------------------------- main
@@ -457,11 +466,12 @@ def main(argv: list[str] | None = None) -> int:
             f"checkpoint: {ck['bytes'] / 1e9:.3f} GB, {ck['num_layers']} layers",
             flush=True,
         )
-        rows, cp = measure_loaders(ck, folder, repeat)
+        rows, cp, moe = measure_loaders(ck, folder, repeat, size=size, quick=args.quick)
     results = {
         "benchmark": "bench_load",
         "quick": args.quick,
         "checkpoint": ck,
+        "moe_checkpoint": moe,
         "cp_seconds": cp,
         "repeat": repeat,
         "strided_min_run": _sharded.STRIDED_MIN_RUN,

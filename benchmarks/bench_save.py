@@ -48,6 +48,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from _proc import available, io_bytes, status_bytes
+
 DEVICES = 8
 PATTERN = "model.layers.{i}."
 SHARDINGS = ("layer", "hidden", "replicated")
@@ -105,14 +107,6 @@ def spec_for(kind: str, name: str, shape: tuple[int, ...], d: int) -> Any:
 
 
 # ----------------------------------------------------------------- one save, in a child
-
-
-def _proc(path: str, key: str) -> int:
-    with open(path) as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * (1024 if path.endswith("status") else 1)
-    raise KeyError(key)
 
 
 def _arrays(config: dict[str, Any]) -> dict[str, Any]:
@@ -173,10 +167,10 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("process", 0) == 0:
         os.unlink(out.with_name("warm.safetensors"))
     gc.collect()
-    start_rss = _proc("/proc/self/status", "VmRSS")
+    start_rss = status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
-    w0, t0 = _proc("/proc/self/io", "wchar"), time.perf_counter()
+    w0, t0 = io_bytes("wchar"), time.perf_counter()
     if config["saver"] == "naive":
         flat = {name: np.asarray(x) for name, x in arrays.items()}
         stacked = {k.removeprefix(PATTERN): v for k, v in flat.items() if "{i}" in k}
@@ -187,8 +181,8 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
         save_sharded(out, arrays)
     os.sync()
     seconds = time.perf_counter() - t0
-    written = _proc("/proc/self/io", "wchar") - w0
-    peak = _proc("/proc/self/status", "VmHWM")
+    written = io_bytes("wchar") - w0
+    peak = status_bytes("VmHWM")
     data = sum(x.nbytes for x in arrays.values())
     if config.get("process") is not None:
         jax.distributed.shutdown()
@@ -254,10 +248,6 @@ def time_cp(path: Path) -> float:
     seconds = time.perf_counter() - t0
     copy.unlink()
     return seconds
-
-
-def _available() -> int:
-    return _proc("/proc/meminfo", "MemAvailable") * 1024
 
 
 # ----------------------------------------------------------------- report
@@ -392,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick and sharding != "hidden":
                 continue
             # naive: the arrays, their gathered host copies, and the file's pages
-            if shape["bytes"] * 3.5 < _available():
+            if shape["bytes"] * 3.5 < available():
                 rows += _measure(base, repeat, sharding, "naive")
             else:
                 rows.append(

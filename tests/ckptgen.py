@@ -248,3 +248,113 @@ def run_command(*args: str) -> subprocess.CompletedProcess[str]:
         env=env,
         timeout=120,
     )
+
+
+def hf_moe(model: str, *, experts: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
+    """A tiny mixture-of-experts checkpoint named as transformers writes `model`:
+    `"deepseek_v3"` (3 dense layers, then MoE with shared experts and
+    `e_score_correction_bias`), `"qwen3_moe"` (layer 0 dense, from `mlp_only_layers`),
+    `"mixtral"` (all MoE, `block_sparse_moe`), `"qwen3_next"` (linear-attention and
+    full-attention layers, all MoE) or `"llama4"` (dense and MoE layers interleaved,
+    experts fused `(E, ...)`). Layers in state_dict order; bfloat16 weights."""
+    rng = np.random.default_rng(seed)
+    d, f, e = 8, 4, experts
+
+    def w(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
+
+    def mlp(p: str, names: tuple[str, str, str] = ("gate", "up", "down")) -> dict:
+        g, u, dn = names
+        return {
+            f"{p}{g}_proj.weight": w(f, d),
+            f"{p}{u}_proj.weight": w(f, d),
+            f"{p}{dn}_proj.weight": w(d, f),
+        }
+
+    def attn(p: str, norms: bool = False) -> dict:
+        out = {f"{p}{x}_proj.weight": w(d, d) for x in "qkvo"}
+        if norms:
+            out |= {f"{p}q_norm.weight": w(2), f"{p}k_norm.weight": w(2)}
+        return out
+
+    def layer(i: int) -> dict[str, np.ndarray]:
+        p = f"model.layers.{i}."
+        out: dict[str, np.ndarray] = {}
+        if model == "deepseek_v3":
+            out |= {
+                p + "self_attn.q_a_proj.weight": w(6, d),
+                p + "self_attn.q_a_layernorm.weight": w(6),
+                p + "self_attn.q_b_proj.weight": w(d, 6),
+                p + "self_attn.kv_a_proj_with_mqa.weight": w(6, d),
+                p + "self_attn.kv_a_layernorm.weight": w(4),
+                p + "self_attn.kv_b_proj.weight": w(d, 4),
+                p + "self_attn.o_proj.weight": w(d, d),
+            }
+            if i < 3:
+                out |= mlp(p + "mlp.")
+            else:
+                for x in range(e):
+                    out |= mlp(p + f"mlp.experts.{x}.")
+                out |= {
+                    p + "mlp.gate.weight": w(e, d),
+                    p + "mlp.gate.e_score_correction_bias": np.zeros(e, np.float32),
+                }
+                out |= mlp(p + "mlp.shared_experts.")
+        elif model == "qwen3_moe":
+            out |= attn(p + "self_attn.", norms=True)
+            if i == 0:
+                out |= mlp(p + "mlp.")
+            else:
+                out[p + "mlp.gate.weight"] = w(e, d)
+                for x in range(e):
+                    out |= mlp(p + f"mlp.experts.{x}.")
+        elif model == "mixtral":
+            out |= attn(p + "self_attn.")
+            out[p + "block_sparse_moe.gate.weight"] = w(e, d)
+            for x in range(e):
+                q = p + f"block_sparse_moe.experts.{x}."
+                out |= {q + "w1.weight": w(f, d), q + "w2.weight": w(d, f)}
+                out |= {q + "w3.weight": w(f, d)}
+        elif model == "qwen3_next":
+            if i % 4 == 3:
+                out |= attn(p + "self_attn.", norms=True)
+            else:
+                q = p + "linear_attn."
+                out |= {
+                    q + "conv1d.weight": w(12, 1, 4),
+                    q + "in_proj_qkvz.weight": w(16, d),
+                    q + "in_proj_ba.weight": w(4, d),
+                    q + "dt_bias": w(2),
+                    q + "A_log": rng.standard_normal(2).astype(np.float32),
+                    q + "norm.weight": w(4),
+                    q + "out_proj.weight": w(d, 4),
+                }
+            out[p + "mlp.gate.weight"] = w(e, d)
+            for x in range(e):
+                out |= mlp(p + f"mlp.experts.{x}.")
+            out |= mlp(p + "mlp.shared_expert.")
+            out[p + "mlp.shared_expert_gate.weight"] = w(1, d)
+        elif model == "llama4":
+            out |= attn(p + "self_attn.")
+            q = p + "feed_forward."
+            if i % 2 == 0:
+                out |= mlp(q)
+            else:
+                out |= {
+                    q + "experts.gate_up_proj": w(e, d, 2 * f),
+                    q + "experts.down_proj": w(e, f, d),
+                    q + "router.weight": w(e, d),
+                }
+                out |= mlp(q + "shared_expert.")
+        else:
+            raise ValueError(f"unknown model {model!r}")
+        out[p + "input_layernorm.weight"] = w(d)
+        out[p + "post_attention_layernorm.weight"] = w(d)
+        return out
+
+    layers = {"deepseek_v3": 5, "qwen3_moe": 3, "mixtral": 2, "qwen3_next": 4}
+    flat = {"model.embed_tokens.weight": w(16, d)}
+    for i in range(layers.get(model, 4)):
+        flat |= layer(i)
+    flat |= {"model.norm.weight": w(d), "lm_head.weight": w(16, d)}
+    return flat

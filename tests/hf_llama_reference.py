@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from ckptgen import flat_bits_equal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 

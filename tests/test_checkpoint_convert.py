@@ -45,7 +45,8 @@ def test_streaming_equals_in_memory_bit_exactly(case: Any, suffix: str) -> None:
     with tempfile.TemporaryDirectory() as folder:
         src, out, back = (Path(folder) / f"{n}{suffix}" for n in ("src", "out", "back"))
         save_flat(src, case.flat, metadata={"origin": "test"})
-        done = convert_stack(src, out, pattern=case.pattern)
+        # Random keys may hold numbered parts; experts have their own property.
+        done = convert_stack(src, out, pattern=case.pattern, experts="none")
         assert done.num_layers == case.num_layers and done.streamed == (
             suffix != ".npz"
         )

@@ -160,7 +160,12 @@ def flatten_specs(specs: PyTree) -> list[tuple[Any, PartitionSpec]]:
 
 
 def sharding_problems(
-    label: str, shape: Sequence[int], sharding: Sharding, *, layer_axis: bool = False
+    label: str,
+    shape: Sequence[int],
+    sharding: Sharding,
+    *,
+    layer_axis: bool = False,
+    expert_axis: bool = False,
 ) -> list[str]:
     """Why `sharding` cannot place an array of `shape`: one line per problem.
 
@@ -172,6 +177,7 @@ def sharding_problems(
         shape: the array's (global) shape.
         sharding: the sharding to check.
         layer_axis: dimension 0 is the layer axis (said in the message).
+        expert_axis: dimension 1 is the expert axis (said in the message).
     """
     shape = tuple(shape)
     if not isinstance(sharding, NamedSharding):
@@ -192,11 +198,11 @@ def sharding_problems(
         names = entry_names(entry)
         split = math.prod(sizes[n] for n in names)
         if shape[dim] % split:
-            what = (
-                "dimension 0 (the layer axis)"
-                if layer_axis and dim == 0
-                else (f"dimension {dim}")
-            )
+            what = f"dimension {dim}"
+            if layer_axis and dim == 0:
+                what += " (the layer axis)"
+            elif expert_axis and dim == 1:
+                what += " (the expert axis)"
             axes = ", ".join(f"{n!r} of size {sizes[n]}" for n in names)
             problems.append(
                 f"{label} has shape {fmt_shape(shape)}: {what} of size {shape[dim]} "

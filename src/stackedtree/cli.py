@@ -1,8 +1,9 @@
 """The `stackedtree` command: inspect, stack and unstack checkpoints.
 
 ```
-stackedtree inspect PATH... [--pattern P]
-stackedtree stack SRC... -o OUT [--pattern P] [--force] [--quiet]
+stackedtree inspect PATH... [--pattern P] [--experts P]
+stackedtree stack SRC... -o OUT [--pattern P] [--experts P] [--kinds K] [--force]
+                  [--quiet]
 stackedtree unstack SRC... -o OUT [--force] [--quiet]
 ```
 
@@ -28,6 +29,21 @@ from stackedtree.checkpoint import convert_stack, convert_unstack, inspect_check
 from stackedtree.checkpoint._text import human_bytes, printable, ranges
 
 _PROG = "stackedtree"
+_EXPERTS_HELP = (
+    "expert pattern with one {e}, relative to the per-layer key, e.g. "
+    "'mlp.experts.{e}.': experts stacked on an axis of their own (detected; "
+    "'none' keeps experts apart)"
+)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         "paths", nargs="+", metavar="PATH", help="checkpoint files or a model folder"
     )
     p.add_argument("--pattern", help="layer pattern, e.g. 'model.layers.{i}.'")
+    p.add_argument("--experts", help=_EXPERTS_HELP)
 
     p = sub.add_parser(
         "stack",
@@ -66,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
         "--pattern",
         help="layer pattern with one {i}, e.g. 'model.layers.{i}.' "
         "(detected when unambiguous)",
+    )
+    p.add_argument("--experts", help=_EXPERTS_HELP)
+    p.add_argument(
+        "--kinds",
+        type=_positive,
+        metavar="K",
+        help="insist that the layers form K kinds (1: all layers hold the same "
+        "keys), and refuse otherwise",
     )
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -172,12 +197,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _stop_on_signals():
             if args.command == "inspect":
-                return _print(inspect_checkpoint(args.paths, pattern=args.pattern))
+                return _print(
+                    inspect_checkpoint(
+                        args.paths, pattern=args.pattern, experts=args.experts
+                    )
+                )
             if args.command == "stack":
                 done = convert_stack(
                     args.src,
                     args.output,
                     pattern=args.pattern,
+                    experts=args.experts,
+                    kinds=args.kinds,
                     overwrite=args.force,
                     progress=not args.quiet,
                 )
@@ -202,10 +233,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         kinds += ", ".join(
             f"{label} ({ranges(layers)})" for label, layers in done.kinds.items()
         )
+    experts = "" if done.experts is None else f", experts by '{done.experts}'"
+    for line in done.gaps:
+        _error(f"warning: {printable(line)}")
     return _print(
         printable(
             f"wrote {args.output}: {done.num_tensors} tensors, "
             f"{human_bytes(done.nbytes)}, {done.num_layers} layers by pattern "
-            f"'{done.pattern}'{kinds}"
+            f"'{done.pattern}'{kinds}{experts}"
         )
     )

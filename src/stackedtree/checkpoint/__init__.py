@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ._convert import Conversion as Conversion
     from ._convert import convert_stack as convert_stack
     from ._convert import convert_unstack as convert_unstack
+    from ._experts import detect_experts as detect_experts
     from ._files import PathLike as PathLike
     from ._files import Paths as Paths
     from ._inspect import inspect_checkpoint as inspect_checkpoint
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from ._mapping import transpose as transpose
     from ._mapping import unflatten_by_rules as unflatten_by_rules
     from ._names import detect_kinds as detect_kinds
+    from ._names import missing_keys as missing_keys
     from ._names import stack_by_name as stack_by_name
     from ._names import unstack_by_name as unstack_by_name
     from ._save_sharded import save_sharded as save_sharded
@@ -51,6 +53,7 @@ _SOURCES = {
     "Transform": "._mapping",
     "convert_stack": "._convert",
     "convert_unstack": "._convert",
+    "detect_experts": "._experts",
     "detect_kinds": "._names",
     "detect_pattern": "._layer_pattern",
     "flatten_by_rules": "._mapping",
@@ -59,6 +62,7 @@ _SOURCES = {
     "load_flat": "._io",
     "load_sharded": "._sharded",
     "load_stacked": "._stacked",
+    "missing_keys": "._names",
     "save_flat": "._io",
     "save_sharded": "._save_sharded",
     "save_stacked": "._stacked",

@@ -20,6 +20,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from ._experts import NO_EXPERTS, ExpertPattern, detect_experts
 from ._files import atomic_write, check_output, open_regular, output_kind, read_at
 from ._io import (
     Checkpoint,
@@ -35,7 +36,7 @@ from ._io import (
 from ._layer_pattern import LayerPattern
 from ._limits import MAX_TENSORS
 from ._names import stack_by_name, unstack_by_name
-from ._plan import StackPlan, plan_by_kind
+from ._plan import StackPlan, kind_gaps, plan_by_kind
 from ._stacked import (
     META_KEYS,
     META_PATTERN,
@@ -44,6 +45,7 @@ from ._stacked import (
     stacked_metadata,
     stored_plan,
 )
+from ._text import count, files_text, ranges
 
 _CHUNK = 16 << 20
 _FALLBACK_ERRNOS = {
@@ -67,6 +69,11 @@ class Conversion(NamedTuple):
             rather than loading the checkpoint into memory (npz).
         kinds: each kind's label -> its layers, when the layers are of several
             kinds; None when they are of one.
+        experts: the expert pattern whose experts are stacked on an expert axis;
+            None when none are.
+        gaps: for each kind whose keys are a strict subset of another kind's (a
+            damaged layer looks like that), a line saying which keys it lacks
+            (`missing_keys` gives the keys).
     """
 
     pattern: str
@@ -75,6 +82,8 @@ class Conversion(NamedTuple):
     nbytes: int
     streamed: bool
     kinds: dict[str, list[int]] | None = None
+    experts: str | None = None
+    gaps: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- streaming
@@ -180,6 +189,8 @@ def convert_stack(
     /,
     *,
     pattern: str | None = None,
+    experts: str | None = None,
+    kinds: int | None = None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> Conversion:
@@ -198,6 +209,15 @@ def convert_stack(
         src: the per-layer checkpoint, as in `load_flat`.
         out: the stacked checkpoint to write (`.safetensors` or `.npz`).
         pattern: the layer pattern; detected with `detect_pattern` when None.
+        experts: the expert pattern (`"mlp.experts.{e}."`): each expert tensor's
+            experts are stacked on a second axis, `(N_kind, E, ...)`, under its key
+            with `{e}` kept, and the pattern is recorded in the metadata. Detected
+            with `detect_experts` when None; `"none"` keeps experts apart (each
+            stacked over layers only). A checkpoint without experts is written as
+            without this option, byte for byte.
+        kinds: how many kinds the layers must form (`1`: refuse a checkpoint whose
+            layers do not all hold the same keys, such as one that lost a tensor);
+            None accepts any number.
         overwrite: replace an existing `out`.
         progress: show a progress bar on stderr (when it is a terminal).
 
@@ -208,7 +228,9 @@ def convert_stack(
         ValueError: the source is already stacked, or holds a name that would read
             back as a stacked tensor; the pattern is missing and cannot be
             detected, or does not fit (as in `stack_by_name`); layers with the
-            same keys differ in a tensor's shape or dtype; `out` is not a
+            same keys differ in a tensor's shape or dtype; a layer lacks an expert
+            or an expert tensor, or experts differ in shape or dtype; the layers
+            form another number of kinds than `kinds`; `out` is not a
             `.safetensors` or `.npz` name; as in `load_flat`.
         FileExistsError: `out` exists and `overwrite` is False; `out` is checked,
             as its folder is, before any tensor is read.
@@ -222,46 +244,82 @@ def convert_stack(
             f"the checkpoint is already stacked (pattern "
             f"{ckpt.metadata[META_PATTERN]!r}); use `stackedtree unstack` to undo it"
         )
+    plan = stack_plan(ckpt, pattern, experts, kinds)
+    pattern, layers = plan.pattern, plan.layers
+    metadata = stacked_metadata(
+        pattern, plan.num_layers, ckpt.metadata, layers, plan.experts
+    )
+    items = _stacked_items(ckpt, plan)
+    gaps = tuple(kind_gaps(plan))
+    if ckpt.streamable and streams:
+        nbytes = _stream(
+            items, out, metadata, overwrite=overwrite, progress=progress, desc="stack"
+        )
+        done = (len(items), nbytes, True)
+    else:
+        # From or to npz the tensors are loaded, and written in the order streaming
+        # gives.
+        _check_storable(items, streams)
+        stacked, rest = stack_by_name(
+            load_flat(src), pattern, layers=layers, experts=plan.experts
+        )
+        arrays = dict(rest)
+        for kind, e in plan.entries():
+            part = stacked if kind.label is None else stacked[kind.label]
+            arrays[e.name] = part[e.key]
+        nbytes = _save_items(items, arrays, out, metadata, overwrite=overwrite)
+        done = (len(items), nbytes, False)
+    return Conversion(pattern, plan.num_layers, *done, layers, plan.experts, gaps)
+
+
+def stack_plan(
+    ckpt: Checkpoint,
+    pattern: str | None,
+    experts: str | None,
+    kinds: int | None = None,
+) -> StackPlan:
+    """How `stackedtree stack` stacks a per-layer checkpoint: the pattern and the
+    expert pattern detected unless given, every kind of layers on its own."""
     if pattern is None:
         pattern = str(LayerPattern.detect(ckpt.tensors))
     lp = LayerPattern.parse(pattern)
+    if experts is None:
+        experts = detect_experts(ckpt.tensors, pattern)
+    elif experts == NO_EXPERTS:
+        experts = None
     specs = {name: (t.shape, t.dtype) for name, t in ckpt.tensors.items()}
-    plan = plan_by_kind(specs, pattern)
+    plan = plan_by_kind(specs, pattern, experts)
     looks_stacked(lp, plan.rest)
-    kinds = plan.layers
-    metadata = stacked_metadata(pattern, plan.num_layers, ckpt.metadata, kinds)
-    # Each kind's stacked tensors go where its first layer's tensors were.
+    if kinds is not None and len(plan.kinds) != kinds:
+        found = ", ".join(f"{k.label} (layers {ranges(k.layers)})" for k in plan.kinds)
+        gaps = "".join(f"; {line}" for line in kind_gaps(plan))
+        raise ValueError(
+            f"the layers form {count(len(plan.kinds), 'kind')}, {found}, but "
+            f"{count(kinds, 'kind')} {'was' if kinds == 1 else 'were'} asked for"
+            f"{gaps}"
+        )
+    return plan
+
+
+def _stacked_items(ckpt: Checkpoint, plan: StackPlan) -> list[_Item]:
+    """The stacked file's tensors: each kind's stacked tensors where its first
+    layer's tensors were, the others as they are."""
     items: list[_Item] = []
     for out_item in plan.arranged(ckpt.tensors):
         if isinstance(out_item, str):
             t = ckpt.tensors[out_item]
             items.append(_Item(out_item, t.dtype, t.shape, [_whole(t)]))
-        else:
-            layers = [ckpt.tensors[name] for name in out_item[1].sources]
-            first = layers[0]
-            items.append(
-                _Item(
-                    out_item[1].name,
-                    first.dtype,
-                    (len(layers), *first.shape),
-                    [_whole(layer) for layer in layers],
-                )
+            continue
+        e = out_item[1]
+        parts = [ckpt.tensors[name] for name in e.sources]
+        first = parts[0]
+        lead = (len(parts) // e.experts, e.experts) if e.experts else (len(parts),)
+        items.append(
+            _Item(
+                e.name, first.dtype, (*lead, *first.shape), [_whole(p) for p in parts]
             )
-    if ckpt.streamable and streams:
-        nbytes = _stream(
-            items, out, metadata, overwrite=overwrite, progress=progress, desc="stack"
         )
-        return Conversion(pattern, plan.num_layers, len(items), nbytes, True, kinds)
-
-    # From or to npz the tensors are loaded, and written in the order streaming gives.
-    _check_storable(items, streams)
-    stacked, rest = stack_by_name(load_flat(src), pattern, layers=kinds)
-    arrays = dict(rest)
-    for kind, e in plan.entries():
-        part = stacked if kind.label is None else stacked[kind.label]
-        arrays[e.name] = part[e.key]
-    nbytes = _save_items(items, arrays, out, metadata, overwrite=overwrite)
-    return Conversion(pattern, plan.num_layers, len(items), nbytes, False, kinds)
+    return items
 
 
 def convert_unstack(
@@ -299,7 +357,7 @@ def convert_unstack(
     stacked_count = sum(len(k.layers) * len(k.entries) for k in plan.kinds)
     count = stacked_count + len(rest)
     if count > MAX_TENSORS:
-        where = ", ".join(f"`{f}`" for f in ckpt.files)
+        where = files_text(ckpt.files)
         keys = sum(len(k.entries) for k in plan.kinds)
         raise ValueError(
             f"{where}: its metadata says {n} layers, which would unstack its "
@@ -323,14 +381,16 @@ def convert_unstack(
         nbytes = _stream(
             items, out, metadata, overwrite=overwrite, progress=progress, desc="unstack"
         )
-        return Conversion(pattern, n, len(items), nbytes, True, kinds)
+        return Conversion(pattern, n, len(items), nbytes, True, kinds, plan.experts)
 
     # From or to npz the tensors are loaded, and written in the order streaming gives.
     _check_storable(items, streams)
     loaded = load_stacked(src)
-    arrays = unstack_by_name(loaded.stacked, pattern, loaded.rest, layers=kinds)
+    arrays = unstack_by_name(
+        loaded.stacked, pattern, loaded.rest, layers=kinds, experts=plan.experts
+    )
     nbytes = _save_items(items, arrays, out, metadata, overwrite=overwrite)
-    return Conversion(pattern, n, len(items), nbytes, False, kinds)
+    return Conversion(pattern, n, len(items), nbytes, False, kinds, plan.experts)
 
 
 def _check_storable(items: Sequence[_Item], safetensors: bool) -> None:
@@ -357,12 +417,21 @@ def _save_items(
 def _layer_items(ckpt: Checkpoint, plan: StackPlan, lp: LayerPattern) -> list[_Item]:
     """Every layer's tensors, layer by layer, as slices of the stacked tensors."""
     owner = {i: (kind, j) for kind in plan.kinds for j, i in enumerate(kind.layers)}
+    orders = {kind.label: kind.layer_order() for kind in plan.kinds}
+    ep = None if plan.experts is None else ExpertPattern.parse(plan.experts)
     items: list[_Item] = []
     for i in range(plan.num_layers):
         kind, j = owner[i]
-        for e in kind.entries:
+        for e, x in orders[kind.label]:
             s = ckpt.tensors[e.name]
-            size = s.nbytes // len(kind.layers)
-            piece = _Piece(s.file, s.offset + j * size, size)
-            items.append(_Item(lp.layer_name(i, e.key), s.dtype, s.shape[1:], [piece]))
+            if x is None or ep is None:
+                size = s.nbytes // len(kind.layers)
+                piece = _Piece(s.file, s.offset + j * size, size)
+                name, shape = lp.layer_name(i, e.key), s.shape[1:]
+            else:
+                size = s.nbytes // (len(kind.layers) * e.experts)
+                piece = _Piece(s.file, s.offset + (j * e.experts + x) * size, size)
+                sub = e.key[len(str(ep)) :]
+                name, shape = lp.layer_name(i, ep.key(x, sub)), s.shape[2:]
+            items.append(_Item(name, s.dtype, shape, [piece]))
     return items

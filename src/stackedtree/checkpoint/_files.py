@@ -177,6 +177,12 @@ def checkpoint_kind(path: Path) -> str:
         return "safetensors"
     if name.endswith(".npz"):
         return "npz"
+    if not os.path.lexists(path):
+        raise ValueError(
+            f"`{path}`: no such file or folder, and unknown checkpoint format; "
+            f"expected a .safetensors file, a *.safetensors.index.json index, an "
+            f".npz archive or a model folder"
+        )
     raise ValueError(
         f"`{path}`: unknown checkpoint format; expected a .safetensors file, a "
         f"*.safetensors.index.json index, an .npz archive or a model folder"

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .._leaf import short_dtype
+from ._convert import stack_plan
 from ._io import Checkpoint, Paths, TensorInfo, read_checkpoint
 from ._layer_pattern import detect_pattern
-from ._plan import plan_by_kind
+from ._plan import kind_gaps
 from ._stacked import META_PATTERN, stored_plan
 from ._text import count, human_bytes, printable, ranges
 
@@ -32,7 +33,9 @@ def _table(rows: list[tuple[str, TensorInfo]]) -> list[str]:
     return lines
 
 
-def inspect_checkpoint(paths: Paths, /, *, pattern: str | None = None) -> str:
+def inspect_checkpoint(
+    paths: Paths, /, *, pattern: str | None = None, experts: str | None = None
+) -> str:
     """Summarises a checkpoint from its headers, without reading tensor data.
 
     Gives the number of tensors and bytes; for a per-layer checkpoint the layer
@@ -47,6 +50,8 @@ def inspect_checkpoint(paths: Paths, /, *, pattern: str | None = None) -> str:
     Args:
         paths: as in `load_flat`.
         pattern: the layer pattern of a per-layer checkpoint; detected when None.
+        experts: its expert pattern (`"mlp.experts.{e}."`); detected when None,
+            as `stackedtree stack` does; `"none"` lists each expert's tensors.
 
     Returns:
         The summary, several lines of text.
@@ -64,7 +69,7 @@ def inspect_checkpoint(paths: Paths, /, *, pattern: str | None = None) -> str:
     if META_PATTERN in ckpt.metadata:
         lines += _stacked(ckpt)
     else:
-        lines += _per_layer(ckpt, pattern)
+        lines += _per_layer(ckpt, pattern, experts)
     other = {k: v for k, v in ckpt.metadata.items() if not k.startswith("stackedtree.")}
     if other:
         shown = ", ".join(f"{printable(k)}={v!r}" for k, v in sorted(other.items()))
@@ -72,14 +77,13 @@ def inspect_checkpoint(paths: Paths, /, *, pattern: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def _per_layer(ckpt: Checkpoint, pattern: str | None) -> list[str]:
-    specs = {name: (t.shape, t.dtype) for name, t in ckpt.tensors.items()}
+def _per_layer(ckpt: Checkpoint, pattern: str | None, experts: str | None) -> list[str]:
     how = "given"
     try:
         if pattern is None:
             how = "detected"
             pattern = detect_pattern(ckpt.tensors)
-        plan = plan_by_kind(specs, pattern)
+        plan = stack_plan(ckpt, pattern, experts)
     except ValueError as e:
         if how == "given":
             raise
@@ -91,21 +95,33 @@ def _per_layer(ckpt: Checkpoint, pattern: str | None) -> list[str]:
             *_table(list(ckpt.tensors.items())),
         ]
     lines = [f"layer pattern: {pattern!r} ({how}), {plan.num_layers} layers"]
+    if plan.experts is not None:
+        lines.append(
+            f"expert pattern: {plan.experts!r} "
+            f"({'detected' if experts is None else 'given'})"
+        )
     for kind in plan.kinds:
-        layer = [(e.key, ckpt.tensors[e.sources[0]]) for e in kind.entries]
-        per_layer = sum(t.nbytes for _, t in layer)
-        shape = f"{len(layer)} tensors ({human_bytes(per_layer)} each)"
+        one = [(e.key, ckpt.tensors[e.sources[0]]) for e in kind.entries]
+        size = sum(
+            ckpt.tensors[e.first].nbytes * (e.experts or 1) for e in kind.entries
+        )
+        tensors = sum(e.experts or 1 for e in kind.entries)
+        shape = f"{tensors} tensors ({human_bytes(size)} each)"
+        head = f"layer {kind.layers[0]}"
+        if kind.experts:
+            shape += f", {kind.experts} experts"
+            head += ", one expert's tensors under `{e}`"
         if len(plan.kinds) == 1:
             lines[0] += f" of {shape}"
-            lines.append("layer 0:")
+            lines.append(head + ":")
         else:
             lines.append(
-                f"kind {kind.label}: {_layers(kind.layers)} of {shape}; "
-                f"layer {kind.layers[0]}:"
+                f"kind {kind.label}: {_layers(kind.layers)} of {shape}; {head}:"
             )
-        lines += _table(layer)
+        lines += _table(one)
     if len(plan.kinds) > 1:
         lines[0] += f" of {len(plan.kinds)} kinds"
+    lines += [f"warning: {printable(line)}" for line in kind_gaps(plan)]
     lines.append(f"other tensors ({len(plan.rest)}):")
     lines += _table([(name, ckpt.tensors[name]) for name in plan.rest])
     return lines
@@ -119,16 +135,25 @@ def _layers(layers: Sequence[int]) -> str:
 def _stacked(ckpt: Checkpoint) -> list[str]:
     plan = stored_plan(ckpt)
     head = f"stacked checkpoint: pattern {plan.pattern!r}, {plan.num_layers} layers"
+    axes = "leading axis = layer"
+    if plan.experts is not None:
+        axes += " (and expert, for names with `{e}`)"
     if plan.layers is None:
         entries = plan.kinds[0].entries
-        lines = [head, f"stacked tensors ({len(entries)}), leading axis = layer:"]
+        lines = [head, f"stacked tensors ({len(entries)}), {axes}:"]
+        if plan.experts is not None:
+            lines[0] += f", {plan.kinds[0].experts} experts"
+            lines.insert(1, f"expert pattern: {plan.experts!r}")
         lines += _table([(e.name, ckpt.tensors[e.name]) for e in entries])
     else:
         lines = [head + f" of {len(plan.kinds)} kinds"]
+        if plan.experts is not None:
+            lines.append(f"expert pattern: {plan.experts!r}")
         for kind in plan.kinds:
+            experts = f", {kind.experts} experts" if kind.experts else ""
             lines.append(
-                f"kind {kind.label}: {_layers(kind.layers)}, {len(kind.entries)} "
-                f"stacked tensors, leading axis = layer:"
+                f"kind {kind.label}: {_layers(kind.layers)}{experts}, "
+                f"{len(kind.entries)} stacked tensors, {axes}:"
             )
             lines += _table([(e.name, ckpt.tensors[e.name]) for e in kind.entries])
     lines.append(f"other tensors ({len(plan.rest)}):")

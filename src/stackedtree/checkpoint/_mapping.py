@@ -7,6 +7,13 @@ reads the per-layer tensors of every layer, stacked along a leading layer axis, 
 stacked tensor itself when the checkpoint is already stacked. Leaves are named as
 `flatten_names` names them (`layers.attention.q_proj`).
 
+Kinds and experts are written as `stackedtree stack` writes them: `{i:B}` in place of
+`{i}` reads the layers of kind `B` only (kinds labelled as `detect_kinds` labels them),
+and `{e}` inside the per-layer key (`model.layers.{i:B}.mlp.experts.{e}.up_proj.weight`)
+stacks that tensor's experts `0..E-1` on a second axis, `(N_B, E, ...)`. One rule table
+then reads a per-layer DeepSeek- or Qwen3-MoE-style checkpoint and its stacked file
+alike.
+
 The same rules run both ways: `unflatten_by_rules` builds the tree from a checkpoint,
 `flatten_by_rules` gives the checkpoint back from the tree, so an export is never
 written twice. Both are strict: every tensor is read by exactly one rule and every leaf
@@ -27,8 +34,10 @@ import numpy as np
 from .._check import count_layers, fail, leaf_problems
 from .._leaf import dtype_of, fmt_shape, is_array, leaf_kind, shape_of
 from .._tree import PyTree, flatten_names, unflatten_names
+from ._experts import ExpertPattern
 from ._layer_pattern import LayerPattern
 from ._names import stack_by_name, unstack_by_name
+from ._plan import plan_by_kind
 from ._text import ranges
 
 # ------------------------------------------------------------------------ transforms
@@ -263,7 +272,12 @@ class Rule(NamedTuple):
     Attributes:
         name: the checkpoint name. A name with `{i}` is a layer tensor, written as its
             stacked name (`"model.layers.{i}.mlp.up_proj.weight"`): the tensors of
-            layers `0..N-1`, stacked along a new leading axis.
+            layers `0..N-1`, stacked along a new leading axis. `{i:B}` in place of
+            `{i}` reads the layers of kind `B` only (layers holding the same keys,
+            labelled `A`, `B`, ... as `detect_kinds` labels them and as
+            `stackedtree stack` names them); `{e}` after it, inside the per-layer
+            key, reads experts `0..E-1` on a second axis
+            (`"model.layers.{i:B}.mlp.experts.{e}.up_proj.weight"`, `(N_B, E, ...)`).
         path: the tree leaf, as `flatten_names` names it (`"layers.up_proj"`).
         transform: a `Transform`, or a sequence of them applied in order (their
             inverses in reverse order), from the checkpoint's layout to the tree's.
@@ -287,13 +301,16 @@ class _Parsed:
     transforms: tuple[Transform, ...]
     pattern: LayerPattern | None  # for a layer rule: name == pattern + key
     key: str
+    kind: str | None = None  # its kind's label, for `{i:B}`
+    experts: ExpertPattern | None = None  # for a key with `{e}`
 
     @property
     def label(self) -> str:
         return f"`rules[{self.index}]`"
 
 
-_SEPARATORS = re.compile(r"[^0-9A-Za-z]*")
+_SEPARATORS = re.compile(r"[^0-9A-Za-z{]*")
+_INDEX = re.compile(r"\{i(?::([A-Za-z0-9_]+))?\}")
 
 
 def _parse(k: int, rule: Any) -> _Parsed:
@@ -321,19 +338,36 @@ def _parse(k: int, rule: Any) -> _Parsed:
             f"{label}: a transform must be a Transform (such as `transpose(1, 0)`), "
             f"got {type(bad[0]).__name__}."
         )
-    count = name.count("{i}")
-    if count > 1:
+    found = list(_INDEX.finditer(name))
+    if len(found) > 1:
         raise ValueError(
-            f"{label}: the name {name!r} holds `{{i}}` {count} times; a rule reads "
-            "one tensor per layer, so it holds at most one."
+            f"{label}: the name {name!r} holds `{{i}}` {len(found)} times; a rule "
+            "reads one tensor per layer, so it holds at most one."
         )
-    if count == 0:
+    if not found:
+        if "{e}" in name:
+            raise ValueError(
+                f"{label}: the name {name!r} holds `{{e}}` but no `{{i}}`; experts "
+                "are stacked within layers, `model.layers.{i}.mlp.experts.{e}.w`."
+            )
         return _Parsed(k, name, path, transforms, None, "")
-    before, tail = name.split("{i}")
+    m = found[0]
+    before, tail = name[: m.start()], name[m.end() :]
     sep = _SEPARATORS.match(tail)
     after = sep.group() if sep else ""
+    key = tail[len(after) :]
+    experts = None
+    if key.count("{e}") > 1:
+        raise ValueError(
+            f"{label}: the name {name!r} holds `{{e}}` {key.count('{e}')} times; "
+            "it holds at most one, where the expert index goes."
+        )
+    if "{e}" in key:
+        ebefore, etail = key.split("{e}")
+        esep = _SEPARATORS.match(etail)
+        experts = ExpertPattern(ebefore, esep.group() if esep else "")
     return _Parsed(
-        k, name, path, transforms, LayerPattern(before, after), tail[len(after) :]
+        k, name, path, transforms, LayerPattern(before, after), key, m[1], experts
     )
 
 
@@ -374,21 +408,65 @@ def _table(rules: Any) -> list[_Parsed]:
 # ------------------------------------------------------------------- the two ways
 
 
+class _Stacking(NamedTuple):
+    """How the per-layer tensors of one layer pattern are stacked: each kind on
+    its own (`layers`, None for all layers as one) and experts by `experts`."""
+
+    layers: dict[str, list[int]] | None
+    experts: str | None
+
+
+def _offered(
+    lp: LayerPattern,
+    rules: Sequence[_Parsed],
+    flat: Mapping[str, Any],
+    names: Sequence[str],
+    problems: list[str],
+) -> tuple[dict[str, tuple[list[str], str]], _Stacking | None]:
+    """The stacked tensors that the per-layer tensors `names` of pattern `lp` make:
+    stacked name -> (its per-layer tensors, their layers as text); with how they
+    are stacked when the rules name kinds or experts (None: key by key over all
+    layers)."""
+    if not any(r.kind is not None or r.experts is not None for r in rules):
+        found: dict[str, dict[int, str]] = {}
+        for name in names:
+            m = lp.match(name)
+            if m is not None:
+                found.setdefault(m[1], {})[m[0]] = name
+        return {
+            lp.stacked_name(key): ([layers[i] for i in sorted(layers)], ranges(layers))
+            for key, layers in found.items()
+        }, None
+    patterns = sorted({str(r.experts) for r in rules if r.experts is not None})
+    if len(patterns) > 1:
+        problems.append(
+            f"the rules of layer pattern {str(lp)!r} name several expert patterns "
+            f"({', '.join(map(repr, patterns))}); a checkpoint has one"
+        )
+    experts = patterns[0] if patterns else None
+    specs = {n: (shape_of(flat[n]), dtype_of(flat[n])) for n in names}
+    plan = plan_by_kind(specs, str(lp), experts)
+    offered = {
+        e.name: (list(e.sources), ranges(kind.layers)) for kind, e in plan.entries()
+    }
+    return offered, _Stacking(plan.layers, plan.experts)
+
+
 def _sources(
     flat: Mapping[str, Any], table: list[_Parsed]
-) -> tuple[dict[str, list[str] | None], dict[str, str], list[str]]:
+) -> tuple[dict[str, list[str] | None], dict[str, _Stacking | None], list[str]]:
     """Which checkpoint tensors `flat` offers, under their stacked names.
 
-    Returns `(sources, owners, problems)`: `sources` maps each tensor to the
+    Returns `(sources, stackings, problems)`: `sources` maps each tensor to the
     per-layer names to stack (None when `flat` holds it under that name already);
-    `owners` maps each per-layer name to its pattern; `problems` lists the unused
-    tensors and the tensors given twice.
+    `stackings` maps each layer pattern with per-layer tensors to how they are
+    stacked; `problems` lists the unused tensors and the tensors given twice.
     """
     plain = {r.name for r in table if r.pattern is None}
-    keys: dict[LayerPattern, set[str]] = {}
+    groups: dict[LayerPattern, list[_Parsed]] = {}
     for r in table:
         if r.pattern is not None:
-            keys.setdefault(r.pattern, set()).add(r.key)
+            groups.setdefault(r.pattern, []).append(r)
     for name, x in flat.items():
         if not isinstance(name, str):
             raise TypeError(f"tensor names must be str, got {name!r}.")
@@ -399,12 +477,12 @@ def _sources(
             )
     sources: dict[str, list[str] | None] = {}
     owners: dict[str, str] = {}
+    stackings: dict[str, _Stacking | None] = {}
     problems: list[str] = []
-    for lp, wanted in keys.items():
-        found: dict[str, dict[int, str]] = {}
+    for lp, rules in groups.items():
+        mine: list[str] = []
         for name in flat:
-            m = lp.match(name) if name not in plain else None
-            if m is None:
+            if name in plain or lp.match(name) is None:
                 continue
             if name in owners:
                 problems.append(
@@ -413,15 +491,17 @@ def _sources(
                 )
                 continue
             owners[name] = str(lp)
-            found.setdefault(m[1], {})[m[0]] = name
-        for key, layers in found.items():
-            stacked = lp.stacked_name(key)
-            if key in wanted:
-                sources[stacked] = [layers[i] for i in sorted(layers)]
+            mine.append(name)
+        if not mine:
+            continue
+        offered, stackings[str(lp)] = _offered(lp, rules, flat, mine, problems)
+        wanted = {r.name for r in rules}
+        for stacked, (names, layers) in offered.items():
+            if stacked in wanted:
+                sources[stacked] = names
             else:
                 problems.append(
-                    f"unused tensor {stacked!r} (layers {ranges(layers)}): no rule "
-                    "reads it"
+                    f"unused tensor {stacked!r} (layers {layers}): no rule reads it"
                 )
     used = {r.name for r in table}
     for name in flat:
@@ -433,7 +513,40 @@ def _sources(
             sources[name] = None
         else:
             problems.append(f"unused tensor {name!r}: no rule reads it")
-    return sources, owners, problems
+    return sources, stackings, problems
+
+
+def _stack_layers(
+    tensors: Mapping[str, Any],
+    table: list[_Parsed],
+    sources: Mapping[str, list[str] | None],
+    stackings: Mapping[str, _Stacking | None],
+) -> dict[str, Any]:
+    """The layer tensors the rules read, stacked under their stacked names."""
+    stacked: dict[str, Any] = {}
+    for pattern, how in stackings.items():
+        lp = LayerPattern.parse(pattern)
+        names = {
+            n
+            for r in table
+            if r.pattern is not None and str(r.pattern) == pattern
+            for n in sources.get(r.name) or ()
+        }
+        subset = {n: tensors[n] for n in names}
+        if how is None:
+            part, _ = stack_by_name(subset, pattern)
+            stacked.update({pattern + key: x for key, x in part.items()})
+            continue
+        got, _ = stack_by_name(subset, pattern, layers=how.layers, experts=how.experts)
+        per_kind = {None: got} if how.layers is None else got
+        stacked.update(
+            {
+                lp.stacked_name(key, label): x
+                for label, part in per_kind.items()
+                for key, x in part.items()
+            }
+        )
+    return stacked
 
 
 def unflatten_by_rules(
@@ -488,7 +601,7 @@ def unflatten_by_rules(
         )
     table = _table(rules)
     leaves = flatten_names(like, sep=sep)
-    sources, owners, problems = _sources(flat, table)
+    sources, stackings, problems = _sources(flat, table)
     filled = {r.path for r in table}
     for r in table:
         if r.path not in leaves:
@@ -506,17 +619,7 @@ def unflatten_by_rules(
         fail(problems, "`flat` and `like` do not match one to one under `rules`")
 
     def stack_layers(tensors: Mapping[str, Any]) -> dict[str, Any]:
-        stacked: dict[str, Any] = {}
-        for pattern in dict.fromkeys(owners.values()):
-            names = {
-                n
-                for r in table
-                if r.pattern is not None and str(r.pattern) == pattern
-                for n in sources[r.name] or ()
-            }
-            part, _ = stack_by_name({n: tensors[n] for n in names}, pattern)
-            stacked.update({pattern + key: x for key, x in part.items()})
-        return stacked
+        return _stack_layers(tensors, table, sources, stackings)
 
     # Shapes first, on abstract tensors: a rule that cannot fill its leaf (a missing
     # transpose, say) is found before any tensor is stacked. Dtypes are checked on
@@ -555,7 +658,12 @@ def unflatten_by_rules(
 
 
 def flatten_by_rules(
-    tree: PyTree, rules: Sequence[Rule | tuple[Any, ...]], /, *, sep: str = "."
+    tree: PyTree,
+    rules: Sequence[Rule | tuple[Any, ...]],
+    /,
+    *,
+    sep: str = ".",
+    layers: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """The inverse of `unflatten_by_rules`: a pytree back to checkpoint tensors.
 
@@ -564,11 +672,16 @@ def flatten_by_rules(
     unstacked as `unstack_by_name` does it, into the per-layer names of layers
     `0..N-1` (numpy views, no copy). Tensors come out in the order of the rules, the
     per-layer tensors of a layer pattern layer by layer where its first rule stands.
+    A rule with `{e}` writes expert `e` of its tensor's second axis under the name
+    with `e` in place of `{e}`, expert by expert within each layer.
 
     Args:
         tree: the pytree, such as one `unflatten_by_rules` built.
         rules: the rules it was built with.
         sep: the separator of the leaf paths, as in `flatten_names`.
+        layers: each kind's label -> its layers, as `detect_kinds` gives them:
+            needed by rules that read one kind (`{i:B}`), since which layers a
+            kind holds is not in the tree.
 
     Returns:
         The checkpoint: names to arrays, ready for `save_flat`.
@@ -578,7 +691,9 @@ def flatten_by_rules(
         ValueError: two rules read one tensor or fill one leaf; an array leaf of
             `tree` is read by no rule, or a rule's leaf is not in `tree` (all listed
             at once); an inverse fails or does not round-trip; the leaves of one
-            layer pattern disagree in their layer count.
+            layer pattern (and kind) disagree in their layer count, or their
+            expert tensors in their expert count; rules name kinds and `layers`
+            does not give their layers.
 
     Examples:
         >>> import numpy as np
@@ -609,9 +724,8 @@ def flatten_by_rules(
     for r in table:
         if r.pattern is not None and r.name in tensors:
             patterns.setdefault(str(r.pattern), []).append(r)
-    for group in patterns.values():
-        shapes = [(f"`tree` at {r.path}", shape_of(tensors[r.name])) for r in group]
-        problems += count_layers(shapes, hint="")[1]
+    for pattern, group in patterns.items():
+        problems += _group_problems(pattern, group, tensors, layers)
     if problems:
         fail(problems, "`tree` does not fit `rules`")
 
@@ -620,9 +734,8 @@ def flatten_by_rules(
         if r.pattern is None:
             part = {r.name: tensors[r.name]}
         elif str(r.pattern) in patterns:
-            group = patterns.pop(str(r.pattern))
-            part = unstack_by_name(
-                {g.key: tensors[g.name] for g in group}, str(r.pattern)
+            part = _unstack_group(
+                str(r.pattern), patterns.pop(str(r.pattern)), tensors, layers
             )
         else:
             continue
@@ -631,3 +744,66 @@ def flatten_by_rules(
             fail([repr(n) for n in clash], "`rules` give several tensors one name")
         out.update(part)
     return out
+
+
+def _group_problems(
+    pattern: str,
+    group: Sequence[_Parsed],
+    tensors: Mapping[str, Any],
+    layers: Mapping[str, Sequence[int]] | None,
+) -> list[str]:
+    """Why the tensors of one layer pattern's rules cannot be unstacked: layer
+    counts that differ within a kind, kinds mixed with `{i}`, kinds without
+    `layers`, several expert patterns."""
+    problems: list[str] = []
+    kinds = list(dict.fromkeys(r.kind for r in group))
+    for kind in kinds:
+        shapes = [
+            (f"`tree` at {r.path}", shape_of(tensors[r.name]))
+            for r in group
+            if r.kind == kind
+        ]
+        problems += count_layers(shapes, hint="")[1]
+    labelled = [k for k in kinds if k is not None]
+    if labelled and None in kinds:
+        problems.append(
+            f"the rules of layer pattern {pattern!r} read both all layers (`{{i}}`) "
+            f"and kinds ({', '.join(labelled)}); a checkpoint is one or the other"
+        )
+    elif labelled and (layers is None or any(k not in layers for k in labelled)):
+        problems.append(
+            f"the rules read kinds {', '.join(labelled)} of layer pattern "
+            f"{pattern!r}: `layers` must give each kind's layers (as `detect_kinds` "
+            f"gives them), got {None if layers is None else dict(layers)}"
+        )
+    experts = {str(r.experts) for r in group if r.experts is not None}
+    if len(experts) > 1:
+        problems.append(
+            f"the rules of layer pattern {pattern!r} name several expert patterns "
+            f"({', '.join(sorted(map(repr, experts)))}); a checkpoint has one"
+        )
+    return problems
+
+
+def _unstack_group(
+    pattern: str,
+    group: Sequence[_Parsed],
+    tensors: Mapping[str, Any],
+    layers: Mapping[str, Sequence[int]] | None,
+) -> dict[str, Any]:
+    """The per-layer tensors of one layer pattern's rules, layer by layer."""
+    experts = next((str(r.experts) for r in group if r.experts is not None), None)
+    if all(r.kind is None for r in group):
+        return unstack_by_name(
+            {g.key: tensors[g.name] for g in group}, pattern, experts=experts
+        )
+    assert layers is not None  # checked by _group_problems
+    stacked: dict[str, dict[str, Any]] = {}
+    for g in group:
+        stacked.setdefault(str(g.kind), {})[g.key] = tensors[g.name]
+    return unstack_by_name(
+        stacked,
+        pattern,
+        layers={label: layers[label] for label in stacked},
+        experts=experts,
+    )

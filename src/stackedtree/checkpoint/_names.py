@@ -10,13 +10,17 @@ import numpy as np
 
 from .._check import fail, num_layers_of
 from .._leaf import is_array, leaf_kind, stack_leaves
+from ._experts import expert_order, parse_experts
 from ._layer_pattern import LayerPattern, check_label
 from ._plan import (
+    LayerKind,
+    Layers,
+    StackEntry,
     StackPlan,
     all_layers,
     kinds_of,
     plan_one_kind,
-    split_layers,
+    subset_kinds,
 )
 from ._text import plural
 
@@ -87,7 +91,9 @@ def check_kinds(
     return kinds
 
 
-def detect_kinds(names: Iterable[str], pattern: str, /) -> dict[str, list[int]]:
+def detect_kinds(
+    names: Iterable[str], pattern: str, /, *, experts: str | None = None
+) -> dict[str, list[int]]:
     """The kinds of layers of a per-layer checkpoint: layers holding the same keys.
 
     The kinds are labelled `A`, `B`, ... in the order of their first layers, so the
@@ -97,6 +103,11 @@ def detect_kinds(names: Iterable[str], pattern: str, /) -> dict[str, list[int]]:
     Args:
         names: the tensor names (a flat checkpoint's keys will do).
         pattern: the layer pattern, with one `{i}`.
+        experts: an expert pattern (`"mlp.experts.{e}."`, as `detect_experts`
+            finds it): kinds are then formed over keys with the expert index
+            replaced by `{e}`, so a layer that lacks one expert is of its kind (and
+            an error when stacked), not a kind of its own. None or `"none"`:
+            every key as it is.
 
     Returns:
         Each kind's label -> its layers, in increasing order: the `layers` that
@@ -104,7 +115,11 @@ def detect_kinds(names: Iterable[str], pattern: str, /) -> dict[str, list[int]]:
 
     Raises:
         ValueError: the pattern is malformed or matches nothing; the layers found
-            are not exactly 0..N-1.
+            are not exactly 0..N-1; the expert pattern is malformed or matches
+            nothing.
+
+    A kind whose keys are a strict subset of another's may be a damaged layer
+    rather than a kind: `missing_keys` says which keys it lacks.
 
     Examples:
         >>> names = ["h.0.mlp.w", "h.1.mlp.w", "h.2.moe.w", "h.3.moe.w", "emb"]
@@ -112,8 +127,54 @@ def detect_kinds(names: Iterable[str], pattern: str, /) -> dict[str, list[int]]:
         {'A': [0, 1], 'B': [2, 3]}
     """
     lp = LayerPattern.parse(pattern)
-    found = split_layers(names, lp, pattern)
+    found = Layers(names, lp, pattern, parse_experts(experts)).found
     return kinds_of(found, all_layers(found, pattern))
+
+
+def missing_keys(
+    names: Iterable[str], pattern: str, /, *, experts: str | None = None
+) -> dict[str, list[str]]:
+    """The kinds that look like damaged layers: those whose keys are a strict
+    subset of another kind's, with the keys they lack.
+
+    Kinds are right for DeepSeek's dense and MoE layers, Llama 4's interleaved ones
+    or a multi-token-prediction layer, but a layer that lost a tensor forms a kind
+    too; `stackedtree stack` and `stackedtree inspect` warn about such kinds with
+    these keys (and `stackedtree stack --kinds 1` refuses them).
+
+    Args:
+        names: the tensor names.
+        pattern: the layer pattern, with one `{i}`.
+        experts: as in `detect_kinds`.
+
+    Returns:
+        Each such kind's label (as `detect_kinds` labels it) -> the per-layer
+        keys it lacks, those of the kind it lacks fewest keys of; empty when no
+        kind's keys are a strict subset of another's.
+
+    Raises:
+        ValueError: as in `detect_kinds`.
+
+    Examples:
+        >>> names = ["h.0.a", "h.0.b", "h.1.a", "h.2.a", "h.2.b"]
+        >>> detect_kinds(names, "h.{i}.")
+        {'A': [0, 2], 'B': [1]}
+        >>> missing_keys(names, "h.{i}.")
+        {'B': ['b']}
+    """
+    lp = LayerPattern.parse(pattern)
+    found = Layers(names, lp, pattern, parse_experts(experts)).found
+    labelled = kinds_of(found, all_layers(found, pattern))
+    plan = StackPlan(
+        pattern,
+        len(found),
+        tuple(
+            LayerKind(label, order, tuple(StackEntry(k, k) for k in found[order[0]]))
+            for label, order in labelled.items()
+        ),
+        (),
+    )
+    return {label: lacking for label, (_, lacking) in subset_kinds(plan).items()}
 
 
 def _spec(name: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:
@@ -172,10 +233,19 @@ def num_stacked_layers(stacked: Mapping[str, Any], arg: str = "stacked") -> int:
 
 
 def _stack(flat: Mapping[str, Any], plan: StackPlan) -> dict[str, Any]:
-    return {
-        e.key: stack_leaves([flat[name] for name in e.sources], f"`flat` at `{e.key}`")
-        for _, e in plan.entries()
-    }
+    out = {}
+    for _, e in plan.entries():
+        where = f"`flat` at `{e.key}`"
+        if not e.experts:
+            out[e.key] = stack_leaves([flat[name] for name in e.sources], where)
+            continue
+        n = len(e.sources) // e.experts
+        per_layer = [
+            stack_leaves([flat[e.source(j, x)] for x in range(e.experts)], where)
+            for j in range(n)
+        ]
+        out[e.key] = stack_leaves(per_layer, where)
+    return out
 
 
 def stack_by_name(
@@ -184,6 +254,7 @@ def stack_by_name(
     /,
     *,
     layers: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    experts: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Stacks the per-layer tensors of a flat checkpoint by name.
 
@@ -204,11 +275,18 @@ def stack_by_name(
             DeepSeek's dense layers. A mapping of kind labels to such sequences
             (`detect_kinds` gives one): each kind stacked on its own, so that
             `stacked[label][key]` holds that kind's layers.
+        experts: an expert pattern, relative to the per-layer key, such as
+            `"mlp.experts.{e}."` (`detect_experts` finds it): the experts
+            `0..E-1` of each expert tensor are stacked along a second axis, under
+            the key with `{e}` kept (`mlp.experts.{e}.gate_proj.weight`, shape
+            `(N, E, *shape)`). Keys without the expert index (routers, shared
+            experts, fused `(E, ...)` tensors) stack over layers only. None or
+            `"none"`: experts stay apart, each key stacked over layers only.
 
     Returns:
         `(stacked, rest)`: `stacked[key]` has shape `(N, *shape)` (per kind,
-        `stacked[label][key]` has shape `(len(layers[label]), *shape)`); `rest`
-        holds every other name, untouched.
+        `stacked[label][key]` has shape `(len(layers[label]), *shape)`), an
+        expert tensor `(N, E, *shape)`; `rest` holds every other name, untouched.
 
     Raises:
         TypeError: a value is not an array; `layers` is not a sequence of ints (or
@@ -235,16 +313,17 @@ def stack_by_name(
             f"`flat` must be a mapping of names to arrays, got {type(flat).__name__}."
         )
     specs = {name: _spec(name, x) for name, x in flat.items()}
+    LayerPattern.parse(pattern)  # a bad pattern is named before bad `layers`
+    ep = parse_experts(experts)
     if not isinstance(layers, Mapping):
-        LayerPattern.parse(pattern)  # a bad pattern is named before bad `layers`
         chosen = None if layers is None else check_layers(layers)
-        plan = plan_one_kind(specs, pattern, chosen)
+        plan = plan_one_kind(specs, pattern, chosen, ep)
         return _stack(flat, plan), {name: flat[name] for name in plan.rest}
     kinds = check_kinds(layers)
     stacked: dict[str, Any] = {}
     claimed: set[str] = set()
     for label, order in kinds.items():
-        plan = plan_one_kind(specs, pattern, order)
+        plan = plan_one_kind(specs, pattern, order, ep)
         stacked[label] = _stack(flat, plan)
         claimed.update(name for _, e in plan.entries() for name in e.sources)
     return stacked, {name: x for name, x in flat.items() if name not in claimed}
@@ -291,6 +370,7 @@ def unstack_by_name(
     rest: Mapping[str, Any] | None = None,
     *,
     layers: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    experts: str | None = None,
 ) -> dict[str, Any]:
     """The inverse of `stack_by_name`: stacked tensors back to per-layer names.
 
@@ -304,11 +384,16 @@ def unstack_by_name(
         layers: the `layers` given to `stack_by_name`: the layer each index of the
             layer axis is written back to (`range(N)` when None), or one such
             sequence per kind.
+        experts: the `experts` given to `stack_by_name`: keys holding its `{e}`
+            expand over their second axis, expert `e` under the key with `e` in
+            place of `{e}`.
 
     Returns:
         The flat checkpoint: `before + str(i) + after + key` maps to layer `i`'s
         tensor, layer by layer in increasing order, followed by the tensors of
-        `rest`.
+        `rest`. Within a layer the experts' tensors come expert by expert
+        (expert 0's, in key order, then expert 1's, ...) where its first expert
+        key was.
 
     Raises:
         TypeError: a value is not an array; `layers` is not a sequence of ints (or
@@ -341,10 +426,46 @@ def unstack_by_name(
         owner = {i: (stacked, j) for j, i in enumerate(order)}
     rest = {} if rest is None else rest
     check_rest(lp, rest, None if layers is None else owner)
+    ep = parse_experts(experts)
+    orders = {id(part): _expert_layout(part, ep) for part, _ in owner.values()}
+    if ep is not None and not any(orders[id(p)][1] for p, _ in owner.values()):
+        raise ValueError(
+            f"`experts` {str(ep)!r} matches no key of `stacked`; expert tensors "
+            f"are stacked under keys such as {ep.expert_key('w')!r}."
+        )
     flat: dict[str, Any] = {}
     for i in sorted(owner):
         part, j = owner[i]
-        for key, x in part.items():
-            flat[lp.layer_name(i, key)] = layer_of(x, j)
+        for key, e in orders[id(part)][0]:
+            x = layer_of(part[key], j)
+            if e is None or ep is None:
+                flat[lp.layer_name(i, key)] = x
+            else:
+                sub = key[len(str(ep)) :]
+                flat[lp.layer_name(i, ep.key(e, sub))] = layer_of(x, e)
     flat.update(rest)
     return flat
+
+
+def _expert_layout(
+    part: Mapping[str, Any], ep: Any
+) -> tuple[list[tuple[str, int | None]], int]:
+    """One layer's keys in writing order (`expert_order`), and E; every expert
+    tensor must have a second axis of the same length."""
+    flags = {k: ep is not None and ep.stacked_sub(k) is not None for k in part}
+    lengths = {k: _spec(k, part[k])[0][1:2] for k in part if flags[k]}
+    if not lengths:
+        return [(k, None) for k in part], 0
+    common = Counter(lengths.values()).most_common(1)[0][0]
+    bad = [
+        f"`{k}` has shape {_spec(k, part[k])[0]}"
+        for k, n in lengths.items()
+        if n != common or not n
+    ]
+    if bad or not common:
+        fail(
+            bad,
+            f"the expert tensors of `stacked` must share a second axis of E "
+            f"experts, (N, E, ...), most have E = {common[0] if common else None}",
+        )
+    return expert_order(list(part), flags, common[0]), common[0]

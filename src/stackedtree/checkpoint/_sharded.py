@@ -31,6 +31,7 @@ read by rows are read a block's worth of rows at a time and joined on their devi
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import threading
@@ -49,11 +50,12 @@ from jax.sharding import PartitionSpec, Sharding
 from .._check import fail
 from .._leaf import on_bits
 from .._sharding import sharding_problems
+from ._experts import detect_experts, parse_experts
 from ._files import open_regular, read_into
 from ._io import Checkpoint, Paths, TensorInfo, read_checkpoint
 from ._layer_pattern import LayerPattern
 from ._npz import data_offsets, read_member
-from ._plan import plan_by_kind
+from ._plan import StackPlan, plan_by_kind
 from ._safetensors import native
 from ._stacked import META_PATTERN, stored_plan
 
@@ -114,13 +116,16 @@ class Source:
     """Where one output array's data lives.
 
     Attributes:
-        shape: the output shape; `(N, *per_layer_shape)` when `layered`.
+        shape: the output shape; `(N, *per_layer_shape)` when `layered`, or
+            `(N, E, *per_expert_shape)` with experts.
         dtype: the output dtype.
         parts: `(name, info)` of the checkpoint tensors: one per layer when
-            `layered`, else the one tensor holding the whole array.
+            `layered` (with experts, one per layer and expert, layer by layer),
+            else the one tensor holding the whole array.
         layered: the array is stacked on the fly from per-layer tensors.
         stacked: its first dimension is the layer axis (stacked on the fly, or
             stored stacked).
+        experts: E, when its second dimension is an expert axis; else 0.
     """
 
     shape: tuple[int, ...]
@@ -128,12 +133,29 @@ class Source:
     parts: tuple[tuple[str, TensorInfo], ...]
     layered: bool
     stacked: bool
+    experts: int = 0
+
+    @property
+    def lead(self) -> int:
+        """The leading dimensions assembled from parts: 0 (one tensor), 1
+        (layers) or 2 (layers and experts)."""
+        return (2 if self.experts else 1) if self.layered else 0
+
+    def part(self, head: Sequence[int]) -> tuple[str, TensorInfo]:
+        """The part at index `head` of the leading dimensions."""
+        if not self.layered:
+            return self.parts[0]
+        if self.experts:
+            return self.parts[head[0] * self.experts + head[1]]
+        return self.parts[head[0]]
 
 
 # --------------------------------------------------------------------- the plan
 
 
-def plan_sources(ckpt: Checkpoint, pattern: str | None) -> dict[str, Source]:
+def plan_sources(
+    ckpt: Checkpoint, pattern: str | None, experts: str | None = None
+) -> dict[str, Source]:
     """The output arrays of a checkpoint, by name, in checkpoint order.
 
     A stacked checkpoint's tensors are loaded as stored, those of a file with layers
@@ -141,29 +163,39 @@ def plan_sources(ckpt: Checkpoint, pattern: str | None) -> dict[str, Source]:
     With a `pattern`, the layer tensors of a per-layer checkpoint are stacked as
     `stackedtree stack` stacks them (`plan_by_kind`): one array per key of each kind
     of layers, named by its stacked name and placed where its first layer's tensor
-    was.
+    was; experts (detected unless `experts` names them, or is `"none"`) on a second
+    axis.
     """
     tensors = ckpt.tensors
 
-    def whole(name: str, stacked: bool = False) -> Source:
+    def whole(name: str, stacked: bool = False, num: int = 0) -> Source:
         info = tensors[name]
-        return Source(info.shape, native(info.dtype), ((name, info),), False, stacked)
+        return Source(
+            info.shape, native(info.dtype), ((name, info),), False, stacked, num
+        )
 
     if META_PATTERN in ckpt.metadata:
         stored = stored_plan(ckpt)
-        if pattern is not None and str(LayerPattern.parse(pattern)) != stored.pattern:
-            raise ValueError(
-                f"the checkpoint is stacked with pattern {stored.pattern!r} (its layer "
-                f"tensors are already stacked); `pattern` {pattern!r} differs: leave "
-                f"it out."
-            )
-        stacked_names = {e.name for _, e in stored.entries()}
-        return {name: whole(name, name in stacked_names) for name in tensors}
+        _same_as_stored(stored, pattern, experts)
+        stacked_names = {e.name: e.experts for _, e in stored.entries()}
+        return {
+            name: whole(name, name in stacked_names, stacked_names.get(name, 0))
+            for name in tensors
+        }
     if pattern is None:
+        if experts is not None:
+            raise ValueError(
+                f"`experts` {experts!r} needs `pattern`, the layer pattern: experts "
+                "are stacked within the layers it stacks."
+            )
         return {name: whole(name) for name in tensors}
 
     lp = LayerPattern.parse(pattern)
-    plan = plan_by_kind({n: (t.shape, t.dtype) for n, t in tensors.items()}, str(lp))
+    parse_experts(experts)
+    if experts is None:
+        experts = detect_experts(tensors, str(lp))
+    specs = {n: (t.shape, t.dtype) for n, t in tensors.items()}
+    plan = plan_by_kind(specs, str(lp), parse_experts(experts))
     stacked = {e.name for _, e in plan.entries()}
     clash = [name for name in plan.rest if name in stacked]
     if clash:
@@ -179,14 +211,42 @@ def plan_sources(ckpt: Checkpoint, pattern: str | None) -> dict[str, Source]:
             continue
         e = item[1]
         first = tensors[e.sources[0]]
+        lead = (
+            (len(e.sources) // e.experts, e.experts) if e.experts else (len(e.sources),)
+        )
         out[e.name] = Source(
-            (len(e.sources), *first.shape),
+            (*lead, *first.shape),
             native(first.dtype),
             tuple((n, tensors[n]) for n in e.sources),
             True,
             True,
+            e.experts,
         )
     return out
+
+
+def _same_as_stored(
+    stored: StackPlan, pattern: str | None, experts: str | None
+) -> None:
+    """A stacked file's layers and experts are stacked already: `pattern` and
+    `experts` may only repeat what it records."""
+    if pattern is not None and str(LayerPattern.parse(pattern)) != stored.pattern:
+        raise ValueError(
+            f"the checkpoint is stacked with pattern {stored.pattern!r} (its layer "
+            f"tensors are already stacked); `pattern` {pattern!r} differs: leave "
+            f"it out."
+        )
+    if experts is None:
+        return
+    given = parse_experts(experts)
+    if (None if given is None else str(given)) != stored.experts:
+        recorded = (
+            "no experts" if stored.experts is None else f"experts {stored.experts!r}"
+        )
+        raise ValueError(
+            f"the checkpoint is stacked with {recorded}; `experts` {experts!r} "
+            f"differs: leave it out."
+        )
 
 
 def resolve_shardings(
@@ -235,7 +295,11 @@ def resolve_shardings(
             )
             continue
         problems += sharding_problems(
-            f"`{name}`", src.shape, given[name], layer_axis=src.stacked
+            f"`{name}`",
+            src.shape,
+            given[name],
+            layer_axis=src.stacked,
+            expert_axis=bool(src.experts),
         )
         if jax.dtypes.canonicalize_dtype(src.dtype) != src.dtype:
             problems.append(
@@ -397,15 +461,14 @@ def read_box(
 
 
 def read_block(reader: Reader, src: Source, box: Box, out: np.ndarray) -> None:
-    """Reads block `box` of output array `src` into `out`."""
-    if src.layered:
-        (a, b), inner = box[0], box[1:]
-        for layer in range(a, b):
-            name, info = src.parts[layer]
-            read_box(reader, name, info, inner, out[layer - a])
-    else:
-        name, info = src.parts[0]
-        read_box(reader, name, info, box, out)
+    """Reads block `box` of output array `src` into `out`: of each part (layer, or
+    layer and expert) it holds, only its part of the block."""
+    lead = src.lead
+    starts = [a for a, _ in box[:lead]]
+    for head in itertools.product(*(range(a, b) for a, b in box[:lead])):
+        name, info = src.part(head)
+        at = tuple(h - a for h, a in zip(head, starts, strict=True))
+        read_box(reader, name, info, box[lead:], out[at] if at else out)
 
 
 def _shape(box: Box) -> tuple[int, ...]:
@@ -441,14 +504,12 @@ def _read_by_rows(
     itemsize = src.dtype.itemsize
     budget = reader.options.chunk_bytes // reader.options.workers
     chunks: list[Box]
-    if src.layered:
-        chunks = [
-            ((layer, layer + 1), *c)
-            for layer in range(*bbox[0])
-            for c in _slabs(bbox[1:], itemsize, budget)
-        ]
-    else:
-        chunks = list(_slabs(bbox, itemsize, budget))
+    lead = src.lead
+    chunks = [
+        (*((h, h + 1) for h in head), *c)
+        for head in itertools.product(*(range(a, b) for a, b in bbox[:lead]))
+        for c in _slabs(bbox[lead:], itemsize, budget)
+    ]
 
     def one(chunk: Box) -> None:
         buf = reader.scratch(_shape(chunk), src.dtype)
@@ -508,15 +569,16 @@ def _by_rows(src: Source, boxes: Sequence[Box], strided_min_run: int) -> bool:
     """Whether `boxes` are read together by rows: they tile one box, their runs are
     short (under `strided_min_run`), and reading rows of that box makes them
     longer."""
-    per_layer = src.shape[1:] if src.layered else src.shape
+    lead = src.lead
+    per_part = src.shape[lead:]
     itemsize = src.dtype.itemsize
-    runs = [run_bytes(per_layer, b[1:] if src.layered else b, itemsize) for b in boxes]
+    runs = [run_bytes(per_part, b[lead:], itemsize) for b in boxes]
     if len(boxes) < 2 or min(runs) >= strided_min_run:
         return False
     bbox = _bounding_box(boxes)
     if sum(math.prod(_shape(b)) for b in boxes) != math.prod(_shape(bbox)):
         return False
-    return run_bytes(per_layer, bbox[1:] if src.layered else bbox, itemsize) > min(runs)
+    return run_bytes(per_part, bbox[lead:], itemsize) > min(runs)
 
 
 def _place_by_row_chunks(
@@ -608,7 +670,12 @@ def load_array(reader: Reader, src: Source, sharding: Sharding) -> jax.Array:
 
 
 def load_sharded(
-    paths: Paths, shardings: Shardings, /, *, pattern: str | None = None
+    paths: Paths,
+    shardings: Shardings,
+    /,
+    *,
+    pattern: str | None = None,
+    experts: str | None = None,
 ) -> dict[str, jax.Array]:
     """Loads a checkpoint straight into sharded jax arrays, stacking layers on the fly.
 
@@ -649,6 +716,15 @@ def load_sharded(
             the stacked file. Without a pattern, a per-layer checkpoint's tensors
             come back under their own names. A stacked checkpoint needs none (its
             layer tensors come back stacked, as stored).
+        experts: with `pattern`, the expert pattern (`"mlp.experts.{e}."`,
+            relative to the per-layer key): each expert tensor's experts come back
+            on a second axis, `(N_kind, E, ...)`, under its key with `{e}` kept
+            (`model.layers.{i:B}.mlp.experts.{e}.up_proj.weight`), as `stackedtree
+            stack` writes them. None detects it as `stackedtree stack` does
+            (`detect_experts`); `"none"` keeps experts apart, each stacked over
+            layers only. A sharding that splits the expert axis over a mesh axis
+            (expert parallelism) makes each process read only its own experts'
+            bytes. For a stacked file, None or what the file records.
 
     Returns:
         The arrays by name, in checkpoint order (a stacked array where its
@@ -661,7 +737,9 @@ def load_sharded(
         ValueError: as in `load_flat` (unknown format, a truncated or corrupt
             file, a tensor name in two files) and `convert_stack` (the pattern
             matches nothing, missing layers, a tensor whose shape or dtype differs
-            within its kind of layers); and, in one
+            within its kind of layers, a layer lacking an expert or an expert
+            tensor, experts differing in shape or dtype); `experts` without
+            `pattern`, or other than a stacked file records; and, in one
             error listing them all: a name in `shardings` that the checkpoint
             lacks, a checkpoint tensor with no sharding, a dimension that the
             mesh axes of its sharding do not divide, a 64-bit tensor while
@@ -683,7 +761,7 @@ def load_sharded(
         >>> w.shape, w.addressable_shards[0].data.shape, float(w[3, 0, 0])
         ((4, 8, 4), (4, 1, 4), 3.0)
     """
-    return load_with(paths, shardings, ReadOptions(), pattern=pattern)
+    return load_with(paths, shardings, ReadOptions(), pattern=pattern, experts=experts)
 
 
 def load_with(
@@ -692,10 +770,11 @@ def load_with(
     options: ReadOptions,
     *,
     pattern: str | None = None,
+    experts: str | None = None,
 ) -> dict[str, jax.Array]:
     """`load_sharded`, reading with `options`."""
     ckpt = read_checkpoint(paths)
-    sources = plan_sources(ckpt, pattern)
+    sources = plan_sources(ckpt, pattern, experts)
     placing = resolve_shardings(sources, shardings, META_PATTERN in ckpt.metadata)
     with Reader(options) as reader:
         return {

@@ -12,6 +12,12 @@ stacks each kind on its own, under the kind's stacked names
 records the kinds in `stackedtree.kinds`: a JSON object mapping each label to its
 layers, in the order of the layer axis (`{"A":[0,1,2],"B":[3,4,5]}`). Every layer
 `0..N-1` is in exactly one kind. A file of one kind has no `stackedtree.kinds`.
+
+A mixture-of-experts checkpoint stacks each expert tensor's experts on a second axis,
+`(N, E, ...)`, under its key with the expert index kept as `{e}`
+(`model.layers.{i}.mlp.experts.{e}.up_proj.weight`), and records the expert pattern
+in `stackedtree.experts` (`"mlp.experts.{e}."`). A file without expert axes has no
+`stackedtree.experts`.
 """
 
 from __future__ import annotations
@@ -23,17 +29,19 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._check import fail
+from ._experts import ExpertPattern
 from ._io import Checkpoint, PathLike, Paths, load_flat, read_checkpoint, save_flat
 from ._layer_pattern import LayerPattern, check_label
 from ._limits import load_json
 from ._names import check_kinds, check_rest, layer_owners, num_stacked_layers
 from ._plan import LayerKind, StackEntry, StackPlan
-from ._text import brief, count, quote, ranges
+from ._text import brief, count, files_text, quote, ranges
 
 META_PATTERN = "stackedtree.pattern"
 META_NUM_LAYERS = "stackedtree.num_layers"
 META_KINDS = "stackedtree.kinds"
-META_KEYS = (META_PATTERN, META_NUM_LAYERS, META_KINDS)
+META_EXPERTS = "stackedtree.experts"
+META_KEYS = (META_PATTERN, META_NUM_LAYERS, META_KINDS, META_EXPERTS)
 
 
 def stacked_metadata(
@@ -41,15 +49,21 @@ def stacked_metadata(
     n: int,
     metadata: Mapping[str, str] | None,
     kinds: Mapping[str, Sequence[int]] | None = None,
+    experts: str | None = None,
 ) -> dict[str, str]:
-    """The metadata of a stacked file: `metadata`, the pattern, N, and the kinds."""
-    out = {k: v for k, v in (metadata or {}).items() if k != META_KINDS}
+    """The metadata of a stacked file: `metadata`, the pattern, N, the kinds and
+    the expert pattern (the last two only when there are several kinds, experts)."""
+    out = {
+        k: v for k, v in (metadata or {}).items() if k not in (META_KINDS, META_EXPERTS)
+    }
     out.update({META_PATTERN: pattern, META_NUM_LAYERS: str(n)})
     if kinds is not None:
         out[META_KINDS] = json.dumps(
             {label: list(layers) for label, layers in kinds.items()},
             separators=(",", ":"),
         )
+    if experts is not None:
+        out[META_EXPERTS] = experts
     return out
 
 
@@ -229,8 +243,9 @@ def stored_plan(ckpt: Checkpoint) -> StackPlan:
             the number of its kind's layers; a stacked name of no recorded kind;
             a kind with no tensor; a name the pattern reads as a layer's tensor.
     """
-    where = ", ".join(f"`{f}`" for f in ckpt.files)
+    where = files_text(ckpt.files)
     lp, n, kinds = _recorded(ckpt, where)
+    ep = _recorded_experts(ckpt, where)
     uniform = None in kinds
     names: dict[str | None, dict[str, str]] = {label: {} for label in kinds}
     rest: list[str] = []
@@ -271,19 +286,51 @@ def stored_plan(ckpt: Checkpoint) -> StackPlan:
                 f"{', '.join(empty)}, of which the file holds no tensor."
             )
     check_rest(lp, rest)
-    return StackPlan(
-        str(lp),
-        n,
-        tuple(
-            LayerKind(
-                label,
-                kinds[label],
-                tuple(StackEntry(key, name) for key, name in names[label].items()),
-            )
-            for label in kinds
-        ),
-        tuple(rest),
+    planned = tuple(
+        LayerKind(label, kinds[label], _stored_entries(ckpt, where, names[label], ep))
+        for label in kinds
     )
+    return StackPlan(str(lp), n, planned, tuple(rest), None if ep is None else str(ep))
+
+
+def _recorded_experts(ckpt: Checkpoint, where: str) -> ExpertPattern | None:
+    text = ckpt.metadata.get(META_EXPERTS)
+    if text is None:
+        return None
+    try:
+        return ExpertPattern.parse(text, META_EXPERTS)
+    except ValueError as e:
+        raise ValueError(f"{where}: metadata {e}") from None
+
+
+def _stored_entries(
+    ckpt: Checkpoint,
+    where: str,
+    names: Mapping[str, str],
+    ep: ExpertPattern | None,
+) -> tuple[StackEntry, ...]:
+    """One kind's stored tensors; those whose key holds the recorded `{e}` with
+    their expert axis, which must be of one length E."""
+    entries: list[StackEntry] = []
+    for key, name in names.items():
+        if ep is None or ep.stacked_sub(key) is None:
+            entries.append(StackEntry(key, name))
+            continue
+        shape = ckpt.tensors[name].shape
+        if len(shape) < 2 or shape[1] == 0:
+            raise ValueError(
+                f"{where}: stacked expert tensor {quote(name)} has shape {shape}, "
+                f"but an expert tensor is (layers, experts, ...) with experts >= 1."
+            )
+        entries.append(StackEntry(key, name, (), shape[1]))
+    lengths = {e.experts for e in entries if e.experts}
+    if len(lengths) > 1:
+        listed = ", ".join(f"{quote(e.name)} {e.experts}" for e in entries if e.experts)
+        raise ValueError(
+            f"{where}: the expert tensors of one kind must hold the same experts, "
+            f"but their expert axes differ: {listed}."
+        )
+    return tuple(entries)
 
 
 class StackedCheckpoint(NamedTuple):

@@ -8,6 +8,7 @@ drive a terminal, and `brief` renders any parsed JSON value in a line.
 from __future__ import annotations
 
 import json
+import os.path
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -114,3 +115,15 @@ def listing(names: Sequence[str], limit: int = 8) -> str:
     """Up to `limit` names, quoted, and how many more."""
     shown = ", ".join(quote(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def files_text(files: Sequence[object]) -> str:
+    """The files of a checkpoint for a message: the one file, or the folder that
+    holds them all (`` `model/` (9 files) ``), not every shard."""
+    paths = [str(f) for f in files]
+    if len(paths) == 1:
+        return quote(paths[0])
+    folder = os.path.dirname(os.path.commonpath(paths) + os.sep + "x")
+    if folder and all(os.path.dirname(p) == folder for p in paths):
+        return f"{quote(folder + os.sep)} ({len(paths)} files)"
+    return ", ".join(quote(p) for p in sorted(paths))
