@@ -45,7 +45,6 @@ from stackedtree.checkpoint import (
     stack_by_name,
     transpose,
     unflatten_by_rules,
-    unstack_by_name,
 )
 
 PATTERN = "model.layers.{i}."
@@ -75,7 +74,8 @@ def stack_kinds(flat: Mapping[str, Any], cfg: Config) -> dict[str, Any]:
     Other names are kept. A stacked file's kinds are told apart by their keys."""
     kinds = cfg.kinds
     if not any(STACKED.fullmatch(name) for name in flat):
-        stacked, rest = stack_by_name(flat, PATTERN, layers=kinds)
+        experts = expert_pattern(cfg) if "moe" in kinds else None
+        stacked, rest = stack_by_name(flat, PATTERN, layers=kinds, experts=experts)
     else:
         labels: dict[str | None, dict[str, Any]] = {}
         rest = {}
@@ -96,48 +96,12 @@ def stack_kinds(flat: Mapping[str, Any], cfg: Config) -> dict[str, Any]:
                     f"fit the config's {kind} layers {kinds.get(kind, [])}."
                 )
             stacked[kind] = part
-    out = {}
-    for kind, part in stacked.items():
-        out |= {stacked_name(kind, k): x for k, x in stack_experts(part, cfg).items()}
+    out = {
+        stacked_name(kind, k): x
+        for kind, part in stacked.items()
+        for k, x in part.items()
+    }
     return out | rest
-
-
-def stack_experts(part: Mapping[str, Any], cfg: Config) -> dict[str, Any]:
-    """`experts.0.key` ... `experts.{E-1}.key`, each `(N, ...)`, -> `experts.{e}.key`
-    of shape `(N, E, ...)`; a key already holding `{e}` is kept."""
-    before, after = expert_pattern(cfg).split("{e}")
-    number = re.compile(re.escape(before) + r"([0-9]+)" + re.escape(after))
-    out: dict[str, Any] = {}
-    experts: dict[str, dict[int, Any]] = {}
-    for key, x in part.items():
-        m = number.match(key)
-        if m is None:
-            out[key] = x
-        else:
-            experts.setdefault(expert_pattern(cfg) + key[m.end() :], {})[int(m[1])] = x
-    for key, by_expert in experts.items():
-        if sorted(by_expert) != list(range(cfg.num_experts)):
-            raise ValueError(
-                f"{key!r}: experts {sorted(by_expert)}, expected 0..{cfg.num_experts - 1}"
-            )
-        out[key] = np.stack([np.asarray(by_expert[e]) for e in sorted(by_expert)], 1)
-    return out
-
-
-def unstack_kinds(flat: Mapping[str, Any], cfg: Config) -> dict[str, Any]:
-    """The inverse of `stack_kinds`, to per-layer names (numpy views, no copy)."""
-    per_layer: dict[str, dict[str, Any]] = {kind: {} for kind in cfg.kinds}
-    rest = {}
-    for name, x in flat.items():
-        m = STACKED.fullmatch(name)
-        if m is None:
-            rest[name] = x
-        elif "{e}" in name:  # (N, E, ...) -> E tensors of (N, ...)
-            for e in range(x.shape[1]):
-                per_layer[m[1]][m[2].replace("{e}", str(e))] = x[:, e]
-        else:
-            per_layer[m[1]][m[2]] = x
-    return unstack_by_name(per_layer, PATTERN, rest, layers=cfg.kinds)
 
 
 # ------------------------------------------------------------------ the rule table
@@ -210,7 +174,7 @@ def hf_to_model(flat: Mapping[str, Any], cfg: Config) -> Model:
 
 def model_to_hf(model: Model, cfg: Config) -> dict[str, np.ndarray]:
     """The inverse of `hf_to_model`: per-layer HF names, numpy arrays."""
-    flat = unstack_kinds(flatten_by_rules(model, model_rules(cfg)), cfg)
+    flat = flatten_by_rules(model, model_rules(cfg), layers=cfg.kinds)
     return {k: np.asarray(x) for k, x in flat.items()}
 
 
