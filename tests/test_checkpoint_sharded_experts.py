@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import sys
 import textwrap
 from pathlib import Path
@@ -18,7 +17,8 @@ import pytest
 from ckptgen import hf_moe, save_shards
 from jax.sharding import NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
-from test_load_sharded import check_loaded, mesh, run_processes
+from processes import free_port, run_processes
+from test_checkpoint_sharded import check_loaded, mesh
 
 from stackedtree.checkpoint import (
     convert_stack,
@@ -242,9 +242,7 @@ def test_two_processes_each_read_their_experts(
     other = sum(v.nbytes for v in flat.values()) - expert_bytes
     gate = sum(v.nbytes for k, v in flat.items() if "mlp.gate" in k)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
