@@ -498,6 +498,33 @@ def test_a_failed_write_leaves_nothing(
     nothing_written(tmp_path, [])
 
 
+@pytest.mark.parametrize("target", ["out.safetensors", "model"])
+def test_the_same_call_replaces_what_a_terminated_run_left(
+    tmp_path: Path, target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run terminated before its cleanup (as jax's runtime may do when process 0
+    # dies) leaves its hidden temporary output, named after the call's arguments.
+    def killed(fd: int, data: np.ndarray, offset: int) -> None:
+        raise KeyboardInterrupt
+
+    arrays = stacked_arrays(np.float32)
+    monkeypatch.setattr(module, "_pwrite", killed)
+    monkeypatch.setattr(module, "discard", lambda target: None)
+    with pytest.raises(KeyboardInterrupt):
+        save_sharded(tmp_path / target, arrays)
+    (left,) = os.listdir(tmp_path)
+    assert re.fullmatch(rf"\.{re.escape(target)}\.[0-9a-f]{{16}}\.tmp", left), left
+    monkeypatch.undo()
+    save_sharded(tmp_path / target, arrays)
+    assert os.listdir(tmp_path) == [target]
+    flat = load_flat(tmp_path / target)
+    assert len(flat) == 2 + 3 * 8
+    assert np.array_equal(
+        flat["model.layers.3.mlp.up_proj.weight"],
+        arrays[PATTERN + "mlp.up_proj.weight"][3],
+    )
+
+
 # --------------------------------------------------------------------- two processes
 
 CHILD = textwrap.dedent(
