@@ -44,3 +44,29 @@ def run_processes(
     ]
     assert not failed and not killed, failed or f"timed out after {timeout} s"
     return [out.read_text() for out, _ in logs]
+
+
+def run_to_end(
+    commands: list[list[str]], env: dict[str, str], folder: Path, timeout: float = 120
+) -> list[tuple[int, str, str]]:
+    """Runs the commands at once and waits for every one, however it ends; each
+    one's exit code, stdout and stderr. The test fails if one outlives `timeout`."""
+    logs = [(folder / f"out{i}", folder / f"err{i}") for i in range(len(commands))]
+    procs = []
+    try:
+        for cmd, (out, err) in zip(commands, logs, strict=True):
+            with open(out, "w") as o, open(err, "w") as e:
+                procs.append(subprocess.Popen(cmd, stdout=o, stderr=e, env=env))
+        deadline = time.monotonic() + timeout
+        while None in [p.poll() for p in procs] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        hung = [i for i, p in enumerate(procs) if p.poll() is None]
+        for i in hung:
+            procs[i].kill()
+            procs[i].wait()
+    assert not hung, f"processes {hung} still ran after {timeout} s"
+    return [
+        (p.returncode, out.read_text(), err.read_text())
+        for p, (out, err) in zip(procs, logs, strict=True)
+    ]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import signal
 import sys
 import tempfile
 import textwrap
@@ -20,7 +22,7 @@ from ckptgen import cases, same
 from hypothesis import given, settings
 from jax.sharding import AxisType, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
-from processes import free_port, run_processes
+from processes import free_port, run_processes, run_to_end
 
 from stackedtree.checkpoint import _save_sharded as module
 from stackedtree.checkpoint import (
@@ -496,6 +498,33 @@ def test_a_failed_write_leaves_nothing(
     nothing_written(tmp_path, [])
 
 
+@pytest.mark.parametrize("target", ["out.safetensors", "model"])
+def test_the_same_call_replaces_what_a_terminated_run_left(
+    tmp_path: Path, target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run terminated before its cleanup (as jax's runtime may do when process 0
+    # dies) leaves its hidden temporary output, named after the call's arguments.
+    def killed(fd: int, data: np.ndarray, offset: int) -> None:
+        raise KeyboardInterrupt
+
+    arrays = stacked_arrays(np.float32)
+    monkeypatch.setattr(module, "_pwrite", killed)
+    monkeypatch.setattr(module, "discard", lambda target: None)
+    with pytest.raises(KeyboardInterrupt):
+        save_sharded(tmp_path / target, arrays)
+    (left,) = os.listdir(tmp_path)
+    assert re.fullmatch(rf"\.{re.escape(target)}\.[0-9a-f]{{16}}\.tmp", left), left
+    monkeypatch.undo()
+    save_sharded(tmp_path / target, arrays)
+    assert os.listdir(tmp_path) == [target]
+    flat = load_flat(tmp_path / target)
+    assert len(flat) == 2 + 3 * 8
+    assert np.array_equal(
+        flat["model.layers.3.mlp.up_proj.weight"],
+        arrays[PATTERN + "mlp.up_proj.weight"][3],
+    )
+
+
 # --------------------------------------------------------------------- two processes
 
 CHILD = textwrap.dedent(
@@ -636,3 +665,100 @@ def test_arrays_that_differ_between_processes_fail_in_both(
         mine, theirs = (32, 16) if pid == 0 else (16, 32)
         assert f"`w` is float{mine}[4] here but float{theirs}[4] in process" in text
     assert not (folder / "out" / "differ.safetensors").exists()
+
+
+KILLED_CHILD = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import jax, numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from stackedtree.checkpoint import save_sharded
+    from stackedtree.checkpoint import _save_sharded as module
+
+    port, pid, folder, victim = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+        initialization_timeout=60,
+    )
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+    x = np.arange(8 * 64, dtype=np.float32).reshape(8, 64)
+    placed = {
+        "model.layers.{i}.w": jax.make_array_from_callback(
+            x.shape, NamedSharding(mesh, P("x")), lambda i: x[i]
+        )
+    }
+    if pid == victim:
+        def pwrite(fd, data, offset):
+            os._exit(9)  # killed in the middle of the write phase
+        module._pwrite = pwrite
+    try:
+        save_sharded(os.path.join(folder, "killed"), placed, timeout=5)
+        out = None
+    except Exception as e:
+        out = [type(e).__name__, str(e)]
+    print(json.dumps(out), flush=True)
+    # Not jax.distributed.shutdown(): its barrier would wait for the dead process
+    # until jax's heartbeat timeout, then abort.
+    os._exit(0)
+    """
+)
+
+
+def run_with_one_killed(folder: Path, victim: int) -> list[tuple[int, str, str]]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
+    (folder / "out").mkdir()
+    out = str(folder / "out")
+    return run_to_end(
+        [
+            [sys.executable, "-c", KILLED_CHILD, str(port), str(i), out, str(victim)]
+            for i in range(2)
+        ],
+        env,
+        folder,
+        timeout=120,
+    )
+
+
+def test_a_killed_process_1_fails_process_0_in_time_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    (code0, out0, _), (code1, _, _) = run_with_one_killed(tmp_path, victim=1)
+    assert code1 == 9
+    # Process 0 raises once `timeout` passes without process 1's report (jax's own
+    # heartbeat timeout, 100 s by default, comes much later), and removes the output.
+    assert code0 == 0, out0
+    name, text = json.loads(out0.strip().splitlines()[-1])
+    assert name == "TimeoutError"
+    assert text.startswith("process 1 did not write its part within 5 s")
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_killed_process_0_ends_process_1_at_once(tmp_path: Path) -> None:
+    (code0, _, _), (code1, out1, err1) = run_with_one_killed(tmp_path, victim=0)
+    assert code0 == 9
+    # Process 0 runs jax's coordination service. Process 1 either raises a clear
+    # error at once and removes the temporary output, or jax's runtime terminates
+    # it first (SIGABRT), which may leave the hidden temporary output, never the
+    # target.
+    left = os.listdir(tmp_path / "out")
+    if code1 == 0:
+        name, text = json.loads(out1.strip().splitlines()[-1])
+        assert name == "ConnectionError", text
+        assert "jax.distributed coordination service" in text
+        assert left == []
+    else:
+        assert code1 == -signal.SIGABRT, err1[-2000:]
+        assert "JAX distributed service detected fatal errors" in err1
+        assert all(re.fullmatch(r"\.killed\.[0-9a-f]{16}\.tmp", n) for n in left), left
+    # The same call made again replaces what the killed run left.
+    x = np.arange(8 * 64, dtype=np.float32).reshape(8, 64)
+    save_sharded(os.path.join(tmp_path / "out", "killed"), {PATTERN + "w": x})
+    assert os.listdir(tmp_path / "out") == ["killed"]
+    assert np.array_equal(
+        load_flat(tmp_path / "out" / "killed")["model.layers.3.w"], x[3]
+    )

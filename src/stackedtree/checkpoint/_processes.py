@@ -14,6 +14,7 @@ every process makes the same calls in the same order.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import itertools
 import json
 from collections.abc import Callable
@@ -62,8 +63,20 @@ class Processes:
         self._prefix = f"stackedtree/{name}/{next(_CALLS)}/"
 
     def _set(self, key: str, value: Any) -> None:
-        if self._client is not None:
+        if self._client is None:
+            return
+        try:
             self._client.key_value_set(self._prefix + key, json.dumps(value))
+        except Exception as e:  # the client's own error types are not public
+            raise ConnectionError(
+                f"process {self.rank} could not reach the jax.distributed "
+                f"coordination service (process 0 may have stopped): {_first(e)}"
+            ) from None
+
+    def _fail(self, key: str, e: BaseException) -> None:
+        """Publishes error `e`, if the other processes can still be reached."""
+        with contextlib.suppress(ConnectionError):
+            self._set(key, {"error": _encode(e)})
 
     def _get(self, key: str, process: int, what: str) -> Any:
         assert self._client is not None
@@ -72,9 +85,15 @@ class Processes:
                 self._prefix + key, int(self.timeout * 1000)
             )
         except Exception as e:  # the client's own error types are not public
+            if "DEADLINE_EXCEEDED" not in str(e):
+                raise ConnectionError(
+                    f"process {self.rank} could not learn whether process {process} "
+                    f"did {what}: the jax.distributed coordination service (in "
+                    f"process 0) cannot be reached: {_first(e)}"
+                ) from None
             raise TimeoutError(
                 f"process {process} did not {what} within {self.timeout:g} s "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                f"({_first(e)})"
             ) from None
         return json.loads(raw)
 
@@ -89,7 +108,7 @@ class Processes:
         try:
             mine = fn()
         except BaseException as e:
-            self._set(f"{key}/{self.rank}", {"error": _encode(e)})
+            self._fail(f"{key}/{self.rank}", e)
             raise
         self._set(f"{key}/{self.rank}", {"value": mine})
         results: list[Any] = []
@@ -113,7 +132,7 @@ class Processes:
             try:
                 value = fn()
             except BaseException as e:
-                self._set(key, {"error": _encode(e)})
+                self._fail(key, e)
                 raise
             self._set(key, {"value": value})
             return value
@@ -125,9 +144,10 @@ class Processes:
 
     def report(self, key: str, error: BaseException | None) -> None:
         """Publishes this process's outcome of a phase that only process 0 collects."""
-        self._set(
-            f"{key}/{self.rank}", {"error": _encode(error)} if error else {"value": 0}
-        )
+        if error is not None:
+            self._fail(f"{key}/{self.rank}", error)
+        else:
+            self._set(f"{key}/{self.rank}", {"value": 0})
 
     def collect(self, key: str, what: str) -> None:
         """In process 0: waits for every other process's `report`.
@@ -140,6 +160,12 @@ class Processes:
             got = self._get(f"{key}/{q}", q, what)
             if "error" in got:
                 raise _decode(q, got["error"])
+
+
+def _first(e: BaseException) -> str:
+    """The client error's type and first line."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 def _encode(e: BaseException) -> list[str]:

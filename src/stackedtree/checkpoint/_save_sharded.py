@@ -347,12 +347,15 @@ def _prepare(
     check_target(path, folder, overwrite)
     options = [folder, limit, metadata, overwrite, kinds]
     spec_list = [[n, list(s), str(d)] for n, (s, d) in specs.items()]
+    digest = _digest(path, specs, options)
     published = {
-        "digest": _digest(path, specs, options),
+        "digest": digest,
         "specs": spec_list if len(spec_list) <= 20000 else None,
-        "token": os.urandom(8).hex(),
     }
-    target = Target(path, folder, path)  # the temporary name comes from process 0
+    # A temporary name that every process computes alike without a word from the
+    # others, so that any of them can remove it whenever the call fails, and that
+    # the same call made again finds (and replaces) if a killed run left it.
+    target = Target(path, folder, path.with_name(f".{path.name}.{digest[:16]}.tmp"))
     return target, layout, published
 
 
@@ -386,8 +389,12 @@ def save_sharded(
     part per process and each part written once. The output is written under
     hidden temporary names beside `path` and renamed once every process is done: it
     appears whole or not at all, and a failure in any process (an exception, a full
-    disk, a process that stops answering for `timeout` seconds) is raised in every
-    process.
+    disk, a process killed or that stops answering for `timeout` seconds) is raised
+    in every process, which removes the temporary output. One case escapes that:
+    when process 0, which runs jax's coordination service, dies, jax's runtime may
+    terminate the other processes before they remove it; the hidden temporary
+    output (`.NAME.DIGEST.tmp`, never the target) then remains, and the same call
+    made again replaces it.
 
     Args:
         path: a `.safetensors` file; or a folder (created), which receives
@@ -419,6 +426,8 @@ def save_sharded(
         TypeError: a value is not a jax or numpy array; bad `kinds` or metadata.
         OSError: writing fails (a full disk); no output is left.
         TimeoutError: another process did not answer within `timeout`.
+        ConnectionError: jax's coordination service (in process 0) cannot be
+            reached: process 0 died.
 
     Examples:
         >>> import os, tempfile, jax, numpy as np
@@ -444,7 +453,12 @@ def save_sharded(
         published: dict[str, Any] = planned[2]
         return published
 
-    every = group.all_run("check", "check its arguments", check)
+    try:
+        every = group.all_run("check", "check its arguments", check)
+    except BaseException:
+        if planned:  # process 0 may have created the output before it died
+            discard(planned[0])
+        raise
     target, layout, published, pieces = planned
     for q, theirs in enumerate(every):
         if theirs["digest"] != published["digest"]:
@@ -457,16 +471,7 @@ def save_sharded(
                 f"`save_sharded` must be called with the same arguments in every "
                 f"process, but its arrays or options differ: {detail}."
             )
-    tmp = target.path.with_name(f".{target.path.name}.{every[0]['token']}.tmp")
-    target = target._replace(tmp=tmp)
-    group.lead_run("create", "create the output files", lambda: create(target, layout))
     error: BaseException | None = None
-    try:
-        write_pieces(target.files(layout), layout, arrays, pieces)
-    except BaseException as e:
-        error = e
-    if group.rank != 0:
-        group.report("written", error)
 
     def finish() -> None:
         if error is not None:
@@ -474,9 +479,20 @@ def save_sharded(
         group.collect("written", "write its part")
         commit(target, overwrite)
 
-    # A failed process waits too, so that the output is removed only once every
+    # Every process knows the temporary name, so any survivor of a failure anywhere
+    # (process 0 killed while it creates, or once the others wrote) removes it. A
+    # failed process waits too, so that the output is removed only once every
     # process is done with it.
     try:
+        group.lead_run(
+            "create", "create the output files", lambda: create(target, layout)
+        )
+        try:
+            write_pieces(target.files(layout), layout, arrays, pieces)
+        except BaseException as e:
+            error = e
+        if group.rank != 0:
+            group.report("written", error)
         group.lead_run("finish", "finish the output", finish)
     except BaseException as e:
         discard(target)

@@ -1,7 +1,8 @@
 """The output of `save_sharded` on disk: checked, created whole, renamed at the end.
 
 Every process writes into the same temporary output beside the target (a hidden
-`.NAME.TOKEN.tmp` file, or folder holding the shards and the index), which process 0
+`.NAME.DIGEST.tmp` file, or folder holding the shards and the index, named after the
+digest of the call's arguments, which every process computes), which process 0
 creates with every file at its full size and its header in place, and renames to the
 target once every process has written and synced its part. A failure removes it, so
 the target is either absent (or as it was) or complete.
@@ -54,7 +55,9 @@ def check_target(path: Path, folder: bool, overwrite: bool) -> None:
 
 def create(target: Target, layout: Layout) -> None:
     """Creates the temporary output: each file at its size with its header, and the
-    index. On failure nothing is left."""
+    index, in place of what an interrupted run of the same call left. On failure
+    nothing is left."""
+    discard(target)
     try:
         if target.folder:
             os.mkdir(target.tmp)
