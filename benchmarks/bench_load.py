@@ -44,7 +44,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from _moe import moe_names, moe_note, naive_stack
-from _proc import available, io_bytes, status_bytes
+from _proc import available, io_bytes, run_processes, status_bytes
 
 DEVICES = 8
 PATTERN = "model.layers.{i}."
@@ -229,36 +228,10 @@ def run_child(config: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
 def run_two_processes(
     config: dict[str, Any], timeout: float = 600
 ) -> list[dict[str, Any]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "--child",
-                json.dumps({**config, "port": port, "processes": 2, "process": i}),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        if p.returncode != 0:
-            raise RuntimeError(
-                f"a process of the 2-process load failed:\n{err[-3000:]}"
-            )
-    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    def command(c: dict[str, Any]) -> list[str]:
+        return [sys.executable, __file__, "--child", json.dumps(c)]
+
+    return run_processes(command, config, "2-process load", timeout)
 
 
 def time_cp(files: list[str], folder: Path) -> tuple[float, float]:

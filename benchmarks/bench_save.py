@@ -38,7 +38,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from _proc import available, io_bytes, status_bytes
+from _proc import available, io_bytes, run_processes, status_bytes
 
 DEVICES = 8
 PATTERN = "model.layers.{i}."
@@ -211,31 +210,7 @@ def run_child(config: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
 def run_two_processes(
     config: dict[str, Any], timeout: float = 900
 ) -> list[dict[str, Any]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen(
-            _command({**config, "port": port, "processes": 2, "process": i}),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        if p.returncode != 0:
-            raise RuntimeError(
-                f"a process of the 2-process save failed:\n{err[-3000:]}"
-            )
-    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    return run_processes(_command, config, "2-process save", timeout)
 
 
 def time_cp(path: Path) -> float:
