@@ -279,10 +279,9 @@ def headline(results: dict[str, Any]) -> list[tuple[str, float | None]]:
     ]
 
 
-def report(results: dict[str, Any]) -> str:
-    """The markdown section for these results (heading `###`)."""
-    res = results.get("results") or {}
-    rows = [
+def _step_rows(res: dict[str, Any]) -> list[list[Any]]:
+    """A table row per timed step: its label, time, time / cp, RSS and RSS / ckpt."""
+    return [
         [
             LABELS.get(step, step),
             r.get("wall_s"),
@@ -292,6 +291,12 @@ def report(results: dict[str, Any]) -> str:
         ]
         for step, r in res.items()
     ]
+
+
+def report(results: dict[str, Any]) -> str:
+    """The markdown section for these results (heading `###`)."""
+    res = results.get("results") or {}
+    rows = _step_rows(res)
     size = results.get("checkpoint_bytes") or 0
     identical = "byte-identical" if results.get("roundtrip_identical") else "DIFFERENT"
     return "\n".join(
@@ -384,16 +389,7 @@ def time_commands(
 def _moe_report(moe: dict[str, Any]) -> list[str]:
     if not moe:
         return []
-    rows = [
-        [
-            LABELS.get(step, step),
-            r.get("wall_s"),
-            r.get("time_vs_cp"),
-            ratio(r.get("peak_rss"), 2**20),
-            r.get("rss_fraction"),
-        ]
-        for step, r in (moe.get("results") or {}).items()
-    ]
+    rows = _step_rows(moe.get("results") or {})
     same = "byte-identical" if moe.get("roundtrip_identical") else "DIFFERENT"
     return [
         "",

@@ -22,11 +22,9 @@ def run_processes(
     """Runs the commands at once; their stdouts. When one fails or time runs out,
     the others are killed and the test fails with the failing one's stderr."""
     logs = [(folder / f"out{i}", folder / f"err{i}") for i in range(len(commands))]
-    procs = []
+    procs: list[subprocess.Popen] = []
     try:
-        for cmd, (out, err) in zip(commands, logs, strict=True):
-            with open(out, "w") as o, open(err, "w") as e:
-                procs.append(subprocess.Popen(cmd, stdout=o, stderr=e, env=env))
+        _start(commands, env, logs, procs)
         deadline = time.monotonic() + timeout
         while None in (codes := [p.poll() for p in procs]):
             if any(codes) or time.monotonic() > deadline:
@@ -52,11 +50,9 @@ def run_to_end(
     """Runs the commands at once and waits for every one, however it ends; each
     one's exit code, stdout and stderr. The test fails if one outlives `timeout`."""
     logs = [(folder / f"out{i}", folder / f"err{i}") for i in range(len(commands))]
-    procs = []
+    procs: list[subprocess.Popen] = []
     try:
-        for cmd, (out, err) in zip(commands, logs, strict=True):
-            with open(out, "w") as o, open(err, "w") as e:
-                procs.append(subprocess.Popen(cmd, stdout=o, stderr=e, env=env))
+        _start(commands, env, logs, procs)
         deadline = time.monotonic() + timeout
         while None in [p.poll() for p in procs] and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -70,3 +66,16 @@ def run_to_end(
         (p.returncode, out.read_text(), err.read_text())
         for p, (out, err) in zip(procs, logs, strict=True)
     ]
+
+
+def _start(
+    commands: list[list[str]],
+    env: dict[str, str],
+    logs: list[tuple[Path, Path]],
+    procs: list[subprocess.Popen],
+) -> None:
+    """Starts each command with its stdout and stderr in its pair of `logs`,
+    appending to `procs` as it goes (so a failed start still kills the started)."""
+    for cmd, (out, err) in zip(commands, logs, strict=True):
+        with open(out, "w") as o, open(err, "w") as e:
+            procs.append(subprocess.Popen(cmd, stdout=o, stderr=e, env=env))
