@@ -4,7 +4,7 @@ Writes a random per-layer safetensors checkpoint with Llama-style names (at leas
 `--size-gb`), then measures, each in a fresh process:
 
 - `cp SRC DST`: the floor for moving the bytes;
-- `python -c "import stackedtree.checkpoint"`: interpreter and import start-up;
+- `python -m stackedtree --help`: the command's start-up (interpreter and imports);
 - `python -m stackedtree stack SRC -o OUT` and `... unstack OUT -o BACK`;
 - a naive script: `safetensors.numpy.load_file`, `np.stack` per key, `save_file`.
 
@@ -45,7 +45,7 @@ from _report import dig, finish, parser, ratio, start, table
 
 from stackedtree.checkpoint._io import safetensors_header
 
-STARTUP = "python -c 'import stackedtree.checkpoint'"
+STARTUP = "python -m stackedtree --help"
 NAIVE_LABEL = "naive (load_file + np.stack + save_file)"
 NAIVE = r"""
 import re, sys
@@ -308,7 +308,7 @@ def report(results: dict[str, Any]) -> str:
             f"the stacked file gives back a {identical} copy. Each step runs in a fresh "
             "process and is timed together with a `sync` after it (a `sync` before it "
             f"is not timed); median of {results.get('repeat')} runs. Start-up only is "
-            "`python -c 'import stackedtree.checkpoint'`; the naive script loads the "
+            "`python -m stackedtree --help`; the naive script loads the "
             "whole checkpoint (`safetensors.numpy.load_file`), `np.stack`s each "
             "weight and saves. RSS is the process's own peak resident memory.",
             "",
@@ -328,11 +328,7 @@ def commands(
     py = sys.executable
     runs: dict[str, list[str]] = {
         "cp": ["cp", str(src), str(folder / "copy.safetensors")],
-        STARTUP: [
-            py,
-            "-c",
-            "import stackedtree.checkpoint",
-        ],
+        STARTUP: [py, "-m", "stackedtree", "--help"],
         "stackedtree stack": [
             py,
             "-m",

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import ckptgen
+import ml_dtypes
 import numpy as np
 import pytest
 from ckptgen import assert_same_flat, run_command, unwritable_dir
@@ -210,3 +211,25 @@ def test_command_starts_without_importing_jax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_converting_does_not_import_ml_dtypes(tmp_path: Path) -> None:
+    # Importing ml_dtypes takes most of a second, as long as copying a large part
+    # of a gigabyte: `inspect`, `stack` and `unstack` copy bytes and need no dtype,
+    # bfloat16 included, so the command never imports it.
+    flat = ckptgen.llama(2, {"mlp.up_proj.weight": ((4, 2), ml_dtypes.bfloat16)})
+    save_flat(tmp_path / "model.safetensors", flat)
+    code = (
+        "import sys; from stackedtree.cli import main\n"
+        "for argv in (['inspect', 'model.safetensors'],\n"
+        "             ['stack', 'model.safetensors', '-o', 's.safetensors'],\n"
+        "             ['unstack', 's.safetensors', '-o', 'u.safetensors']):\n"
+        "    assert main(argv) == 0, argv\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('ml_dtypes', 'jax'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert_same_flat(load_flat(tmp_path / "u.safetensors"), flat)

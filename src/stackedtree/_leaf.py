@@ -70,12 +70,15 @@ def short_dtype(dtype: Any) -> str:
 
     Extended dtypes (a typed PRNG key's `key<fry>`) print as jax prints them.
     """
-    if not isinstance(dtype, np.dtype):
+    if isinstance(dtype, str) and (dtype in _SHORT or _NUMERIC.fullmatch(dtype)):
+        name = dtype  # a dtype's name, which may need no numpy dtype (`"bfloat16"`)
+    elif not isinstance(dtype, np.dtype):
         try:
-            dtype = np.dtype(dtype)
+            name = np.dtype(dtype).name
         except TypeError:
             return str(dtype)
-    name = dtype.name
+    else:
+        name = dtype.name
     if name in _SHORT:
         return _SHORT[name]
     m = _NUMERIC.fullmatch(name)

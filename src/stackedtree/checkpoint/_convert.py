@@ -37,6 +37,7 @@ from ._layer_pattern import LayerPattern
 from ._limits import MAX_TENSORS
 from ._names import stack_by_name, unstack_by_name
 from ._plan import StackPlan, kind_gaps, plan_by_kind
+from ._safetensors import numpy_dtype
 from ._stacked import (
     META_KEYS,
     META_PATTERN,
@@ -97,7 +98,7 @@ class _Piece(NamedTuple):
 
 class _Item(NamedTuple):
     name: str
-    dtype: np.dtype
+    dtype: str  # as `str(dtype)` prints it: a name that needs no ml_dtypes
     shape: tuple[int, ...]
     pieces: list[_Piece]
 
@@ -287,7 +288,7 @@ def stack_plan(
         experts = detect_experts(ckpt.tensors, pattern)
     elif experts == NO_EXPERTS:
         experts = None
-    specs = {name: (t.shape, t.dtype) for name, t in ckpt.tensors.items()}
+    specs = {name: (t.shape, t.dtype_name) for name, t in ckpt.tensors.items()}
     plan = plan_by_kind(specs, pattern, experts)
     looks_stacked(lp, plan.rest)
     if kinds is not None and len(plan.kinds) != kinds:
@@ -308,7 +309,7 @@ def _stacked_items(ckpt: Checkpoint, plan: StackPlan) -> list[_Item]:
     for out_item in plan.arranged(ckpt.tensors):
         if isinstance(out_item, str):
             t = ckpt.tensors[out_item]
-            items.append(_Item(out_item, t.dtype, t.shape, [_whole(t)]))
+            items.append(_Item(out_item, t.dtype_name, t.shape, [_whole(t)]))
             continue
         e = out_item[1]
         parts = [ckpt.tensors[name] for name in e.sources]
@@ -316,7 +317,10 @@ def _stacked_items(ckpt: Checkpoint, plan: StackPlan) -> list[_Item]:
         lead = (len(parts) // e.experts, e.experts) if e.experts else (len(parts),)
         items.append(
             _Item(
-                e.name, first.dtype, (*lead, *first.shape), [_whole(p) for p in parts]
+                e.name,
+                first.dtype_name,
+                (*lead, *first.shape),
+                [_whole(p) for p in parts],
             )
         )
     return items
@@ -373,7 +377,7 @@ def convert_unstack(
     emitted = False
     for name, t in ckpt.tensors.items():
         if name not in stacked_names:
-            items.append(_Item(name, t.dtype, t.shape, [_whole(t)]))
+            items.append(_Item(name, t.dtype_name, t.shape, [_whole(t)]))
         elif not emitted:
             emitted = True
             items += _layer_items(ckpt, plan, lp)
@@ -397,7 +401,7 @@ def _check_storable(items: Sequence[_Item], safetensors: bool) -> None:
     """Refuses, before anything is loaded, a dtype a safetensors output cannot hold."""
     if safetensors:
         for it in items:
-            dtype_code(it.dtype, it.name)
+            dtype_code(numpy_dtype(it.dtype), it.name)
 
 
 def _save_items(
@@ -433,5 +437,5 @@ def _layer_items(ckpt: Checkpoint, plan: StackPlan, lp: LayerPattern) -> list[_I
                 piece = _Piece(s.file, s.offset + (j * e.experts + x) * size, size)
                 sub = e.key[len(str(ep)) :]
                 name, shape = lp.layer_name(i, ep.key(x, sub)), s.shape[2:]
-            items.append(_Item(name, s.dtype, shape, [piece]))
+            items.append(_Item(name, s.dtype_name, shape, [piece]))
     return items

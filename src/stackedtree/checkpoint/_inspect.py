@@ -25,7 +25,7 @@ def _table(rows: list[tuple[str, TensorInfo]]) -> list[str]:
     shown = [(printable(name), t) for name, t in rows[:_MAX_LISTED]]
     width = max((len(name) for name, _ in shown), default=0)
     lines = [
-        f"  {name:<{width}}  {short_dtype(t.dtype)}[{','.join(map(str, t.shape))}]"
+        f"  {name:<{width}}  {short_dtype(t.dtype_name)}[{','.join(map(str, t.shape))}]"
         for name, t in shown
     ]
     if len(rows) > _MAX_LISTED:

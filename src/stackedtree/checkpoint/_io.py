@@ -165,7 +165,7 @@ def read_checkpoint(paths: Paths) -> Checkpoint:
         else:
             arrays, meta = npz_header(file)
             found = {
-                name: TensorInfo(file, a.dtype, a.shape, -1, a.nbytes)
+                name: TensorInfo(file, str(a.dtype), a.shape, -1, a.nbytes)
                 for name, a in arrays.items()
             }
         for name, info in found.items():

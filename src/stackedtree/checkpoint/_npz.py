@@ -13,6 +13,7 @@ are saved as unsigned ints of the same width, their names kept in the archive's
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import math
 import os
@@ -23,7 +24,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-import ml_dtypes
 import numpy as np
 
 from ._files import open_regular, pread
@@ -35,11 +35,18 @@ META = "__stackedtree__"
 _MAX_NPY_HEADER = 10_000  # numpy's own limit
 _DEFLATE_RATIO = 1032  # the largest expansion deflate can produce
 
-ML_DTYPES: dict[str, np.dtype] = {
-    np.dtype(t).name: np.dtype(t)
-    for t in (getattr(ml_dtypes, n, None) for n in dir(ml_dtypes))
-    if isinstance(t, type) and issubclass(t, np.generic)
-}
+
+@functools.cache
+def ml_dtypes_by_name() -> dict[str, np.dtype]:
+    """ml_dtypes' dtypes by name, imported when an archive first needs them (the
+    import takes most of a second)."""
+    import ml_dtypes
+
+    return {
+        np.dtype(t).name: np.dtype(t)
+        for t in (getattr(ml_dtypes, n, None) for n in dir(ml_dtypes))
+        if isinstance(t, type) and issubclass(t, np.generic)
+    }
 
 
 class Array(NamedTuple):
@@ -263,7 +270,7 @@ def _extra(
     for name, dtype_name in found["dtypes"].items():
         if name not in arrays:
             continue
-        want = ML_DTYPES.get(dtype_name)
+        want = ml_dtypes_by_name().get(dtype_name)
         stored = arrays[name].dtype
         if want is None or stored.kind != "u" or stored.itemsize != want.itemsize:
             raise _error(
@@ -328,7 +335,7 @@ def npz_header(path: Path) -> tuple[dict[str, Array], dict[str, str]]:
         raise _error(path, str(e)) from None
     for name, dtype_name in dtypes.items():
         if name in arrays:
-            arrays[name] = arrays[name]._replace(dtype=ML_DTYPES[dtype_name])
+            arrays[name] = arrays[name]._replace(dtype=ml_dtypes_by_name()[dtype_name])
     return arrays, metadata
 
 
@@ -365,7 +372,7 @@ def save_npz(
     dtypes: dict[str, str] = {}
     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, arr in flat.items():
-            if arr.dtype.name in ML_DTYPES:
+            if arr.dtype.name in ml_dtypes_by_name():
                 dtypes[name] = arr.dtype.name
                 arr = arr.view(f"u{arr.dtype.itemsize}")
             with zf.open(name + ".npy", "w", force_zip64=True) as m:

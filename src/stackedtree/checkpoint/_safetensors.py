@@ -16,16 +16,17 @@ and memory (`_limits.py`).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from ._files import PathLike, open_regular, pread
@@ -40,27 +41,56 @@ from ._limits import (
 )
 from ._text import brief, quote
 
-_CODES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "U8": np.dtype(np.uint8),
-    "I8": np.dtype(np.int8),
-    "U16": np.dtype(np.uint16),
-    "I16": np.dtype(np.int16),
-    "U32": np.dtype(np.uint32),
-    "I32": np.dtype(np.int32),
-    "U64": np.dtype(np.uint64),
-    "I64": np.dtype(np.int64),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F32": np.dtype(np.float32),
-    "F64": np.dtype(np.float64),
-    "C64": np.dtype(np.complex64),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+# Each dtype code and numpy's name of its dtype (`str(dtype)`).
+_CODES: dict[str, str] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "U32": "uint32",
+    "I32": "int32",
+    "U64": "uint64",
+    "I64": "int64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
 }
-if hasattr(ml_dtypes, "float8_e8m0fnu"):
-    _CODES["F8_E8M0"] = np.dtype(ml_dtypes.float8_e8m0fnu)
-_DTYPE_TO_CODE = {dtype: code for code, dtype in _CODES.items()}
+_ITEMSIZE = {
+    code: 1 if name == "bool" else int(re.search(r"\d+", name)[0]) // 8  # type: ignore[index]
+    for code, name in _CODES.items()
+}
+_CODE_OF = {name: code for code, name in _CODES.items()}
+# The dtypes that only ml_dtypes defines.
+_EXTENDED = frozenset(("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu"))
+
+
+@functools.cache
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype `np.dtype(name)` names (`"float32"`, `">f4"`, `"bfloat16"`).
+
+    ml_dtypes is imported only for its own dtypes: importing it takes most of a
+    second, and converting a checkpoint, which copies bytes, never needs it.
+
+    Raises:
+        ValueError: the installed ml_dtypes lacks that dtype.
+    """
+    if name not in _EXTENDED:
+        return np.dtype(name)
+    import ml_dtypes
+
+    found = getattr(ml_dtypes, name, None)
+    if found is None:
+        raise ValueError(
+            f"dtype {name} needs a newer ml_dtypes than the one installed "
+            f"({ml_dtypes.__version__})"
+        )
+    return np.dtype(found)
 
 
 @dataclass(frozen=True)
@@ -69,7 +99,8 @@ class TensorInfo:
 
     Attributes:
         file: the file holding it.
-        dtype: its numpy dtype.
+        dtype_name: its dtype as `str(dtype)` prints it (`"bfloat16"`, `"float32"`);
+            the `dtype` property gives the numpy dtype.
         shape: its shape.
         offset: the absolute byte offset of its data in a safetensors file; -1 in an
             npz archive.
@@ -77,10 +108,15 @@ class TensorInfo:
     """
 
     file: Path
-    dtype: np.dtype
+    dtype_name: str
     shape: tuple[int, ...]
     offset: int
     nbytes: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Its numpy dtype."""
+        return numpy_dtype(self.dtype_name)
 
 
 def dtype_code(dtype: np.dtype, name: str = "") -> str:
@@ -89,15 +125,28 @@ def dtype_code(dtype: np.dtype, name: str = "") -> str:
     Raises:
         ValueError: safetensors has no such dtype.
     """
-    dtype = np.dtype(dtype)
-    code = _DTYPE_TO_CODE.get(native(dtype))
-    if code is None:
+    dtype = native(np.dtype(dtype))
+    code = _CODE_OF.get(dtype.name)
+    # A name alone could be any dtype's: it must also be the dtype (free, as whoever
+    # holds an ml_dtypes dtype has imported ml_dtypes).
+    if code is None or numpy_dtype(dtype.name) != dtype:
         raise ValueError(
             f"tensor `{name}` has dtype {dtype}, which safetensors cannot store "
-            f"(it stores {', '.join(str(d) for d in _CODES.values())}); save it "
-            f"as .npz instead"
+            f"(it stores {', '.join(_CODES.values())}); save it as .npz instead"
         )
     return code
+
+
+def _code_and_size(dtype: np.dtype | str, name: str) -> tuple[str, int]:
+    """The dtype code and item size of a dtype, or of a dtype's name (which, for a
+    safetensors dtype, needs no numpy dtype and so no ml_dtypes)."""
+    if isinstance(dtype, str):
+        code = _CODE_OF.get(dtype)
+        if code is not None:
+            return code, _ITEMSIZE[code]
+        dtype = numpy_dtype(dtype)
+    code = dtype_code(dtype, name)
+    return code, _ITEMSIZE[code]
 
 
 def little(dtype: np.dtype) -> np.dtype:
@@ -249,8 +298,8 @@ def _parse_header(
     return _tile(path, entries, start, size), metadata
 
 
-_Entry = tuple[int, int, str, np.dtype, tuple[int, ...]]
-"""`(begin, end, name, dtype, shape)` of a header entry."""
+_Entry = tuple[int, int, str, str, tuple[int, ...]]
+"""`(begin, end, name, dtype name, shape)` of a header entry."""
 
 
 def _entries(
@@ -284,9 +333,9 @@ def _entries(
                 raise ValueError
         except (TypeError, ValueError):
             code, shape, offsets = _fields(path, name, entry)
-        dtype = _CODES.get(code) if type(code) is str else None
+        itemsize = _ITEMSIZE.get(code) if type(code) is str else None
         ok = (
-            dtype is not None
+            itemsize is not None
             and type(shape) is list
             and len(shape) <= MAX_DIMS
             and type(offsets) is list
@@ -298,16 +347,17 @@ def _entries(
                     ok = False
             begin, end = offsets
             ok = ok and type(begin) is int and type(end) is int and 0 <= begin <= end
-        if not ok or dtype is None:
+        if not ok or itemsize is None:
             raise _entry_error(path, name, code, shape, offsets)
-        nbytes = math.prod(shape) * dtype.itemsize
+        dtype = _CODES[code]
+        nbytes = math.prod(shape) * itemsize
         if end - begin != nbytes:
             raise _bad(
                 path,
                 f"tensor {quote(name)} ({dtype}{list(shape)}) needs {nbytes} bytes but "
                 f"its data_offsets {[begin, end]} span {end - begin}",
             )
-        if nbytes == 0 and math.prod(d for d in shape if d) * dtype.itemsize >> 63:
+        if nbytes == 0 and math.prod(d for d in shape if d) * itemsize >> 63:
             raise _bad(
                 path,
                 f"tensor {quote(name)} has shape {list(shape)}, more elements than "
@@ -349,13 +399,14 @@ def _tile(
 
 
 def safetensors_header(
-    entries: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
+    entries: Sequence[tuple[str, np.dtype | str, tuple[int, ...]]],
     metadata: Mapping[str, str] | None = None,
 ) -> bytes:
     """The header bytes of a safetensors file whose tensors follow in `entries` order.
 
     Args:
-        entries: `(name, dtype, shape)` of each tensor, in data order.
+        entries: `(name, dtype, shape)` of each tensor, in data order; a dtype may
+            be given by its name (`"bfloat16"`).
         metadata: strings for `__metadata__`.
 
     Returns:
@@ -384,9 +435,10 @@ def safetensors_header(
             raise TypeError(f"tensor names must be str, got {name!r}")
         if name == "__metadata__" or name in header:
             raise ValueError(f"tensor name {quote(name)} is reserved or repeated")
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        code, itemsize = _code_and_size(dtype, name)
+        nbytes = math.prod(shape) * itemsize
         header[name] = {
-            "dtype": dtype_code(dtype, name),
+            "dtype": code,
             "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }
