@@ -39,6 +39,7 @@ from stackedtree.checkpoint._save_target import Target, create
 from stackedtree.checkpoint._stacked import stacked_metadata
 
 PATTERN = "model.layers.{i}."
+EXPERTS = "mlp.experts.{e}."
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -49,10 +50,16 @@ def mesh(*shape: int, names: tuple[str, ...] = ("data", "fsdp")) -> Any:
 
 
 def stacked_arrays(
-    dtype: Any, kinds: dict[str, list[int]] | None = None, n: int = 8, seed: int = 0
+    dtype: Any,
+    kinds: dict[str, list[int]] | None = None,
+    n: int = 8,
+    seed: int = 0,
+    experts: int = 0,
 ) -> dict[str, np.ndarray]:
     """Llama-like stacked arrays in their order: embedding, layers, final norm. With
-    `kinds`, kind B's layers hold an extra `mlp.experts` tensor."""
+    `kinds`, kind B's layers hold an extra `mlp.experts` tensor. With `experts`, kind
+    B's layers (all layers, without `kinds`) hold that many experts, `{e}` arrays
+    `(N, E, ...)`, and between them a shared expert."""
     rng = np.random.default_rng(seed)
 
     def r(*shape: int) -> np.ndarray:
@@ -67,6 +74,11 @@ def stacked_arrays(
         out[f"model.layers.{idx}.mlp.up_proj.weight"] = r(m, 24, 8)
         if label == "B":
             out[f"model.layers.{idx}.mlp.experts.weight"] = r(m, 4, 8)
+        if experts and label in ("B", None):
+            p = f"model.layers.{idx}.mlp."
+            out[p + "experts.{e}.gate_proj.weight"] = r(m, experts, 4, 8)
+            out[p + "shared_expert.up_proj.weight"] = r(m, 4, 8)
+            out[p + "experts.{e}.down_proj.weight"] = r(m, experts, 8, 4)
     out["model.norm.weight"] = r(8)
     return out
 
@@ -79,10 +91,11 @@ def unstacked_bytes(
 ) -> bytes:
     """What `stackedtree unstack` writes for a stacked file holding `arrays`."""
     n = sum(map(len, kinds.values())) if kinds else len(arrays[next(_layered(arrays))])
+    experts = EXPERTS if any("{e}" in name for name in arrays) else None
     save_flat(
         tmp / "stacked.safetensors",
         arrays,
-        metadata=stacked_metadata(PATTERN, n, metadata, kinds),
+        metadata=stacked_metadata(PATTERN, n, metadata, kinds, experts),
     )
     convert_unstack(tmp / "stacked.safetensors", tmp / "reference.safetensors")
     return (tmp / "reference.safetensors").read_bytes()
@@ -176,6 +189,94 @@ def test_layers_of_several_kinds(tmp_path: Path, dtype: Any) -> None:
     )
 
 
+MOE_KINDS = {"uniform": None, "dense and MoE": {"A": [0, 4], "B": [1, 2, 3, 5]}}
+
+
+def experts_and_layers(m: Any) -> Any:
+    """Expert arrays' layers over `data` and experts over `fsdp`; the other
+    stacked arrays' layers over `data`; the rest replicated."""
+
+    def how(name: str, shape: tuple[int, ...]) -> Sharding:
+        if "{e}" in name:
+            return NamedSharding(m, P("data", "fsdp"))
+        return NamedSharding(m, P("data") if "{i" in name else P())
+
+    return how
+
+
+MOE_LAYOUTS = {
+    "experts and layers": lambda: experts_and_layers(mesh(2, 4)),
+    "hidden": lambda: hidden(mesh(8, names=("x",))),
+}
+
+
+def moe_arrays(dtype: Any, kinds: str) -> dict[str, np.ndarray]:
+    """6 layers, dense ones and ones of 4 experts (all of 4 experts when uniform)."""
+    return stacked_arrays(dtype, MOE_KINDS[kinds], n=6, seed=1, experts=4)
+
+
+@pytest.mark.parametrize("layout", list(MOE_LAYOUTS))
+@pytest.mark.parametrize("kinds", list(MOE_KINDS))
+@pytest.mark.parametrize("dtype", [BF16, np.float32])
+def test_experts_are_written_as_unstack_writes_them(
+    tmp_path: Path, layout: str, kinds: str, dtype: Any
+) -> None:
+    arrays = moe_arrays(dtype, kinds)
+    placed = place(arrays, MOE_LAYOUTS[layout]())
+    out = tmp_path / "out.safetensors"
+    save_sharded(out, placed, kinds=MOE_KINDS[kinds])
+    assert out.read_bytes() == unstacked_bytes(tmp_path, arrays, MOE_KINDS[kinds])
+    # Layer 3, the third of the MoE layers: its experts expert by expert where its
+    # first expert array was, the shared expert after them.
+    flat = load_flat(out)
+    p = "model.layers.3."
+    moe = [
+        f"{p}mlp.experts.{e}.{w}_proj.weight"
+        for e in range(4)
+        for w in ("gate", "down")
+    ]
+    assert [n for n in flat if n.startswith(p)] == [
+        p + "input_layernorm.weight",
+        p + "self_attn.q_proj.weight",
+        p + "mlp.up_proj.weight",
+        *([p + "mlp.experts.weight"] if kinds != "uniform" else []),
+        *moe,
+        p + "mlp.shared_expert.up_proj.weight",
+    ]
+    # Layer 3 is index 3 of the uniform stack, 2 of kind B's.
+    idx, j = ("{i}", 3) if kinds == "uniform" else ("{i:B}", 2)
+    down = arrays[f"model.layers.{idx}.mlp.experts.{{e}}.down_proj.weight"]
+    assert same(flat[p + "mlp.experts.2.down_proj.weight"], down[j, 2])
+    assert len(flat) == 2 + sum(
+        x.shape[0] * (x.shape[1] if "{e}" in n else 1)
+        for n, x in arrays.items()
+        if "{i" in n
+    )
+
+
+@pytest.mark.parametrize("layout", list(MOE_LAYOUTS))
+@pytest.mark.parametrize("kinds", list(MOE_KINDS))
+def test_load_sharded_gives_experts_back(
+    tmp_path: Path, layout: str, kinds: str
+) -> None:
+    arrays = moe_arrays(BF16, kinds)
+    how = MOE_LAYOUTS[layout]()
+    placed = place(arrays, how)
+    save_sharded(
+        tmp_path / "model", placed, kinds=MOE_KINDS[kinds], max_shard_size=2000
+    )
+    got = load_sharded(
+        tmp_path / "model",
+        lambda name, shape, dtype: how(name, shape),
+        pattern=PATTERN,
+        experts=EXPERTS,
+    )
+    assert sorted(got) == sorted(arrays)
+    for name, x in got.items():
+        assert x.sharding == placed[name].sharding, name
+        assert same(np.asarray(x), arrays[name]), name
+
+
 @settings(max_examples=25, deadline=None)
 @given(case=cases(max_layers=3))
 def test_any_stacked_file_unstacks_to_the_same_bytes(case: Any) -> None:
@@ -255,13 +356,22 @@ def test_blocks_are_written_strided_or_by_rows_alike(
 # --------------------------------------------------------------------- folders
 
 
-def test_a_folder_is_a_hugging_face_sharded_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kinds", [None, *MOE_KINDS])
+def test_a_folder_is_a_hugging_face_sharded_checkpoint(
+    tmp_path: Path, kinds: str | None
+) -> None:
     safetensors = pytest.importorskip("safetensors")
-    arrays = stacked_arrays(np.float32)
+    # Without `kinds` dense layers; else layers of experts, of one kind or two.
+    arrays = (
+        stacked_arrays(np.float32) if kinds is None else moe_arrays(np.float32, kinds)
+    )
+    layers = None if kinds is None else MOE_KINDS[kinds]
     placed = place(arrays, LAYOUTS["hidden"]())
     folder = tmp_path / "model"
-    save_sharded(folder, placed, max_shard_size=1000, metadata={"format": "pt"})
-    unstacked_bytes(tmp_path, arrays, metadata={"format": "pt"})
+    save_sharded(
+        folder, placed, kinds=layers, max_shard_size=1000, metadata={"format": "pt"}
+    )
+    unstacked_bytes(tmp_path, arrays, layers, metadata={"format": "pt"})
     want = load_flat(tmp_path / "reference.safetensors")
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
