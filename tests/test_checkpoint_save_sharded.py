@@ -565,6 +565,60 @@ def test_kinds_are_required_and_checked(tmp_path: Path) -> None:
     assert out.read_bytes() == unstacked_bytes(tmp_path, uniform)
 
 
+def test_bad_expert_arrays_are_refused_before_any_write(tmp_path: Path) -> None:
+    kinds = MOE_KINDS["dense and MoE"]
+    arrays = moe_arrays(np.float32, "dense and MoE")
+    out = tmp_path / "out.safetensors"
+    gate = "model.layers.{i:B}.mlp.experts.{e}.gate_proj.weight"
+
+    def refused(changed: dict[str, np.ndarray], match: str) -> None:
+        with pytest.raises(ValueError, match=match):
+            save_sharded(out, arrays | changed, kinds=kinds)
+
+    refused(
+        {gate: np.zeros(4, np.float32)},
+        r"an expert array \(`\{e\}`\) is \(layers, experts, \.\.\.\) with experts >= 1: "
+        r"`model\.layers\.\{i:B\}\.mlp\.experts\.\{e\}\.gate_proj\.weight` has "
+        r"shape \(4,\)",
+    )
+    refused({gate: np.zeros((4, 0, 2), np.float32)}, r"has shape \(4, 0, 2\)")
+    refused(
+        {gate: np.zeros((4, 3, 4, 8), np.float32)},
+        r"the expert arrays of kind B must hold the same number of experts:\n"
+        r"  `model\.layers\.\{i:B\}\.mlp\.experts\.\{e\}\.gate_proj\.weight` holds 3\n"
+        r"  `model\.layers\.\{i:B\}\.mlp\.experts\.\{e\}\.down_proj\.weight` holds 4",
+    )
+    refused(
+        {"mlp.experts.{e}.w": np.zeros((4, 2), np.float32)},
+        r"expert names \(`\{e\}`\) that are not stacked names: "
+        r"`mlp\.experts\.\{e\}\.w` has `\{e\}` but no `\{i\}`",
+    )
+    for name in ("x.{e}.model.layers.{i:B}.w", "model.layers.{i:B}.{e}.w.{e}"):
+        refused(
+            {name: np.zeros((4, 4), np.float32)},
+            rf"`{re.escape(name)}` has `\{{e\}}` other than once after `\{{i\}}`",
+        )
+    refused(
+        {"model.layers.{i:B}.mlp.shared.{e}.w": np.zeros((4, 4), np.float32)},
+        r"several expert patterns; a checkpoint has one:\n"
+        r"  'model\.layers\.\{i\}\.mlp\.experts\.\{e\}'\n"
+        r"  'model\.layers\.\{i\}\.mlp\.shared\.\{e\}'",
+    )
+    # Kind B's layer 3 is index 2 of its layer axis.
+    refused(
+        {"model.layers.3.mlp.experts.1.gate_proj.weight": np.zeros(1, np.float32)},
+        r"unstack to the same per-layer name:\n"
+        r"  `model\.layers\.3\.mlp\.experts\.1\.gate_proj\.weight` comes from "
+        r"`model\.layers\.\{i:B\}\.mlp\.experts\.\{e\}\.gate_proj\.weight` "
+        r"\(layer 2\) \(expert 1\)",
+    )
+    nothing_written(tmp_path, [])
+    # Kinds may hold different numbers of experts, as a stacked file's may.
+    other = {"model.layers.{i:A}.mlp.experts.{e}.w": np.ones((2, 3, 2), np.float32)}
+    save_sharded(out, arrays | other, kinds=kinds)
+    assert out.read_bytes() == unstacked_bytes(tmp_path, arrays | other, kinds)
+
+
 def test_an_existing_target_is_refused_unless_overwrite(tmp_path: Path) -> None:
     arrays = stacked_arrays(np.float32)
     (tmp_path / "out.safetensors").write_bytes(b"old")
@@ -655,13 +709,17 @@ CHILD = textwrap.dedent(
     rng = np.random.default_rng(0)
     arrays = {"model.embed_tokens.weight": rng.normal(size=(64, 64))}
     for key, shape in (("self_attn.q_proj.weight", (64, 64)),
-                       ("mlp.up_proj.weight", (256, 64))):
+                       ("mlp.up_proj.weight", (256, 64)),
+                       ("mlp.experts.{e}.gate_proj.weight", (8, 32, 64)),
+                       ("mlp.experts.{e}.down_proj.weight", (8, 64, 32))):
         arrays["model.layers.{i}." + key] = rng.normal(size=(8, *shape))
     arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
     specs = {
         "layer": lambda n, s: P("x") if "{i}" in n else P(),
         "hidden": lambda n, s: P(*[None] * (len(s) - 1), "x"),
         "replicated": lambda n, s: P(),
+        # Expert parallelism: each process holds 4 of the 8 experts.
+        "experts": lambda n, s: P(None, "x") if "{e}" in n else P(),
     }
 
     def wchar():
@@ -732,16 +790,19 @@ def test_two_processes_each_write_their_share(two_processes: Any) -> None:
     for key, shape in (
         ("self_attn.q_proj.weight", (64, 64)),
         ("mlp.up_proj.weight", (256, 64)),
+        ("mlp.experts.{e}.gate_proj.weight", (8, 32, 64)),
+        ("mlp.experts.{e}.down_proj.weight", (8, 64, 32)),
     ):
         arrays[PATTERN + key] = rng.normal(size=(8, *shape))
     arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
     want = unstacked_bytes(folder, arrays)
     data = sum(x.nbytes for x in arrays.values())
     header = len(want) - data
-    for layout in ("layer", "hidden", "replicated"):
+    for layout in ("layer", "hidden", "replicated", "experts"):
         assert (folder / "out" / f"{layout}.safetensors").read_bytes() == want, layout
-        # Each process writes half the tensor bytes (the replicated embedding and,
-        # in `replicated`, everything cut in two), process 0 the header too.
+        # Each process writes half the tensor bytes (its experts' in `experts`; the
+        # replicated arrays, and in `replicated` everything, cut in two), process 0
+        # the header too.
         for pid, r in enumerate(results):
             extra = header if pid == 0 else 0
             assert data // 2 + extra <= r[layout] <= data // 2 + extra + 4096, (
@@ -759,6 +820,7 @@ def test_a_failure_in_one_process_fails_both_and_leaves_nothing(
     assert name == "OSError" and text.startswith("process 1: ")
     assert "No space left on device" in text
     assert sorted(os.listdir(folder / "out")) == [
+        "experts.safetensors",
         "hidden.safetensors",
         "layer.safetensors",
         "replicated.safetensors",

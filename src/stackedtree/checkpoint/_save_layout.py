@@ -205,7 +205,10 @@ def _parse_stacked(names: Iterable[str]) -> dict[str, _Stacked]:
         fail(bad, "`arrays` has expert names (`{e}`) that are not stacked names")
     for what, values in (
         ("layer", {s.before + "{i}" for s in stacked.values()}),
-        ("expert", {str(s.experts) for s in stacked.values() if s.experts}),
+        (
+            "expert",
+            {f"{s.before}{{i}}{s.experts}" for s in stacked.values() if s.experts},
+        ),
     ):
         if len(values) > 1:
             fail(
