@@ -305,15 +305,24 @@ def test_numpy_arrays_and_names_without_layers(tmp_path: Path) -> None:
     assert got == (tmp_path / "flat.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("experts", [0, 3])
 @pytest.mark.parametrize(
     ("min_run", "chunk_bytes"), [(0, 1 << 22), (1 << 62, 1 << 22), (1 << 62, 100)]
 )
 def test_blocks_are_written_strided_or_by_rows_alike(
-    tmp_path: Path, min_run: int, chunk_bytes: int, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    min_run: int,
+    chunk_bytes: int,
+    experts: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Columns split 8 ways: strided, each 4-byte run is one write; by rows, the
-    # blocks are joined into rows of the whole tensor, each chunk one write.
+    # blocks are joined into rows of the whole tensor (of one expert), each chunk
+    # one write.
     arrays = stacked_arrays(np.float32)
+    if experts:
+        w = np.arange(8 * experts * 16, dtype=np.float32).reshape(8, experts, 2, 8)
+        arrays[PATTERN + EXPERTS + "w"] = w
     placed = place(arrays, LAYOUTS["hidden"]())
     specs = plan_specs(placed)
     layout = plan_layout(
@@ -347,8 +356,9 @@ def test_blocks_are_written_strided_or_by_rows_alike(
         # Every last dimension is 8, split 8 ways: one write per float32.
         assert writes == [4] * (data // 4)
     elif chunk_bytes > data:
-        # Per layer, each tensor in one write; the embedding and norm in one.
-        assert len(writes) == 3 * 8 + 2
+        # Per layer, each tensor (each expert's) in one write; the embedding and
+        # norm in one.
+        assert len(writes) == (3 + experts) * 8 + 2
     else:
         assert max(writes) <= 100 and len(writes) > data // 100
 

@@ -7,10 +7,10 @@ kind `B`) becomes one tensor per layer, an expert array
 expert; and the tensors go in the order `stackedtree unstack` writes them for a
 stacked file holding the arrays in their order (every layer's tensors where the first
 stacked array was, layer by layer, each layer's in its kind's order, its experts'
-expert by expert where its first expert array was: `_experts.expert_order`). A folder's tensors are cut into shards as Hugging Face
-cuts them, each file's header comes from `safetensors_header`, and so every tensor's
-byte offset is known from names, dtypes and shapes alone: every process computes the
-same layout.
+expert by expert where its first expert array was: `_experts.expert_order`). A
+folder's tensors are cut into shards as Hugging Face cuts them, each file's header
+comes from `safetensors_header`, and so every tensor's byte offset is known from
+names, dtypes and shapes alone: every process computes the same layout.
 """
 
 from __future__ import annotations

@@ -2,14 +2,13 @@
 
 The safetensors layout is a function of the tensors' names, dtypes and shapes alone, so
 every process computes it alike (`_save_layout.py`): which file each per-layer tensor
-goes to, at which
-byte offset, and so where each block of each global array lands. Each process then
-writes, with positioned writes (`os.pwrite`), only the blocks its own devices hold: a
-block of a stacked tensor `(N, ...)` is cut into its layers (of an expert tensor
-`(N, E, ...)`, into its layers' experts), and each part is written to its tensor, one
-write per contiguous run of the file. Nothing is
-gathered and nothing is read back; host memory beyond the arrays is one block (none
-on CPU devices, whose blocks are host memory already).
+goes to, at which byte offset, and so where each block of each global array lands.
+Each process then writes, with positioned writes (`os.pwrite`), only the blocks its
+own devices hold: a block of a stacked tensor `(N, ...)` is cut into its layers (of an
+expert tensor `(N, E, ...)`, into its layers' experts), and each part is written to
+its tensor, one write per contiguous run of the file. Nothing is gathered and nothing
+is read back; host memory beyond the arrays is one block (none on CPU devices, whose
+blocks are host memory already).
 
 A block that several processes hold (a replicated array, or a data-parallel replica)
 is cut along its first dimension into one part per holding process, so that each part
@@ -201,7 +200,8 @@ class _Out:
                 self.fds[at.file] = os.open(
                     self.files[at.file], os.O_WRONLY | os.O_CLOEXEC
                 )
-            part = data[tuple(k - a for k, (a, _) in zip(index, box, strict=False))]
+            at_index = tuple(k - a for k, (a, _) in zip(index, box, strict=False))
+            part = data[at_index] if lead else data
             write_box(self.fds[at.file], at.offset, at.shape, box[lead:], part)
 
     def close(self, sync: bool) -> None:
