@@ -39,6 +39,7 @@ from stackedtree.checkpoint._save_target import Target, create
 from stackedtree.checkpoint._stacked import stacked_metadata
 
 PATTERN = "model.layers.{i}."
+EXPERTS = "mlp.experts.{e}."
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -49,10 +50,16 @@ def mesh(*shape: int, names: tuple[str, ...] = ("data", "fsdp")) -> Any:
 
 
 def stacked_arrays(
-    dtype: Any, kinds: dict[str, list[int]] | None = None, n: int = 8, seed: int = 0
+    dtype: Any,
+    kinds: dict[str, list[int]] | None = None,
+    n: int = 8,
+    seed: int = 0,
+    experts: int = 0,
 ) -> dict[str, np.ndarray]:
     """Llama-like stacked arrays in their order: embedding, layers, final norm. With
-    `kinds`, kind B's layers hold an extra `mlp.experts` tensor."""
+    `kinds`, kind B's layers hold an extra `mlp.experts` tensor. With `experts`, kind
+    B's layers (all layers, without `kinds`) hold that many experts, `{e}` arrays
+    `(N, E, ...)`, and between them a shared expert."""
     rng = np.random.default_rng(seed)
 
     def r(*shape: int) -> np.ndarray:
@@ -67,6 +74,11 @@ def stacked_arrays(
         out[f"model.layers.{idx}.mlp.up_proj.weight"] = r(m, 24, 8)
         if label == "B":
             out[f"model.layers.{idx}.mlp.experts.weight"] = r(m, 4, 8)
+        if experts and label in ("B", None):
+            p = f"model.layers.{idx}.mlp."
+            out[p + "experts.{e}.gate_proj.weight"] = r(m, experts, 4, 8)
+            out[p + "shared_expert.up_proj.weight"] = r(m, 4, 8)
+            out[p + "experts.{e}.down_proj.weight"] = r(m, experts, 8, 4)
     out["model.norm.weight"] = r(8)
     return out
 
@@ -79,10 +91,11 @@ def unstacked_bytes(
 ) -> bytes:
     """What `stackedtree unstack` writes for a stacked file holding `arrays`."""
     n = sum(map(len, kinds.values())) if kinds else len(arrays[next(_layered(arrays))])
+    experts = EXPERTS if any("{e}" in name for name in arrays) else None
     save_flat(
         tmp / "stacked.safetensors",
         arrays,
-        metadata=stacked_metadata(PATTERN, n, metadata, kinds),
+        metadata=stacked_metadata(PATTERN, n, metadata, kinds, experts),
     )
     convert_unstack(tmp / "stacked.safetensors", tmp / "reference.safetensors")
     return (tmp / "reference.safetensors").read_bytes()
@@ -176,6 +189,94 @@ def test_layers_of_several_kinds(tmp_path: Path, dtype: Any) -> None:
     )
 
 
+MOE_KINDS = {"uniform": None, "dense and MoE": {"A": [0, 4], "B": [1, 2, 3, 5]}}
+
+
+def experts_and_layers(m: Any) -> Any:
+    """Expert arrays' layers over `data` and experts over `fsdp`; the other
+    stacked arrays' layers over `data`; the rest replicated."""
+
+    def how(name: str, shape: tuple[int, ...]) -> Sharding:
+        if "{e}" in name:
+            return NamedSharding(m, P("data", "fsdp"))
+        return NamedSharding(m, P("data") if "{i" in name else P())
+
+    return how
+
+
+MOE_LAYOUTS = {
+    "experts and layers": lambda: experts_and_layers(mesh(2, 4)),
+    "hidden": lambda: hidden(mesh(8, names=("x",))),
+}
+
+
+def moe_arrays(dtype: Any, kinds: str) -> dict[str, np.ndarray]:
+    """6 layers, dense ones and ones of 4 experts (all of 4 experts when uniform)."""
+    return stacked_arrays(dtype, MOE_KINDS[kinds], n=6, seed=1, experts=4)
+
+
+@pytest.mark.parametrize("layout", list(MOE_LAYOUTS))
+@pytest.mark.parametrize("kinds", list(MOE_KINDS))
+@pytest.mark.parametrize("dtype", [BF16, np.float32])
+def test_experts_are_written_as_unstack_writes_them(
+    tmp_path: Path, layout: str, kinds: str, dtype: Any
+) -> None:
+    arrays = moe_arrays(dtype, kinds)
+    placed = place(arrays, MOE_LAYOUTS[layout]())
+    out = tmp_path / "out.safetensors"
+    save_sharded(out, placed, kinds=MOE_KINDS[kinds])
+    assert out.read_bytes() == unstacked_bytes(tmp_path, arrays, MOE_KINDS[kinds])
+    # Layer 3, the third of the MoE layers: its experts expert by expert where its
+    # first expert array was, the shared expert after them.
+    flat = load_flat(out)
+    p = "model.layers.3."
+    moe = [
+        f"{p}mlp.experts.{e}.{w}_proj.weight"
+        for e in range(4)
+        for w in ("gate", "down")
+    ]
+    assert [n for n in flat if n.startswith(p)] == [
+        p + "input_layernorm.weight",
+        p + "self_attn.q_proj.weight",
+        p + "mlp.up_proj.weight",
+        *([p + "mlp.experts.weight"] if kinds != "uniform" else []),
+        *moe,
+        p + "mlp.shared_expert.up_proj.weight",
+    ]
+    # Layer 3 is index 3 of the uniform stack, 2 of kind B's.
+    idx, j = ("{i}", 3) if kinds == "uniform" else ("{i:B}", 2)
+    down = arrays[f"model.layers.{idx}.mlp.experts.{{e}}.down_proj.weight"]
+    assert same(flat[p + "mlp.experts.2.down_proj.weight"], down[j, 2])
+    assert len(flat) == 2 + sum(
+        x.shape[0] * (x.shape[1] if "{e}" in n else 1)
+        for n, x in arrays.items()
+        if "{i" in n
+    )
+
+
+@pytest.mark.parametrize("layout", list(MOE_LAYOUTS))
+@pytest.mark.parametrize("kinds", list(MOE_KINDS))
+def test_load_sharded_gives_experts_back(
+    tmp_path: Path, layout: str, kinds: str
+) -> None:
+    arrays = moe_arrays(BF16, kinds)
+    how = MOE_LAYOUTS[layout]()
+    placed = place(arrays, how)
+    save_sharded(
+        tmp_path / "model", placed, kinds=MOE_KINDS[kinds], max_shard_size=2000
+    )
+    got = load_sharded(
+        tmp_path / "model",
+        lambda name, shape, dtype: how(name, shape),
+        pattern=PATTERN,
+        experts=EXPERTS,
+    )
+    assert sorted(got) == sorted(arrays)
+    for name, x in got.items():
+        assert x.sharding == placed[name].sharding, name
+        assert same(np.asarray(x), arrays[name]), name
+
+
 @settings(max_examples=25, deadline=None)
 @given(case=cases(max_layers=3))
 def test_any_stacked_file_unstacks_to_the_same_bytes(case: Any) -> None:
@@ -204,15 +305,24 @@ def test_numpy_arrays_and_names_without_layers(tmp_path: Path) -> None:
     assert got == (tmp_path / "flat.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("experts", [0, 3])
 @pytest.mark.parametrize(
     ("min_run", "chunk_bytes"), [(0, 1 << 22), (1 << 62, 1 << 22), (1 << 62, 100)]
 )
 def test_blocks_are_written_strided_or_by_rows_alike(
-    tmp_path: Path, min_run: int, chunk_bytes: int, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    min_run: int,
+    chunk_bytes: int,
+    experts: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Columns split 8 ways: strided, each 4-byte run is one write; by rows, the
-    # blocks are joined into rows of the whole tensor, each chunk one write.
+    # blocks are joined into rows of the whole tensor (of one expert), each chunk
+    # one write.
     arrays = stacked_arrays(np.float32)
+    if experts:
+        w = np.arange(8 * experts * 16, dtype=np.float32).reshape(8, experts, 2, 8)
+        arrays[PATTERN + EXPERTS + "w"] = w
     placed = place(arrays, LAYOUTS["hidden"]())
     specs = plan_specs(placed)
     layout = plan_layout(
@@ -246,8 +356,9 @@ def test_blocks_are_written_strided_or_by_rows_alike(
         # Every last dimension is 8, split 8 ways: one write per float32.
         assert writes == [4] * (data // 4)
     elif chunk_bytes > data:
-        # Per layer, each tensor in one write; the embedding and norm in one.
-        assert len(writes) == 3 * 8 + 2
+        # Per layer, each tensor (each expert's) in one write; the embedding and
+        # norm in one.
+        assert len(writes) == (3 + experts) * 8 + 2
     else:
         assert max(writes) <= 100 and len(writes) > data // 100
 
@@ -255,13 +366,22 @@ def test_blocks_are_written_strided_or_by_rows_alike(
 # --------------------------------------------------------------------- folders
 
 
-def test_a_folder_is_a_hugging_face_sharded_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kinds", [None, *MOE_KINDS])
+def test_a_folder_is_a_hugging_face_sharded_checkpoint(
+    tmp_path: Path, kinds: str | None
+) -> None:
     safetensors = pytest.importorskip("safetensors")
-    arrays = stacked_arrays(np.float32)
+    # Without `kinds` dense layers; else layers of experts, of one kind or two.
+    arrays = (
+        stacked_arrays(np.float32) if kinds is None else moe_arrays(np.float32, kinds)
+    )
+    layers = None if kinds is None else MOE_KINDS[kinds]
     placed = place(arrays, LAYOUTS["hidden"]())
     folder = tmp_path / "model"
-    save_sharded(folder, placed, max_shard_size=1000, metadata={"format": "pt"})
-    unstacked_bytes(tmp_path, arrays, metadata={"format": "pt"})
+    save_sharded(
+        folder, placed, kinds=layers, max_shard_size=1000, metadata={"format": "pt"}
+    )
+    unstacked_bytes(tmp_path, arrays, layers, metadata={"format": "pt"})
     want = load_flat(tmp_path / "reference.safetensors")
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
@@ -455,6 +575,60 @@ def test_kinds_are_required_and_checked(tmp_path: Path) -> None:
     assert out.read_bytes() == unstacked_bytes(tmp_path, uniform)
 
 
+def test_bad_expert_arrays_are_refused_before_any_write(tmp_path: Path) -> None:
+    kinds = MOE_KINDS["dense and MoE"]
+    arrays = moe_arrays(np.float32, "dense and MoE")
+    out = tmp_path / "out.safetensors"
+    gate = "model.layers.{i:B}.mlp.experts.{e}.gate_proj.weight"
+
+    def refused(changed: dict[str, np.ndarray], match: str) -> None:
+        with pytest.raises(ValueError, match=match):
+            save_sharded(out, arrays | changed, kinds=kinds)
+
+    refused(
+        {gate: np.zeros(4, np.float32)},
+        r"an expert array \(`\{e\}`\) is \(layers, experts, \.\.\.\) with experts >= 1: "
+        r"`model\.layers\.\{i:B\}\.mlp\.experts\.\{e\}\.gate_proj\.weight` has "
+        r"shape \(4,\)",
+    )
+    refused({gate: np.zeros((4, 0, 2), np.float32)}, r"has shape \(4, 0, 2\)")
+    refused(
+        {gate: np.zeros((4, 3, 4, 8), np.float32)},
+        r"the expert arrays of kind B must hold the same number of experts:\n"
+        r"  `model\.layers\.\{i:B\}\.mlp\.experts\.\{e\}\.gate_proj\.weight` holds 3\n"
+        r"  `model\.layers\.\{i:B\}\.mlp\.experts\.\{e\}\.down_proj\.weight` holds 4",
+    )
+    refused(
+        {"mlp.experts.{e}.w": np.zeros((4, 2), np.float32)},
+        r"expert names \(`\{e\}`\) that are not stacked names: "
+        r"`mlp\.experts\.\{e\}\.w` has `\{e\}` but no `\{i\}`",
+    )
+    for name in ("x.{e}.model.layers.{i:B}.w", "model.layers.{i:B}.{e}.w.{e}"):
+        refused(
+            {name: np.zeros((4, 4), np.float32)},
+            rf"`{re.escape(name)}` has `\{{e\}}` other than once after `\{{i\}}`",
+        )
+    refused(
+        {"model.layers.{i:B}.mlp.shared.{e}.w": np.zeros((4, 4), np.float32)},
+        r"several expert patterns; a checkpoint has one:\n"
+        r"  'model\.layers\.\{i\}\.mlp\.experts\.\{e\}'\n"
+        r"  'model\.layers\.\{i\}\.mlp\.shared\.\{e\}'",
+    )
+    # Kind B's layer 3 is index 2 of its layer axis.
+    refused(
+        {"model.layers.3.mlp.experts.1.gate_proj.weight": np.zeros(1, np.float32)},
+        r"unstack to the same per-layer name:\n"
+        r"  `model\.layers\.3\.mlp\.experts\.1\.gate_proj\.weight` comes from "
+        r"`model\.layers\.\{i:B\}\.mlp\.experts\.\{e\}\.gate_proj\.weight` "
+        r"\(layer 2\) \(expert 1\)",
+    )
+    nothing_written(tmp_path, [])
+    # Kinds may hold different numbers of experts, as a stacked file's may.
+    other = {"model.layers.{i:A}.mlp.experts.{e}.w": np.ones((2, 3, 2), np.float32)}
+    save_sharded(out, arrays | other, kinds=kinds)
+    assert out.read_bytes() == unstacked_bytes(tmp_path, arrays | other, kinds)
+
+
 def test_an_existing_target_is_refused_unless_overwrite(tmp_path: Path) -> None:
     arrays = stacked_arrays(np.float32)
     (tmp_path / "out.safetensors").write_bytes(b"old")
@@ -545,13 +719,17 @@ CHILD = textwrap.dedent(
     rng = np.random.default_rng(0)
     arrays = {"model.embed_tokens.weight": rng.normal(size=(64, 64))}
     for key, shape in (("self_attn.q_proj.weight", (64, 64)),
-                       ("mlp.up_proj.weight", (256, 64))):
+                       ("mlp.up_proj.weight", (256, 64)),
+                       ("mlp.experts.{e}.gate_proj.weight", (8, 32, 64)),
+                       ("mlp.experts.{e}.down_proj.weight", (8, 64, 32))):
         arrays["model.layers.{i}." + key] = rng.normal(size=(8, *shape))
     arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
     specs = {
         "layer": lambda n, s: P("x") if "{i}" in n else P(),
         "hidden": lambda n, s: P(*[None] * (len(s) - 1), "x"),
         "replicated": lambda n, s: P(),
+        # Expert parallelism: each process holds 4 of the 8 experts.
+        "experts": lambda n, s: P(None, "x") if "{e}" in n else P(),
     }
 
     def wchar():
@@ -622,16 +800,19 @@ def test_two_processes_each_write_their_share(two_processes: Any) -> None:
     for key, shape in (
         ("self_attn.q_proj.weight", (64, 64)),
         ("mlp.up_proj.weight", (256, 64)),
+        ("mlp.experts.{e}.gate_proj.weight", (8, 32, 64)),
+        ("mlp.experts.{e}.down_proj.weight", (8, 64, 32)),
     ):
         arrays[PATTERN + key] = rng.normal(size=(8, *shape))
     arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
     want = unstacked_bytes(folder, arrays)
     data = sum(x.nbytes for x in arrays.values())
     header = len(want) - data
-    for layout in ("layer", "hidden", "replicated"):
+    for layout in ("layer", "hidden", "replicated", "experts"):
         assert (folder / "out" / f"{layout}.safetensors").read_bytes() == want, layout
-        # Each process writes half the tensor bytes (the replicated embedding and,
-        # in `replicated`, everything cut in two), process 0 the header too.
+        # Each process writes half the tensor bytes (its experts' in `experts`; the
+        # replicated arrays, and in `replicated` everything, cut in two), process 0
+        # the header too.
         for pid, r in enumerate(results):
             extra = header if pid == 0 else 0
             assert data // 2 + extra <= r[layout] <= data // 2 + extra + 4096, (
@@ -649,6 +830,7 @@ def test_a_failure_in_one_process_fails_both_and_leaves_nothing(
     assert name == "OSError" and text.startswith("process 1: ")
     assert "No space left on device" in text
     assert sorted(os.listdir(folder / "out")) == [
+        "experts.safetensors",
         "hidden.safetensors",
         "layer.safetensors",
         "replicated.safetensors",

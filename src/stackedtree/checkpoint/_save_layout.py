@@ -2,13 +2,15 @@
 
 Which tensors `save_sharded` writes, in which order, and where: a stacked array
 (`model.layers.{i}.mlp.up_proj.weight`, or `model.layers.{i:B}...` for the layers of
-kind `B`) becomes one tensor per layer, and the tensors go in the order
-`stackedtree unstack` writes them for a stacked file holding the arrays in their order
-(every layer's tensors where the first stacked array was, layer by layer, each
-layer's in its kind's order). A folder's tensors are cut into shards as Hugging Face
-cuts them, each file's header comes from `safetensors_header`, and so every tensor's
-byte offset is known from names, dtypes and shapes alone: every process computes the
-same layout.
+kind `B`) becomes one tensor per layer, an expert array
+(`model.layers.{i}.mlp.experts.{e}.up_proj.weight`, `(N, E, ...)`) one per layer and
+expert; and the tensors go in the order `stackedtree unstack` writes them for a
+stacked file holding the arrays in their order (every layer's tensors where the first
+stacked array was, layer by layer, each layer's in its kind's order, its experts'
+expert by expert where its first expert array was: `_experts.expert_order`). A
+folder's tensors are cut into shards as Hugging Face cuts them, each file's header
+comes from `safetensors_header`, and so every tensor's byte offset is known from
+names, dtypes and shapes alone: every process computes the same layout.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from .._check import fail
+from ._experts import ExpertPattern, expert_order
+from ._layer_pattern import LayerPattern
 from ._names import check_kinds
 from ._safetensors import dtype_code, safetensors_header
 from ._text import ranges
@@ -40,13 +44,19 @@ _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 class _Out(NamedTuple):
     """One tensor of the output: its name, dtype and shape, and where it comes from:
-    array `source`, whole (`layer` None) or index `layer` of its leading axis."""
+    array `source`, whole (`layer` None) or index `layer` of its leading axis, and
+    of an expert array `(N, E, ...)` index `expert` of its second."""
 
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
     source: str
     layer: int | None
+    expert: int | None
+
+
+Key = tuple[str, int | None, int | None]
+"""An output tensor by where it comes from: `(source, layer, expert)`."""
 
 
 class _Placed(NamedTuple):
@@ -60,12 +70,16 @@ class Layout(NamedTuple):
 
     Attributes:
         files: each file's name (relative to the output folder), header and size.
-        where: `(source, layer)` -> the file, byte offset and shape of that tensor.
+        where: `(source, layer, expert)` -> the file, byte offset and shape of
+            that tensor (`layer`, `expert` None where the array has no such axis).
+        lead: each array's leading axes that index tensors: 0 (the array is one
+            tensor), 1 (layers) or 2 (layers, experts).
         index_text: the index file's text, for a folder.
     """
 
     files: list[tuple[str, bytes, int]]
-    where: dict[tuple[str, int | None], _Placed]
+    where: dict[Key, _Placed]
+    lead: dict[str, int]
     index_text: str | None
 
 
@@ -95,15 +109,16 @@ def plan_specs(arrays: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 
 def _layers(
     specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-    stacked: Mapping[str, tuple[str, str | None, str]],
+    stacked: Mapping[str, str | None],
     kinds: Any,
 ) -> dict[int, tuple[str | None, int]]:
-    """Layer `i` -> (its kind's label, its index along that kind's layer axis)."""
-    labels = {label for _, label, _ in stacked.values()}
+    """Layer `i` -> (its kind's label, its index along that kind's layer axis);
+    `stacked` gives each stacked name's label."""
+    labels = set(stacked.values())
     if None in labels and len(labels) > 1:
         fail(
-            [repr(n) for n, (_, label, _) in stacked.items() if label is not None][:1]
-            + [repr(n) for n, (_, label, _) in stacked.items() if label is None][:1],
+            [repr(n) for n, label in stacked.items() if label is not None][:1]
+            + [repr(n) for n, label in stacked.items() if label is None][:1],
             "`arrays` mixes uniform stacked names (`{i}`) with kind-labelled ones "
             "(`{i:B}`), which no stacked checkpoint holds",
         )
@@ -148,7 +163,7 @@ def _layers(
             if label is None
             else f"kind {label} holds {len(given[label])} layers"
         )
-        for n, (_, label, _) in stacked.items()
+        for n, label in stacked.items()
         if leading[n] != (len(given[label]),)
     ]
     if problems:
@@ -158,46 +173,130 @@ def _layers(
     }
 
 
+class _Stacked(NamedTuple):
+    """A stacked name, `before{i}key` or `before{i:label}key`; `experts` is the
+    expert pattern of `key` (up to its `{e}`) for an expert array `(N, E, ...)`."""
+
+    before: str
+    label: str | None
+    key: str
+    experts: ExpertPattern | None
+
+
+def _parse_stacked(names: Iterable[str]) -> dict[str, _Stacked]:
+    """The stacked names among `names`, parsed; the expert names are checked to be
+    as a stacked file holds them: `{e}` once, in the per-layer key, one pattern."""
+    stacked: dict[str, _Stacked] = {}
+    bad: list[str] = []
+    for name in names:
+        m = _STACKED.search(name)
+        if m is None:
+            if "{e}" in name:
+                bad.append(f"`{name}` has `{{e}}` but no `{{i}}`")
+            continue
+        before, key = name[: m.start()], name[m.end() :]
+        ep = None
+        if "{e}" in before or key.count("{e}") > 1:
+            bad.append(f"`{name}` has `{{e}}` other than once after `{{i}}`")
+        elif "{e}" in key:
+            ep = ExpertPattern.parse(key[: key.index("{e}") + 3])
+        stacked[name] = _Stacked(before, m.group(1), key, ep)
+    if bad:
+        fail(bad, "`arrays` has expert names (`{e}`) that are not stacked names")
+    for what, values in (
+        ("layer", {s.before + "{i}" for s in stacked.values()}),
+        (
+            "expert",
+            {f"{s.before}{{i}}{s.experts}" for s in stacked.values() if s.experts},
+        ),
+    ):
+        if len(values) > 1:
+            fail(
+                [repr(v) for v in sorted(values)],
+                f"`arrays` has stacked names of several {what} patterns; a "
+                f"checkpoint has one",
+            )
+    return stacked
+
+
+def _num_experts(
+    specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    stacked: Mapping[str, _Stacked],
+) -> dict[str | None, int]:
+    """Each kind's E, the second axis that its expert arrays share (0: none)."""
+    lengths: dict[str | None, dict[str, int]] = {}
+    short = []
+    for name, s in stacked.items():
+        if s.experts is not None:
+            shape = specs[name][0]
+            if len(shape) < 2 or shape[1] == 0:
+                short.append(f"`{name}` has shape {shape}")
+            else:
+                lengths.setdefault(s.label, {})[name] = shape[1]
+    if short:
+        fail(
+            short, "an expert array (`{e}`) is (layers, experts, ...) with experts >= 1"
+        )
+    for label, found in lengths.items():
+        if len(set(found.values())) > 1:
+            fail(
+                [f"`{n}` holds {e}" for n, e in found.items()],
+                "the expert arrays "
+                + ("" if label is None else f"of kind {label} ")
+                + "must hold the same number of experts",
+            )
+    return {label: next(iter(found.values())) for label, found in lengths.items()}
+
+
 def plan_tensors(
     specs: Mapping[str, tuple[tuple[int, ...], np.dtype]], kinds: Any
 ) -> list[_Out]:
     """The output tensors, in the order `stackedtree unstack` writes them for a
     stacked file holding `specs` in their order: every layer's tensors where the
-    first stacked array was, layer by layer, each layer's in its kind's order."""
-    stacked: dict[str, tuple[str, str | None, str]] = {}
-    for name in specs:
-        m = _STACKED.search(name)
-        if m is not None:
-            stacked[name] = (name[: m.start()], m.group(1), name[m.end() :])
-    befores = sorted({before for before, _, _ in stacked.values()})
-    if len(befores) > 1:
-        fail(
-            [repr(b + "{i}") for b in befores],
-            "`arrays` has stacked names of several layer patterns; a checkpoint "
-            "has one",
-        )
-    owners = _layers(specs, stacked, kinds)
+    first stacked array was, layer by layer, each layer's in its kind's order, its
+    experts' expert by expert where its first expert array was."""
+    stacked = _parse_stacked(specs)
+    owners = _layers(specs, {n: s.label for n, s in stacked.items()}, kinds)
+    experts = _num_experts(specs, stacked)
     out: list[_Out] = []
     for name, (shape, dtype) in specs.items():
         if name not in stacked:
-            out.append(_Out(name, dtype, shape, name, None))
+            out.append(_Out(name, dtype, shape, name, None, None))
         elif name == next(iter(stacked)):
             for i in range(len(owners)):
                 label, j = owners[i]
-                for s, (before, lab, tail) in stacked.items():
-                    if lab == label:
-                        sshape, sdtype = specs[s]
-                        out.append(_Out(f"{before}{i}{tail}", sdtype, sshape[1:], s, j))
+                own = [s for s, st in stacked.items() if st.label == label]
+                flags = {s: stacked[s].experts is not None for s in own}
+                for s, e in expert_order(own, flags, experts.get(label, 0)):
+                    out.append(_layer_tensor(s, stacked[s], specs[s], i, j, e))
     counts = Counter(t.name for t in out)
     twice = [
         f"`{t.name}` comes from `{t.source}`"
         + (f" (layer {t.layer})" if t.layer is not None else "")
+        + (f" (expert {t.expert})" if t.expert is not None else "")
         for t in out
         if counts[t.name] > 1
     ]
     if twice:
         fail(twice, "`arrays` has names that unstack to the same per-layer name")
     return out
+
+
+def _layer_tensor(
+    source: str,
+    s: _Stacked,
+    spec: tuple[tuple[int, ...], np.dtype],
+    i: int,
+    j: int,
+    e: int | None,
+) -> _Out:
+    """Layer `i`'s tensor (index `j` of its kind), expert `e`'s when not None."""
+    lp = LayerPattern(s.before, "")
+    shape, dtype = spec
+    if e is None or s.experts is None:
+        return _Out(lp.layer_name(i, s.key), dtype, shape[1:], source, j, None)
+    key = s.experts.key(e, s.key[len(str(s.experts)) :])
+    return _Out(lp.layer_name(i, key), dtype, shape[2:], source, j, e)
 
 
 def shard_size(max_shard_size: Any) -> int:
@@ -260,7 +359,7 @@ def plan_layout(
     groups = _shards(tensors, max_shard_size) if folder else [tensors]
     n = len(groups)
     files: list[tuple[str, bytes, int]] = []
-    where: dict[tuple[str, int | None], _Placed] = {}
+    where: dict[Key, _Placed] = {}
     weight_map: dict[str, str] = {}
     for k, group in enumerate(groups):
         fname = f"model-{k + 1:05d}-of-{n:05d}.safetensors" if folder else name
@@ -269,7 +368,7 @@ def plan_layout(
         )
         offset = len(header)
         for t in group:
-            where[(t.source, t.layer)] = _Placed(k, offset, t.shape)
+            where[(t.source, t.layer, t.expert)] = _Placed(k, offset, t.shape)
             weight_map[t.name] = fname
             offset += _nbytes(t)
         files.append((fname, header, offset))
@@ -278,4 +377,5 @@ def plan_layout(
         total = sum(_nbytes(t) for t in tensors)
         body = {"metadata": {"total_size": total}, "weight_map": weight_map}
         index = json.dumps(body, indent=2, sort_keys=True) + "\n"
-    return Layout(files, where, index)
+    lead = {t.source: (t.layer is not None) + (t.expert is not None) for t in tensors}
+    return Layout(files, where, lead, index)

@@ -2,13 +2,13 @@
 
 The safetensors layout is a function of the tensors' names, dtypes and shapes alone, so
 every process computes it alike (`_save_layout.py`): which file each per-layer tensor
-goes to, at which
-byte offset, and so where each block of each global array lands. Each process then
-writes, with positioned writes (`os.pwrite`), only the blocks its own devices hold: a
-block of a stacked tensor `(N, ...)` is cut into its layers, and each layer's part is
-written to that layer's tensor, one write per contiguous run of the file. Nothing is
-gathered and nothing is read back; host memory beyond the arrays is one block (none
-on CPU devices, whose blocks are host memory already).
+goes to, at which byte offset, and so where each block of each global array lands.
+Each process then writes, with positioned writes (`os.pwrite`), only the blocks its
+own devices hold: a block of a stacked tensor `(N, ...)` is cut into its layers (of an
+expert tensor `(N, E, ...)`, into its layers' experts), and each part is written to
+its tensor, one write per contiguous run of the file. Nothing is gathered and nothing
+is read back; host memory beyond the arrays is one block (none on CPU devices, whose
+blocks are host memory already).
 
 A block that several processes hold (a replicated array, or a data-parallel replica)
 is cut along its first dimension into one part per holding process, so that each part
@@ -25,6 +25,7 @@ removes the temporary output and is raised in every process.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -141,15 +142,20 @@ def _intersection(a: Box, b: Box) -> Box | None:
     return box if all(lo < hi for lo, hi in box) else None
 
 
-def _chunks(bbox: Box, layered: bool, itemsize: int, budget: int) -> list[Box]:
-    """`bbox` cut into chunks of whole rows of about `budget` bytes (one layer at a
-    time for a stacked array, so that each chunk lies in one layer's tensor)."""
-    if not layered:
-        return list(_slabs(bbox, itemsize, budget))
+def _tensors(box: Box, lead: int) -> list[tuple[int, ...]]:
+    """The indices along the `lead` leading axes (layers, experts) that `box` covers:
+    the output tensors it lies in (one, `()`, when `lead` is 0)."""
+    return list(itertools.product(*(range(a, b) for a, b in box[:lead])))
+
+
+def _chunks(bbox: Box, lead: int, itemsize: int, budget: int) -> list[Box]:
+    """`bbox` cut into chunks of whole rows of about `budget` bytes (one output
+    tensor at a time for a stacked array, a layer's or an expert's, so that each
+    chunk lies in one tensor); `lead` as in `Layout.lead`."""
     return [
-        ((i, i + 1), *slab)
-        for i in range(*bbox[0])
-        for slab in _slabs(bbox[1:], itemsize, budget)
+        (*((k, k + 1) for k in index), *slab)
+        for index in _tensors(bbox, lead)
+        for slab in _slabs(bbox[lead:], itemsize, budget)
     ]
 
 
@@ -183,20 +189,20 @@ class _Out:
 
     def write(self, source: str, box: Box, data: np.ndarray) -> None:
         """Writes block `box` of array `source`: into each layer's tensor when the
-        array is stacked, else into its tensor."""
+        array is stacked (each layer's expert's, for an expert array), else into
+        its tensor."""
         data = np.ascontiguousarray(data, dtype=little(data.dtype))
-        layered = (source, None) not in self.layout.where
-        for layer in range(*box[0]) if layered else [None]:
-            at = self.layout.where[(source, layer)]
+        lead = self.layout.lead[source]
+        for index in _tensors(box, lead):
+            layer, expert = (*index, None, None)[:2]
+            at = self.layout.where[(source, layer, expert)]
             if at.file not in self.fds:
                 self.fds[at.file] = os.open(
                     self.files[at.file], os.O_WRONLY | os.O_CLOEXEC
                 )
-            if layer is None:
-                write_box(self.fds[at.file], at.offset, at.shape, box, data)
-            else:
-                row = data[layer - box[0][0]]
-                write_box(self.fds[at.file], at.offset, at.shape, box[1:], row)
+            at_index = tuple(k - a for k, (a, _) in zip(index, box, strict=False))
+            part = data[at_index] if lead else data
+            write_box(self.fds[at.file], at.offset, at.shape, box[lead:], part)
 
     def close(self, sync: bool) -> None:
         try:
@@ -218,17 +224,14 @@ def _run_bytes(shape: tuple[int, ...], box: Box, itemsize: int) -> int:
 
 
 def _by_rows(
-    shape: tuple[int, ...], layered: bool, itemsize: int, parts: list[Box], min_run: int
+    shape: tuple[int, ...], lead: int, itemsize: int, parts: list[Box], min_run: int
 ) -> bool:
     """Whether `parts` are written together by rows: they tile one box, their runs
-    in the file are short, and rows of that box make them longer."""
+    in the file are short, and rows of that box make them longer; `lead` as in
+    `Layout.lead`."""
 
     def run(box: Box) -> int:
-        return (
-            _run_bytes(shape[1:], box[1:], itemsize)
-            if layered
-            else _run_bytes(shape, box, itemsize)
-        )
+        return _run_bytes(shape[lead:], box[lead:], itemsize)
 
     runs = [run(p) for p in parts]
     if len(parts) < 2 or min(runs) >= min_run:
@@ -266,14 +269,14 @@ def write_pieces(
             x = arrays[source]
             blocks = _Blocks(x)
             shape, dtype = tuple(x.shape), np.dtype(x.dtype)
-            layered = (source, None) not in layout.where
+            lead = layout.lead[source]
             parts = [p.part for p in own]
-            if not _by_rows(shape, layered, dtype.itemsize, parts, min_run):
+            if not _by_rows(shape, lead, dtype.itemsize, parts, min_run):
                 for p in own:
                     out.write(source, p.part, blocks.get(p.block, p.part))
                 continue
             for chunk in _chunks(
-                _bounding_box(parts), layered, dtype.itemsize, chunk_bytes
+                _bounding_box(parts), lead, dtype.itemsize, chunk_bytes
             ):
                 buf = np.empty(tuple(b - a for a, b in chunk), dtype)
                 for p in own:
@@ -377,7 +380,10 @@ def save_sharded(
     everyone loads. Stacked arrays (`model.layers.{i}.mlp.up_proj.weight`, shape
     `(N, ...)`) are written layer by layer (`model.layers.3.mlp.up_proj.weight`),
     the layers of several kinds too (`model.layers.{i:B}...`, whose layers `kinds`
-    gives); other arrays under their own names. The file is, byte for byte, the one
+    gives), and expert arrays (`model.layers.{i}.mlp.experts.{e}.up_proj.weight`,
+    shape `(N, E, ...)`) layer by layer and expert by expert
+    (`model.layers.3.mlp.experts.5.up_proj.weight`); other arrays under their own
+    names. The file is, byte for byte, the one
     `stackedtree unstack` writes for a stacked file holding `arrays` in their order.
 
     Each array's blocks are written from the devices that hold them, with
@@ -385,8 +391,9 @@ def save_sharded(
     gathered, and host memory beyond the arrays stays about one block. With
     `jax.distributed` initialised, every process calls `save_sharded` with the
     same arguments (the output on a file system all of them share) and writes only
-    its own devices' blocks; a block that several processes hold is cut into one
-    part per process and each part written once. The output is written under
+    its own devices' blocks (an expert axis split over a mesh axis: each process
+    its own experts'); a block that several processes hold is cut into one part
+    per process and each part written once. The output is written under
     hidden temporary names beside `path` and renamed once every process is done: it
     appears whole or not at all, and a failure in any process (an exception, a full
     disk, a process killed or that stops answering for `timeout` seconds) is raised
@@ -402,7 +409,10 @@ def save_sharded(
             `model.safetensors.index.json`, as Hugging Face writes them.
         arrays: names to global `jax.Array`s (any sharding, over one process or
             many) or numpy arrays (the same in every process). A name holding `{i}`
-            (or `{i:B}`) is a stacked array whose leading axis is the layers.
+            (or `{i:B}`) is a stacked array whose leading axis is the layers; one
+            that also holds `{e}` after it, an expert array `(N, E, ...)` whose
+            second axis is the experts (as `load_sharded` loads them with
+            `experts`).
         kinds: each kind's label -> its layers, in the order of its layer axis
             (`{"A": [0, 1, 2], "B": [3, 4]}`, as `detect_kinds` gives it), when
             the names carry kind labels; together the layers must be `0..N-1`.
@@ -420,7 +430,10 @@ def save_sharded(
         ValueError: before any byte is written: a stacked array whose leading axis
             disagrees with its kind's layers; kind-labelled names without `kinds`,
             or `kinds` that does not fit them; names that unstack to the same
-            per-layer name; stacked names of several patterns; a tensor larger
+            per-layer name; stacked names of several layer or expert patterns; an
+            `{e}` outside the per-layer key (or twice); an expert array of fewer
+            than 2 dimensions or no experts, or expert arrays of one kind that
+            hold different numbers of experts; a tensor larger
             than `max_shard_size`; a dtype safetensors cannot store; arrays (names,
             shapes, dtypes) or options that differ between processes.
         TypeError: a value is not a jax or numpy array; bad `kinds` or metadata.
