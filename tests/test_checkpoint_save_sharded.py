@@ -523,7 +523,7 @@ def test_bad_input_is_refused_before_any_write(tmp_path: Path) -> None:
         ValueError,
         match=r"unstack to the same per-layer name:\n"
         r"  `model\.layers\.3\.input_layernorm\.weight` comes from "
-        r"`model\.layers\.\{i\}\.input_layernorm\.weight` \(layer 3\)",
+        r"`model\.layers\.\{i\}\.input_layernorm\.weight`\[3\]",
     ):
         save_sharded(out, clash)
     with pytest.raises(
@@ -619,8 +619,8 @@ def test_bad_expert_arrays_are_refused_before_any_write(tmp_path: Path) -> None:
         {"model.layers.3.mlp.experts.1.gate_proj.weight": np.zeros(1, np.float32)},
         r"unstack to the same per-layer name:\n"
         r"  `model\.layers\.3\.mlp\.experts\.1\.gate_proj\.weight` comes from "
-        r"`model\.layers\.\{i:B\}\.mlp\.experts\.\{e\}\.gate_proj\.weight` "
-        r"\(layer 2\) \(expert 1\)",
+        r"`model\.layers\.\{i:B\}\.mlp\.experts\.\{e\}\.gate_proj\.weight`"
+        r"\[2\]\[1\]",
     )
     nothing_written(tmp_path, [])
     # Kinds may hold different numbers of experts, as a stacked file's may.

@@ -272,8 +272,7 @@ def plan_tensors(
     counts = Counter(t.name for t in out)
     twice = [
         f"`{t.name}` comes from `{t.source}`"
-        + (f" (layer {t.layer})" if t.layer is not None else "")
-        + (f" (expert {t.expert})" if t.expert is not None else "")
+        + "".join(f"[{k}]" for k in (t.layer, t.expert) if k is not None)
         for t in out
         if counts[t.name] > 1
     ]
