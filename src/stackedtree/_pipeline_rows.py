@@ -57,14 +57,17 @@ class _Rows(NamedTuple):
             lambda x, v: self._map(self._put, x, m, v, where), tree, value
         )
 
-    def zeros(self, tree: Any) -> Any:
-        """Zeros shaped like one microbatch of each leaf of `tree`, laid out alike."""
+    def zeros(self, tree: Any, count: int | None = None) -> Any:
+        """Zeros shaped like one microbatch of each leaf of `tree`, laid out alike
+        (or `count` of them, stacked on a new leading axis)."""
 
         def one(x: jax.Array) -> jax.Array:
             a = self._axis(x)
             shape = list(x.shape)
             shape[a] //= self.microbatches
-            return self.layout.spread(jnp.zeros(shape, x.dtype), a)
+            if count is None:
+                return self.layout.spread(jnp.zeros(shape, x.dtype), a)
+            return self.layout.spread(jnp.zeros((count, *shape), x.dtype), a + 1)
 
         return jax.tree.map(one, tree)
 
@@ -172,8 +175,10 @@ class _Split(NamedTuple):
     def take(self, tree: Any, m: jax.Array) -> Any:
         return jax.tree.map(lambda x: x[m], tree)
 
-    def zeros(self, tree: Any) -> Any:
-        return jax.tree.map(lambda x: jnp.zeros_like(x[0]), tree)
+    def zeros(self, tree: Any, count: int | None = None) -> Any:
+        if count is None:
+            return jax.tree.map(lambda x: jnp.zeros_like(x[0]), tree)
+        return jax.tree.map(lambda x: jnp.zeros_like(x[:count]), tree)
 
     def finish(self, tree: Any) -> Any:
         """The inverse of `place`."""

@@ -112,9 +112,9 @@ class _Io(NamedTuple):
         """Microbatch m of `targets`."""
         return self.target_rows.take(self.targets, m)
 
-    def one(self) -> Any:
-        """Zeros shaped like one microbatch of the carry."""
-        return self.init_rows.zeros(self.init)
+    def one(self, count: int | None = None) -> Any:
+        """Zeros shaped like one microbatch of the carry (or `count` of them)."""
+        return self.init_rows.zeros(self.init, count)
 
 
 def _varying(tree: Any, axis: str, stages: int) -> Any:
@@ -291,7 +291,7 @@ def _one_f_one_b(
         io = io._replace(head=_varying(io.head, axis, S))
         ctx["params"], ctx["io"] = params, io
         one = io.one()
-        saved = jax.tree.map(lambda x: jnp.zeros((K, *x.shape), x.dtype), one)
+        saved = io.one(K)
         one, saved, total = _varying((one, saved, jnp.zeros(())), axis, S)
         # grad_init is the same on every stage (see _grad_init): the step's output.
         acc = (_zeros(params), _zeros(io.init), _zeros(io.head), total)
