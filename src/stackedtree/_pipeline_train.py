@@ -235,6 +235,7 @@ def _grad_init(
     if S > 1:
         gx = jax.tree.map(lambda g: jnp.where(stage == 0, g, jnp.zeros_like(g)), gx)
         gx = jax.lax.psum(gx, axis)
+    assert isinstance(io.init_rows, _Rows)  # 1F1B's view of the batch
     return io.init_rows.put(g_init, m, gx, first)
 
 
@@ -394,8 +395,10 @@ def pipeline_value_and_grad(
       backward; the last stage starts a microbatch's backward in the tick its forward
       ends. A stage keeps only the inputs of the microbatches in flight (at most
       `2 * R * S - 2`, whatever M) and recomputes its layers' forward from them in the
-      backward pass (about one extra forward), so activation memory does not grow
-      with `microbatches`.
+      backward pass (about one extra forward). It reads each microbatch of `init` and
+      `targets` from the batch where the data-parallel devices hold it and writes
+      `grad_init`'s rows in place, so no memory of the step grows with
+      `microbatches`.
     - `schedule="gpipe"`: all forwards, then all backwards (`jax.value_and_grad` of
       the forward pipeline), keeping every microbatch's activations as `jax.grad` of
       `pipeline_layers` does: no recompute, memory that grows with M.
@@ -512,7 +515,7 @@ def _program(
     order: _Order,
     schedule: str,
     staged_static: PyTree,
-    rows: list[_Rows] | list[_Split],
+    rows: list[_Rows | _Split],
     axis: str,
 ) -> Callable[..., Any]:
     """The per-device program of the step, for `jax.shard_map` over `axis`.
@@ -520,7 +523,7 @@ def _program(
     `rows` reads (and writes) the microbatches of `init` and of `targets`, which
     stay whole, their rows over the data-parallel axes.
     """
-    R, S, L, M = order
+    R, S, L, _ = order
     init_rows, target_rows = rows
 
     def program(staged: PyTree, init: Any, targets: Any, head: Any, key: Any = None):
