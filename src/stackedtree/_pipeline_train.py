@@ -232,11 +232,17 @@ def _grad_init(
     v = t - (R * S - 1) - (S - 1)  # stage 0's backward item
     r, m, _ = order.item(jnp.clip(v, 0, R * M - 1), backward=True)
     first = (r == 0) & (v >= 0) & (v < R * M)
-    if S > 1:
-        gx = jax.tree.map(lambda g: jnp.where(stage == 0, g, jnp.zeros_like(g)), gx)
-        gx = jax.lax.psum(gx, axis)
-    assert isinstance(io.init_rows, _Rows)  # 1F1B's view of the batch
-    return io.init_rows.put(g_init, m, gx, first)
+    rows = io.init_rows
+    assert isinstance(rows, _Rows)  # 1F1B's view of the batch
+
+    def write(g_init: Any, gx: Any) -> Any:
+        if S > 1:
+            gx = jax.tree.map(lambda g: jnp.where(stage == 0, g, jnp.zeros_like(g)), gx)
+            gx = jax.lax.psum(gx, axis)
+        return rows.put(g_init, m, gx, first)
+
+    # `first` is the same on every device, so all take the same branch.
+    return jax.lax.cond(first, write, lambda g_init, gx: g_init, g_init, gx)
 
 
 def _one_f_one_b(
