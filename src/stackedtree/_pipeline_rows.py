@@ -10,6 +10,9 @@ axes in a `shard_map` of its own: nothing batch-sized is relaid out or copied.
 In units of chunks of `b / D` rows, device `d` holds chunks `[d * M, (d + 1) * M)` of
 the batch, and microbatch `m` laid out over the devices is chunk `m * D + d` on device
 `d`: the chunk that device `(m * D + d) // M` holds at its place `(m * D + d) % M`.
+
+`_Split` is GPipe's view instead (the batch relaid out as microbatches once), and `_Io`
+a stage's view of the step's inputs through either.
 """
 
 from __future__ import annotations
@@ -185,3 +188,26 @@ class _Split(NamedTuple):
         return jax.tree.map(
             lambda x: self.layout.merge(x, self.batch_axis % (x.ndim - 1)), tree
         )
+
+
+class _Io(NamedTuple):
+    """A stage's view of the step's inputs: the batch-sized `init` and `targets`,
+    their rows over the data-parallel mesh axes, read one microbatch at a time."""
+
+    init: Any
+    targets: Any
+    head: Any
+    init_rows: _Rows | _Split
+    target_rows: _Rows | _Split
+
+    def take(self, m: jax.Array) -> Any:
+        """Microbatch m of `init`."""
+        return self.init_rows.take(self.init, m)
+
+    def take_targets(self, m: jax.Array) -> Any:
+        """Microbatch m of `targets`."""
+        return self.target_rows.take(self.targets, m)
+
+    def one(self, count: int | None = None) -> Any:
+        """Zeros shaped like one microbatch of the carry (or `count` of them)."""
+        return self.init_rows.zeros(self.init, count)

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, PartitionSpec
 from ._check import check_count
 from ._leaf import fmt_shape, shape_of
 from ._pipeline import _batch_size, _layout, check_pipeline
-from ._pipeline_rows import _Rows, _Split
+from ._pipeline_rows import _Io, _Rows, _Split
 from ._scan import scan_layers
 from ._stack import check_key
 from ._tree import PyTree, merge_static, split_static
@@ -92,29 +92,6 @@ def _stage_block(
         return scan_layers(layer_fn, x, layers, xs=keys)[0]
 
     return block
-
-
-class _Io(NamedTuple):
-    """A stage's view of the step's inputs: the batch-sized `init` and `targets`,
-    their rows over the data-parallel mesh axes, read one microbatch at a time."""
-
-    init: Any
-    targets: Any
-    head: Any
-    init_rows: _Rows | _Split
-    target_rows: _Rows | _Split
-
-    def take(self, m: jax.Array) -> Any:
-        """Microbatch m of `init`."""
-        return self.init_rows.take(self.init, m)
-
-    def take_targets(self, m: jax.Array) -> Any:
-        """Microbatch m of `targets`."""
-        return self.target_rows.take(self.targets, m)
-
-    def one(self, count: int | None = None) -> Any:
-        """Zeros shaped like one microbatch of the carry (or `count` of them)."""
-        return self.init_rows.zeros(self.init, count)
 
 
 def _varying(tree: Any, axis: str, stages: int) -> Any:
