@@ -135,6 +135,25 @@ def expected_trips(schedule: str, s: int, r: int, m: int) -> int:
     return r * m + s - 1
 
 
+def _growth(by: dict[tuple[str, int, int], Any], ms: list[int]) -> list[str]:
+    """A line: each schedule's temporary bytes at the largest M over the smallest."""
+    if len(ms) < 2:
+        return []
+
+    def grown(name: str) -> str:
+        first = by.get((name, 1, ms[0]), {}).get("temp_bytes")
+        last = by.get((name, 1, ms[-1]), {}).get("temp_bytes")
+        return fmt(ratio(last, first))
+
+    return [
+        f"From M = {ms[0]} to M = {ms[-1]} the temporary bytes grow "
+        f"{grown('1f1b')}x for 1f1b (it reads and writes the batch a microbatch at a "
+        f"time and keeps a fixed number of stage inputs) and {grown('gpipe')}x for "
+        "gpipe (every microbatch's activations).",
+        "",
+    ]
+
+
 def report_lines(res: dict[str, Any]) -> list[str]:
     s = res["stages"]
     mem = res["memory"]
@@ -172,6 +191,7 @@ def report_lines(res: dict[str, Any]) -> list[str]:
             ],
         ),
         "",
+        *_growth(by, ms),
         "Loops of the compiled step (trip counts) against the formulas: 1F1B runs "
         "R*M + R*S + S - 2 ticks (a forward and a backward slot each; a stage skips "
         "an empty slot), GPipe R*M + S - 1 forward and as many backward steps; both "

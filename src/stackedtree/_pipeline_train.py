@@ -11,7 +11,8 @@ from jax.sharding import Mesh, PartitionSpec
 
 from ._check import check_count
 from ._leaf import fmt_shape, shape_of
-from ._pipeline import _batch_size, _Layout, _layout, check_pipeline
+from ._pipeline import _batch_size, _layout, check_pipeline
+from ._pipeline_rows import _Io, _Rows, _Split
 from ._scan import scan_layers
 from ._stack import check_key
 from ._tree import PyTree, merge_static, split_static
@@ -93,31 +94,6 @@ def _stage_block(
     return block
 
 
-class _Io(NamedTuple):
-    """A stage's view of the step's inputs, split into microbatches.
-
-    Each leaf of `init` and `targets` is `(M, ..., B / M, ...)`, microbatch `m`'s rows
-    spread over the data-parallel mesh axes, so reading one is local to each device.
-    """
-
-    init: Any
-    targets: Any
-    head: Any
-
-    def take(self, tree: Any, m: jax.Array) -> Any:
-        return jax.tree.map(lambda x: x[m], tree)
-
-    def put(self, tree: Any, m: jax.Array, value: Any, where: jax.Array) -> Any:
-        """`tree` with microbatch m set to `value` where `where` holds."""
-        return jax.tree.map(
-            lambda x, v: x.at[m].set(jnp.where(where, v, x[m])), tree, value
-        )
-
-    def one(self) -> Any:
-        """Zeros shaped like one microbatch of the carry."""
-        return jax.tree.map(lambda x: jnp.zeros_like(x[0]), self.init)
-
-
 def _varying(tree: Any, axis: str, stages: int) -> Any:
     return jax.lax.pcast(tree, axis, to="varying") if stages > 1 else tree
 
@@ -139,21 +115,20 @@ def _gpipe(
             msg, total = carry
             w = t - stage
             r, m, _ = order.item(jnp.clip(w, 0, R * M - 1))
-            x_in = _select((stage == 0) & (r == 0), io.take(init, m), msg)
+            x_in = _select((stage == 0) & (r == 0), io.init_rows.take(init, m), msg)
             y = block(params, r, x_in, m)
             at_loss = (w >= 0) & (w < R * M) & (stage == S - 1) & (r == R - 1)
+            targets = io.take_targets(m)  # outside the cond: it is a collective
             loss = jax.lax.cond(
                 at_loss,
-                lambda: jnp.asarray(
-                    loss_fn(y, io.take(io.targets, m), head), jnp.float32
-                ),
+                lambda: jnp.asarray(loss_fn(y, targets, head), jnp.float32),
                 lambda: _varying(jnp.zeros((), jnp.float32), axis, S),
             )
             if S > 1:
                 y = jax.lax.ppermute(y, axis, shift)
             return (y, total + loss), None
 
-        msg = jax.tree.map(lambda x: jnp.zeros_like(x[0]), init)
+        msg = _varying(io.one(), axis, S)
         zero = _varying(jnp.zeros((), jnp.float32), axis, S)
         (_, total), _ = jax.lax.scan(tick, (msg, zero), jnp.arange(order.forward_ticks))
         return (jax.lax.psum(total, axis) if S > 1 else total) / M
@@ -177,17 +152,18 @@ def _backward(
     order: _Order,
     block: Callable[..., PyTree],
     loss_fn: Callable[..., Any],
-    item: tuple[PyTree, _Io, Any, Any, jax.Array],
+    item: tuple[PyTree, _Io, Any, Any, Any, jax.Array],
     stage: jax.Array,
     axis: str,
 ) -> Any:
     """Gradients of backward item v, from its saved input x and cotangent ct.
 
-    `item` is `(params, io, x, ct, v)`. Returns the gradients of the stage's
+    `item` is `(params, io, targets, x, ct, v)`, `targets` those of the item's
+    microbatch. Returns the gradients of the stage's
     parameters, of x and of the head, and the loss (zero but at the loss); the
     last stage's last round runs the loss under the same `jax.vjp`.
     """
-    params, io, x, ct, v = item
+    params, io, targets, x, ct, v = item
     R, S, M = order.repeats, order.stages, order.microbatches
     r, m, _ = order.item(v, backward=True)
     zero = _varying(jnp.zeros((), jnp.float32), axis, S)
@@ -200,7 +176,7 @@ def _backward(
     def with_loss() -> Any:
         def f(p: PyTree, x: Any, h: Any) -> jax.Array:
             y = block(p, r, x, m)
-            return jnp.asarray(loss_fn(y, io.take(io.targets, m), h), jnp.float32)
+            return jnp.asarray(loss_fn(y, targets, h), jnp.float32)
 
         loss, vjp = jax.vjp(f, params, x, io.head)
         return (*vjp(jnp.ones_like(loss) / M), loss)
@@ -211,6 +187,39 @@ def _backward(
     on = (v >= 0) & (v < R * M)
     branch = jnp.where(on, jnp.where((stage == S - 1) & (r == R - 1), 2, 1), 0)
     return jax.lax.switch(branch, (idle, plain, with_loss))
+
+
+def _grad_init(
+    order: _Order,
+    io: _Io,
+    g_init: Any,
+    gx: Any,
+    t: jax.Array,
+    stage: jax.Array,
+    axis: str,
+) -> Any:
+    """`g_init` with the gradient of stage 0's backward item at tick t written in,
+    if that item is a first round: its gradient of `init`'s microbatch.
+
+    Every stage writes the same rows (stage 0's `gx`, summed over the stages with
+    the others' zeros), so `g_init` stays the same on every stage and is the step's
+    result as it is, with no batch-sized sum over the stages at the end.
+    """
+    R, S, M = order.repeats, order.stages, order.microbatches
+    v = t - (R * S - 1) - (S - 1)  # stage 0's backward item
+    r, m, _ = order.item(jnp.clip(v, 0, R * M - 1), backward=True)
+    first = (r == 0) & (v >= 0) & (v < R * M)
+    rows = io.init_rows
+    assert isinstance(rows, _Rows)  # 1F1B's view of the batch
+
+    def write(g_init: Any, gx: Any) -> Any:
+        if S > 1:
+            gx = jax.tree.map(lambda g: jnp.where(stage == 0, g, jnp.zeros_like(g)), gx)
+            gx = jax.lax.psum(gx, axis)
+        return rows.put(g_init, m, gx, first)
+
+    # `first` is the same on every device, so all take the same branch.
+    return jax.lax.cond(first, write, lambda g_init, gx: g_init, g_init, gx)
 
 
 def _one_f_one_b(
@@ -234,7 +243,7 @@ def _one_f_one_b(
         w = t - stage
         f_on = (w >= 0) & (w < R * M)
         r, m, _ = order.item(jnp.clip(w, 0, R * M - 1))
-        x_in = _select((stage == 0) & (r == 0), io.take(io.init, m), msg)
+        x_in = _select((stage == 0) & (r == 0), io.take(m), msg)
         # The last stage's final round is run by its backward, in this same tick.
         skip = ~f_on | ((stage == S - 1) & (r == R - 1))
         y = jax.lax.cond(skip, lambda: x_in, lambda: block(params, r, x_in, m))
@@ -243,18 +252,15 @@ def _one_f_one_b(
         rb, mb, wb = order.item(jnp.clip(v, 0, R * M - 1), backward=True)
         at_loss = (stage == S - 1) & (rb == R - 1)
         x_b = _select(at_loss, x_in, jax.tree.map(lambda s: s[wb % K], saved))
-        gp, gx, gh, loss = _backward(
-            order, block, loss_fn, (params, io, x_b, ct, v), stage, axis
-        )
+        item = (params, io, io.take_targets(mb), x_b, ct, v)
+        gp, gx, gh, loss = _backward(order, block, loss_fn, item, stage, axis)
         slot = jnp.where(f_on, w, wb) % K  # idle ticks rewrite a slot unchanged
         keep = _select(f_on, x_in, jax.tree.map(lambda s: s[slot], saved))
         saved = jax.tree.map(lambda s, x: s.at[slot].set(x), saved, keep)
-        first = (stage == 0) & (rb == 0) & (v >= 0) & (v < R * M)
         g_params, g_init, g_head, total = acc
-        g_init = io.put(g_init, mb, gx, first)
         acc = (
             jax.tree.map(jnp.add, g_params, gp),
-            g_init,
+            _grad_init(order, io, g_init, gx, t, stage, axis),
             jax.tree.map(jnp.add, g_head, gh),
             total + loss,
         )
@@ -269,16 +275,15 @@ def _one_f_one_b(
         io = io._replace(head=_varying(io.head, axis, S))
         ctx["params"], ctx["io"] = params, io
         one = io.one()
-        saved = jax.tree.map(lambda x: jnp.zeros((K, *x.shape), x.dtype), one)
-        one, saved, g_init, total = _varying(
-            (one, saved, _zeros(io.init), jnp.zeros(())), axis, S
-        )
-        acc = (_zeros(params), g_init, _zeros(io.head), total)
+        saved = io.one(K)
+        one, saved, total = _varying((one, saved, jnp.zeros(())), axis, S)
+        # grad_init is the same on every stage (see _grad_init): the step's output.
+        acc = (_zeros(params), _zeros(io.init), _zeros(io.head), total)
         carry = (one, one, saved, acc)
         final, _ = jax.lax.scan(tick, carry, jnp.arange(order.ticks))
         g_params, g_init, g_head, total = final[3]
         if S > 1:
-            g_init, g_head, total = jax.lax.psum((g_init, g_head, total), axis)
+            g_head, total = jax.lax.psum((g_head, total), axis)
         return total / M, (g_params, g_init, g_head)
 
     return step
@@ -373,8 +378,10 @@ def pipeline_value_and_grad(
       backward; the last stage starts a microbatch's backward in the tick its forward
       ends. A stage keeps only the inputs of the microbatches in flight (at most
       `2 * R * S - 2`, whatever M) and recomputes its layers' forward from them in the
-      backward pass (about one extra forward), so activation memory does not grow
-      with `microbatches`.
+      backward pass (about one extra forward). It reads each microbatch of `init` and
+      `targets` from the batch where the data-parallel devices hold it and writes
+      `grad_init`'s rows in place, so no memory of the step grows with
+      `microbatches`.
     - `schedule="gpipe"`: all forwards, then all backwards (`jax.value_and_grad` of
       the forward pipeline), keeping every microbatch's activations as `jax.grad` of
       `pipeline_layers` does: no recompute, memory that grows with M.
@@ -459,13 +466,19 @@ def pipeline_value_and_grad(
     order = _Order(repeats, stages, per_block, microbatches)
     _check_schedule(schedule, order)
     batch = _check_batches(init, "init", int(batch_axis), microbatches)
-    _check_batches(targets, "targets", int(batch_axis), microbatches)
+    target_batch = _check_batches(targets, "targets", int(batch_axis), microbatches)
     if key is not None:
         check_key(key)
     _check_loss(loss_fn, init, targets, head, microbatches, int(batch_axis))
-    layout = _layout(mesh, axis, batch // microbatches)
+    layouts = [_layout(mesh, axis, b // microbatches) for b in (batch, target_batch)]
+    rows = [
+        _Rows(lay, mesh, microbatches, int(batch_axis))
+        if schedule == "1f1b"
+        else _Split(lay, microbatches, int(batch_axis))
+        for lay in layouts
+    ]
     arrays, static = split_static(staged)
-    run = _program(fn, loss_fn, order, schedule, static, layout, axis, int(batch_axis))
+    run = _program(fn, loss_fn, order, schedule, static, rows, axis)
     args = (arrays, init, targets, head) + ((key,) if key is not None else ())
     staged_spec = PartitionSpec(None, axis) if stages > 1 else PartitionSpec()
     mapped = jax.shard_map(
@@ -485,22 +498,16 @@ def _program(
     order: _Order,
     schedule: str,
     staged_static: PyTree,
-    layout: _Layout,
+    rows: list[_Rows | _Split],
     axis: str,
-    batch_axis: int,
 ) -> Callable[..., Any]:
-    """The per-device program of the step, for `jax.shard_map` over `axis`."""
-    R, S, L, M = order
+    """The per-device program of the step, for `jax.shard_map` over `axis`.
 
-    def split(tree: Any) -> Any:
-        def one(x: jax.Array) -> jax.Array:
-            a = batch_axis % x.ndim
-            return layout.split(layout.spread(x, a), a, M)
-
-        return jax.tree.map(one, tree)
-
-    def merge(tree: Any) -> Any:
-        return jax.tree.map(lambda x: layout.merge(x, batch_axis % (x.ndim - 1)), tree)
+    `rows` reads (and writes) the microbatches of `init` and of `targets`, which
+    stay whole, their rows over the data-parallel axes.
+    """
+    R, S, L, _ = order
+    init_rows, target_rows = rows
 
     def program(staged: PyTree, init: Any, targets: Any, head: Any, key: Any = None):
         params = jax.tree.map(lambda p: p.reshape((R * L, *p.shape[3:])), staged)
@@ -509,12 +516,12 @@ def _program(
         make = _one_f_one_b if schedule == "1f1b" else _gpipe
         shift = [(s, (s + 1) % S) for s in range(S)]
         step = make(order, block, loss_fn, axis=axis, stage=stage, shift=shift)
-        loss, (g_params, g_init, g_head) = step(
-            params, _Io(split(init), split(targets), head)
-        )
+        init, targets = init_rows.place(init), target_rows.place(targets)
+        io = _Io(init, targets, head, init_rows, target_rows)
+        loss, (g_params, g_init, g_head) = step(params, io)
         g_staged = jax.tree.map(
             lambda g, p: g.reshape(p.shape).astype(p.dtype), g_params, staged
         )
-        return loss, (g_staged, merge(g_init), g_head)
+        return loss, (g_staged, init_rows.finish(g_init), g_head)
 
     return program
