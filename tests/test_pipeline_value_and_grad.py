@@ -261,6 +261,16 @@ def test_microbatches_must_divide_init_and_targets() -> None:
         match=r"`microbatches` 4 does not divide the batch size 6 of `targets`",
     ):
         run_with(targets=jnp.zeros((6, D)))
+    # A targets leaf without the batch axis, or with another batch size, is named.
+    with pytest.raises(
+        ValueError,
+        match=r"`targets` cannot be split into microbatches:\n"
+        r"  `targets` at \['t'\] has shape \(\), which has no axis 0 \(`batch_axis`\)\n"
+        r"  `targets` at \['v'\] has batch size 8 \(axis 0\), but \['u'\] has 4",
+    ):
+        run_with(
+            targets={"t": jnp.zeros(()), "u": jnp.zeros((4, D)), "v": jnp.zeros((8,))}
+        )
 
 
 def test_unknown_schedule() -> None:

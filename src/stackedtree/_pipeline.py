@@ -147,24 +147,25 @@ def unstage_layers(staged: PyTree, /) -> PyTree:
     )
 
 
-def _batch_size(init: PyTree, batch_axis: int) -> int:
-    """The common length B of the carry's leaves along `batch_axis`."""
-    flat = flatten(init)[0]
+def _batch_size(tree: PyTree, batch_axis: int, arg: str = "init") -> int:
+    """The common length B of the leaves of `tree` (argument `arg`: the carry, or the
+    targets) along `batch_axis`."""
+    flat = flatten(tree)[0]
     if not flat:
-        raise ValueError("`init` has no array leaves: the carry needs a batch axis.")
+        raise ValueError(f"`{arg}` has no array leaves: it needs a batch axis.")
     errors = []
     sizes: list[tuple[Any, int]] = []
     for path, x in flat:
         if not is_array(x):
             raise TypeError(
-                f"{where('init', path)} is a {type(x).__name__}: every leaf of the "
-                "carry of a pipeline must be an array with a batch axis, since the "
-                "carry is split into microbatches."
+                f"{where(arg, path)} is a {type(x).__name__}: every leaf of "
+                f"`{arg}` in a pipeline must be an array with a batch axis, since it "
+                "is split into microbatches."
             )
         shape = shape_of(x)
         if not -len(shape) <= batch_axis < len(shape):
             errors.append(
-                f"{where('init', path)} has shape {fmt_shape(shape)}, which has no "
+                f"{where(arg, path)} has shape {fmt_shape(shape)}, which has no "
                 f"axis {batch_axis} (`batch_axis`)"
             )
         else:
@@ -172,11 +173,11 @@ def _batch_size(init: PyTree, batch_axis: int) -> int:
     for path, size in sizes[1:]:
         if size != sizes[0][1]:
             errors.append(
-                f"{where('init', path)} has batch size {size} (axis {batch_axis}), but "
+                f"{where(arg, path)} has batch size {size} (axis {batch_axis}), but "
                 f"{path_str(sizes[0][0])} has {sizes[0][1]}"
             )
     if errors:
-        fail(errors, title="`init` cannot be split into microbatches")
+        fail(errors, title=f"`{arg}` cannot be split into microbatches")
     return sizes[0][1]
 
 

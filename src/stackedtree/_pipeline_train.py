@@ -305,15 +305,7 @@ def _check_schedule(schedule: Any, order: _Order) -> None:
 
 
 def _check_batches(tree: Any, arg: str, batch_axis: int, microbatches: int) -> int:
-    batch = _batch_size(tree, batch_axis) if arg == "init" else None
-    if batch is None:
-        sizes = {shape_of(x)[batch_axis] for x in jax.tree.leaves(tree)}
-        if len(sizes) != 1:
-            raise ValueError(
-                f"`{arg}` leaves disagree on their batch size (axis {batch_axis}): "
-                f"{sorted(sizes)}."
-            )
-        batch = sizes.pop()
+    batch = _batch_size(tree, batch_axis, arg)
     if batch % microbatches:
         raise ValueError(
             f"`microbatches` {microbatches} does not divide the batch size {batch} of "
