@@ -216,16 +216,16 @@ def test_command_starts_without_importing_jax():
 def test_converting_does_not_import_ml_dtypes(tmp_path: Path) -> None:
     # Importing ml_dtypes takes most of a second, as long as copying a large part
     # of a gigabyte: `inspect`, `stack` and `unstack` copy bytes and need no dtype,
-    # bfloat16 included, so the command never imports it.
+    # bfloat16 included, so the command never imports it (nor tqdm, with `-q`).
     flat = ckptgen.llama(2, {"mlp.up_proj.weight": ((4, 2), ml_dtypes.bfloat16)})
     save_flat(tmp_path / "model.safetensors", flat)
     code = (
         "import sys; from stackedtree.cli import main\n"
         "for argv in (['inspect', 'model.safetensors'],\n"
-        "             ['stack', 'model.safetensors', '-o', 's.safetensors'],\n"
-        "             ['unstack', 's.safetensors', '-o', 'u.safetensors']):\n"
+        "             ['stack', 'model.safetensors', '-o', 's.safetensors', '-q'],\n"
+        "             ['unstack', 's.safetensors', '-o', 'u.safetensors', '-q']):\n"
         "    assert main(argv) == 0, argv\n"
-        "print(sorted(m for m in sys.modules if m.startswith(('ml_dtypes', 'jax'))))"
+        "print(sorted(m for m in sys.modules if m.startswith(('ml_dtypes', 'jax', 'tqdm'))))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
@@ -233,3 +233,18 @@ def test_converting_does_not_import_ml_dtypes(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert_same_flat(load_flat(tmp_path / "u.safetensors"), flat)
+    # With a progress bar (the default), the same bytes.
+    assert (
+        main(
+            [
+                "stack",
+                str(tmp_path / "model.safetensors"),
+                "-o",
+                str(tmp_path / "p.safetensors"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "p.safetensors").read_bytes() == (
+        tmp_path / "s.safetensors"
+    ).read_bytes()
