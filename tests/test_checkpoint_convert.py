@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,36 @@ def test_chunked_copy_when_the_kernel_cannot(tmp_path: Path, monkeypatch: Any) -
     convert_stack(tmp_path / "a.safetensors", tmp_path / "s.safetensors")
     convert_unstack(tmp_path / "s.safetensors", tmp_path / "u.safetensors")
     assert_same_flat(load_flat(tmp_path / "u.safetensors"), flat)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_copier_starts_the_write_back_as_it_goes(tmp_path: Path, kernel: bool) -> None:
+    data = bytes(range(256)) * 4
+    (tmp_path / "src").write_bytes(data)
+    started = []
+    with open(tmp_path / "src", "rb") as src, open(tmp_path / "dst", "wb") as dst:
+        dst.write(b"header")
+        dst.flush()
+        copier = _convert._Copier(dst.fileno(), 6, every=100)
+        copier.fast = kernel and copier.fast
+        copier.writeback = lambda fd, offset, nbytes: started.append((offset, nbytes))
+        # Two ranges out of order, the first longer than `every`.
+        copier.copy(src.fileno(), 300, 250)
+        copier.copy(src.fileno(), 7, 130)
+    assert (tmp_path / "dst").read_bytes() == b"header" + data[300:550] + data[7:137]
+    # From the end of the header on, once at least 100 bytes more were copied.
+    assert started == [(6, 100), (106, 100), (206, 150)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux call")
+def test_the_write_back_starter_is_linux_sync_file_range(tmp_path: Path) -> None:
+    start = _convert._writeback_starter()
+    assert start is not None
+    with open(tmp_path / "f", "wb") as f:
+        f.write(b"x" * 10_000)
+        f.flush()
+        assert start(f.fileno(), 0, 10_000) == 0
+        assert start(-1, 0, 1) == -1  # a bad descriptor: refused, not raised
 
 
 def test_conversion_errors(tmp_path: Path) -> None:
