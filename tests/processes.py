@@ -3,10 +3,12 @@ that starts them together and fails the test with the failing one's stderr."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -42,6 +44,11 @@ def run_processes(
     ]
     assert not failed and not killed, failed or f"timed out after {timeout} s"
     return [out.read_text() for out, _ in logs]
+
+
+def reports(outs: list[str]) -> list[Any]:
+    """Each process's report: the JSON value on the last line of its stdout."""
+    return [json.loads(out.strip().splitlines()[-1]) for out in outs]
 
 
 def run_to_end(

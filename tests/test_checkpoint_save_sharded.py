@@ -22,7 +22,7 @@ from ckptgen import cases, same
 from hypothesis import given, settings
 from jax.sharding import AxisType, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
-from processes import free_port, run_processes, run_to_end
+from processes import free_port, reports, run_processes, run_to_end
 
 from stackedtree.checkpoint import _save_sharded as module
 from stackedtree.checkpoint import (
@@ -790,7 +790,7 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Any:
         folder,
         timeout=240,
     )
-    return folder, [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    return folder, reports(outs)
 
 
 def test_two_processes_each_write_their_share(two_processes: Any) -> None:

@@ -18,7 +18,7 @@ import pytest
 from ckptgen import deepseek, same, save_shards
 from jax.sharding import AxisType, Mesh, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
-from processes import free_port, run_processes
+from processes import free_port, reports, run_processes
 
 from stackedtree import layer_shardings
 from stackedtree.checkpoint import (
@@ -706,7 +706,7 @@ def test_two_processes_each_read_their_half(tmp_path: Path) -> None:
         env,
         tmp_path,
     )
-    results = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    results = reports(outs)
     header = path.stat().st_size - layer_bytes - embed
     for r in results:
         assert r["wrong"] == []

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -17,7 +16,7 @@ import pytest
 from ckptgen import hf_moe, save_shards
 from jax.sharding import NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
-from processes import free_port, run_processes
+from processes import free_port, reports, run_processes
 from test_checkpoint_sharded import check_loaded, mesh
 
 from stackedtree.checkpoint import (
@@ -258,7 +257,7 @@ def test_two_processes_each_read_their_experts(
         env,
         tmp_path,
     )
-    results = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    results = reports(outs)
     header = path.stat().st_size - expert_bytes - other
     for r in results:
         assert r["wrong"] == []
